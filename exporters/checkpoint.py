@@ -1,0 +1,95 @@
+"""Reading a Hugging Face checkpoint directory without instantiating the model.
+
+Tensors are read one at a time from safetensors (or torch .bin) files, so a
+split needs little more memory than the bundle it writes.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from plcli.runtime.bundle import hash_files
+
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+    "vocab.json", "merges.txt", "tokenizer.model", "chat_template.jinja", "chat_template.json",
+)
+
+
+class CheckpointError(ValueError):
+    """The directory is not a checkpoint plcli can read; the message says why."""
+
+
+def load_config(model_dir: str | Path):
+    from transformers import AutoConfig
+
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise CheckpointError(f"{model_dir}: no such directory")
+    if not (model_dir / "config.json").is_file():
+        raise CheckpointError(f"{model_dir}: not a Hugging Face checkpoint (no config.json)")
+    try:
+        json.loads((model_dir / "config.json").read_text())
+        return AutoConfig.from_pretrained(model_dir, local_files_only=True)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{model_dir / 'config.json'}: unreadable config ({first_line})") from None
+
+
+class CheckpointTensors:
+    """Name -> float32 numpy array, read lazily from the checkpoint's weight files."""
+
+    def __init__(self, model_dir: str | Path):
+        self.dir = Path(model_dir)
+        self.files = sorted(self.dir.glob("*.safetensors"))
+        self._index: dict[str, Path] = {}
+        self._bin: dict[str, object] = {}
+        if self.files:
+            from safetensors import safe_open
+
+            for f in self.files:
+                try:
+                    with safe_open(f, framework="pt") as handle:
+                        for k in handle.keys():
+                            self._index[k] = f
+                except Exception as e:  # safetensors raises its own error types
+                    raise CheckpointError(f"{f}: unreadable weights ({e})") from None
+        else:
+            self.files = sorted(self.dir.glob("pytorch_model*.bin"))
+            if not self.files:
+                raise CheckpointError(f"{self.dir}: no weights (*.safetensors or pytorch_model*.bin)")
+            import torch
+
+            for f in self.files:
+                try:
+                    sd = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+                except Exception as e:
+                    raise CheckpointError(f"{f}: unreadable weights ({e})") from None
+                self._bin.update(sd)
+            self._index = {k: Path("bin") for k in self._bin}
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._index
+
+    def get(self, name: str) -> np.ndarray:
+        import torch
+        from safetensors import safe_open
+
+        if name not in self._index:
+            raise CheckpointError(f"{self.dir}: weight {name!r} is missing from the checkpoint")
+        if self._bin:
+            t = self._bin[name]
+        else:
+            with safe_open(self._index[name], framework="pt") as handle:
+                t = handle.get_tensor(name)
+        return t.to(torch.float32).numpy()
+
+    def source_hash(self) -> str:
+        return hash_files([self.dir / "config.json", *self.files])
+
+
+def tokenizer_files(model_dir: Path) -> list[Path]:
+    return [model_dir / n for n in TOKENIZER_FILES if (model_dir / n).is_file()]

@@ -1,0 +1,150 @@
+"""Tracing the decoder's segment kinds and the edge head into ONNX graphs.
+
+Graphs take weights as inputs, so a graph depends only on the architecture's
+shapes and constants, never on weight values: an exported graph is cached
+under a key of everything that shapes it (and the exporter's own source), and
+re-splitting a checkpoint of the same shape reuses it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import logging
+import os
+import shutil
+import warnings
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from plcli.runtime import decoder
+from plcli.runtime.arch import Architecture, layer_weight_shapes
+from plcli.runtime.plan import SegmentKind, SplitPlan
+
+OPSET = 18
+# Sample sizes for tracing; every one is >= 2 so that no axis specialises to 1.
+_BATCH, _SEQ, _PAST = 2, 3, 4
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("PLCLI_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"), "plcli")
+    return Path(root) / "graphs"
+
+
+def _code_version() -> str:
+    h = hashlib.sha256(torch.__version__.encode())
+    for mod in (decoder, __import__(__name__, fromlist=["_"])):
+        h.update(Path(mod.__file__).read_bytes())
+    return h.hexdigest()[:16]
+
+
+def _sample(arch: Architecture, name: str, kind: SegmentKind, rank: int) -> torch.Tensor:
+    b, s, p = _BATCH, _SEQ, _PAST
+    kv = (b, arch.num_kv_heads, p, arch.head_dim)
+    if name in ("inputs_embeds", "resid"):
+        return torch.randn(b, s, arch.hidden_size)
+    if name == "x":
+        return torch.randn(b, s, arch.target_dims(kind.in_cut.targets[0])[0])
+    if name == "madx":
+        return torch.randn(b, s, len(kind.in_cut.targets), rank)
+    if name == "position_ids":
+        return torch.arange(p, p + s).expand(b, s).contiguous()
+    if name == "attention_mask":
+        return torch.ones(b, p + s, dtype=torch.int64)
+    if name == "window":
+        return torch.tensor(1 << 62, dtype=torch.int64)
+    if name in ("past_key", "past_value"):
+        return torch.randn(*kv)
+    if name == "hidden":
+        return torch.randn(b, s, arch.hidden_size)
+    raise KeyError(name)
+
+
+def _dynamic(name: str):
+    from torch.export import Dim
+
+    batch, seq = Dim("batch", min=1, max=1 << 16), Dim("seq", min=1, max=1 << 20)
+    past, total = Dim("past", min=0, max=1 << 20), Dim("total", min=1, max=1 << 20)
+    return {
+        "inputs_embeds": {0: batch, 1: seq}, "resid": {0: batch, 1: seq}, "x": {0: batch, 1: seq},
+        "madx": {0: batch, 1: seq}, "position_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: total},
+        "window": {}, "past_key": {0: batch, 2: past}, "past_value": {0: batch, 2: past}, "hidden": {0: batch, 1: seq},
+    }[name]
+
+
+def _export(module: torch.nn.Module, inputs: list[torch.Tensor], weights: list[torch.Tensor], path: Path) -> None:
+    names = module.input_names + module.weight_names
+    dynamic = tuple([_dynamic(n) for n in module.input_names] + [{} for _ in module.weight_names])
+    module.eval()
+    # The exporter narrates every stage and warns about unused axis names; none of it is for our user.
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+        program = torch.onnx.export(
+            module, tuple(inputs + weights), input_names=names, output_names=module.output_names,
+            dynamic_shapes=(dynamic,), dynamo=True, opset_version=OPSET, verbose=False,
+        )
+    tmp = path.with_suffix(".tmp")
+    program.save(str(tmp))
+    os.replace(tmp, path)
+
+
+def _cached_export(key: dict, build, path: Path) -> None:
+    digest = hashlib.sha256(json.dumps({**key, "code": _code_version()}, sort_keys=True).encode()).hexdigest()[:32]
+    cached = cache_dir() / f"{digest}.onnx"
+    if not cached.is_file():
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        build(cached)
+    shutil.copyfile(cached, path)
+
+
+def export_segment_kind(arch: Architecture, kind: SegmentKind, rank: int, inv_freq: torch.Tensor, path: Path) -> None:
+    def build(dest: Path):
+        module = decoder.SegmentModule(arch, kind, rank, inv_freq)
+        plan_cuts = [c for c in (kind.in_cut, kind.out_cut) if c is not None]
+        shapes = layer_weight_shapes(arch, rank, plan_cuts)
+        inputs = [_sample(arch, n, kind, rank) for n in module.input_names]
+        weights = [torch.randn(*shapes[n.split(".", 1)[1]]) * 0.02 for n in module.weight_names]
+        _export(module, inputs, weights, dest)
+
+    key = {"what": "segment", "arch": _shape_key(arch), "kind": asdict(kind), "rank": rank,
+           "inv_freq": inv_freq.to(torch.float32).numpy().tobytes().hex()}
+    _cached_export(key, build, path)
+
+
+def export_head(arch: Architecture, path: Path) -> None:
+    def build(dest: Path):
+        module = decoder.HeadModule(arch)
+        hidden = torch.randn(_BATCH, _SEQ, arch.hidden_size)
+        weights = [torch.ones(arch.hidden_size), torch.randn(arch.hidden_size, arch.vocab_size) * 0.02]
+        _export(module, [hidden], weights, dest)
+
+    _cached_export({"what": "head", "arch": _shape_key(arch)}, build, path)
+
+
+def _shape_key(arch: Architecture) -> dict:
+    # Layer count, windows and context length are runtime inputs, not graph structure.
+    d = asdict(arch)
+    for k in ("num_layers", "sliding_windows", "max_position_embeddings", "family", "tie_word_embeddings"):
+        d.pop(k)
+    return d
+
+
+def export_all(arch: Architecture, plan: SplitPlan, rank: int, inv_freq: torch.Tensor, cloud_graphs: Path, edge_graphs: Path, progress=None) -> tuple[dict, dict]:
+    """Write every kind's graph and the head graph; return (cloud, edge) kind -> file name maps."""
+    cloud_graphs.mkdir(parents=True, exist_ok=True)
+    edge_graphs.mkdir(parents=True, exist_ok=True)
+    cloud = {}
+    for i, kind in enumerate(plan.kinds.values()):
+        cloud[kind.name] = f"{kind.name}.onnx"
+        export_segment_kind(arch, kind, rank, inv_freq, cloud_graphs / cloud[kind.name])
+        if progress:
+            progress(i + 1)
+    export_head(arch, edge_graphs / "head.onnx")
+    if progress:
+        progress(len(plan.kinds) + 1)
+    return cloud, {"head": "head.onnx"}

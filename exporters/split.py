@@ -1,0 +1,165 @@
+"""`plcli split`: a Hugging Face checkpoint -> a cloud bundle and an edge bundle.
+
+Cloud: every decoder layer's weights plus the frozen random A and B of each
+adapted projection. Edge: tokenizer, embedding, final norm, LM head and every M
+(zeros, as in the paper). A and B are drawn so that each preserves the
+root-mean-square of its input in expectation (A ~ N(0, 1/d_in), B ~ N(0, 1/r)):
+the adapter path `B M A x` then has unit gain, and M alone sets its scale.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from plcli.recipes.base import UnsupportedModel, family_for, rope_frequencies
+from plcli.runtime.arch import layer_weight_shapes
+from plcli.runtime.bundle import GRAPHS, MANIFEST, WEIGHTS, Manifest, atomic_directory, fingerprint
+from plcli.runtime.plan import ALL_TARGETS, DEFAULT_TARGETS, SplitPlan, normalize_targets
+
+from .checkpoint import CheckpointError, CheckpointTensors, load_config, tokenizer_files
+from .graphs import export_all
+
+Progress = Callable[[str, int, int], None]  # (phase, done, total)
+
+
+class SplitError(ValueError):
+    """Bad input to split; the message is one line for the user."""
+
+
+@dataclass
+class SplitResult:
+    out_dir: Path
+    cloud: Manifest
+    edge: Manifest
+    seconds: float
+
+
+def draw_adapter_pair(seed: int, layer: int, target: str, d_in: int, d_out: int, rank: int) -> tuple[np.ndarray, np.ndarray]:
+    """Frozen A (rank x d_in) and B (d_out x rank) of one projection, reproducible from (seed, layer, target)."""
+    rng = np.random.default_rng(np.random.SeedSequence([seed, layer, ALL_TARGETS.index(target)]))
+    a = rng.standard_normal((rank, d_in), dtype=np.float32) / np.float32(np.sqrt(d_in))
+    b = rng.standard_normal((d_out, rank), dtype=np.float32) / np.float32(np.sqrt(rank))
+    return a, b
+
+
+def split_checkpoint(
+    model_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    rank: int = 64,
+    targets=DEFAULT_TARGETS,
+    seed: int = 0,
+    force: bool = False,
+    progress: Progress | None = None,
+) -> SplitResult:
+    started = time.perf_counter()
+    model_dir, out_dir = Path(model_dir), Path(out_dir)
+    try:
+        targets = normalize_targets(targets)
+    except ValueError as e:
+        raise SplitError(f"--targets: {e}") from None
+    if out_dir.exists() and not force:
+        raise SplitError(f"{out_dir} exists (use --force to replace it)")
+    try:
+        config = load_config(model_dir)
+        family = family_for(config)
+        arch = family.architecture(config)
+    except (CheckpointError, UnsupportedModel) as e:
+        raise SplitError(str(e)) from None
+    if not 1 <= rank <= arch.hidden_size // 2:
+        raise SplitError(f"--rank {rank} is out of range: use 1 to {arch.hidden_size // 2} (half the hidden size {arch.hidden_size})")
+    tok_files = tokenizer_files(model_dir)
+    if not tok_files:
+        raise SplitError(f"{model_dir}: no tokenizer files (the edge bundle needs the tokenizer)")
+    try:
+        tensors = CheckpointTensors(model_dir)
+        source_hash = tensors.source_hash()
+    except CheckpointError as e:
+        raise SplitError(str(e)) from None
+
+    plan = SplitPlan(arch.num_layers, targets)
+    inv_freq, _ = rope_frequencies(config)
+    notify = progress or (lambda *_: None)
+
+    with atomic_directory(out_dir, replace=force) as tmp:
+        cloud_dir, edge_dir = tmp / "cloud", tmp / "edge"
+        cloud_dir.mkdir()
+        edge_dir.mkdir()
+        cloud_w: dict[str, np.ndarray] = {}
+        edge_w: dict[str, np.ndarray] = {}
+        shapes = layer_weight_shapes(arch, rank, plan.cuts)
+        for layer in range(arch.num_layers):
+            for name, shape in shapes.items():
+                if name.startswith(("A.", "B.")):
+                    continue
+                w = tensors.get(family.hf_name(layer, name))
+                cloud_w[f"layers.{layer}.{name}"] = _checked(np.ascontiguousarray(w.T if name.endswith(".w") else w), shape, name)
+            for cut in plan.cuts:
+                a_rows = []
+                for t in cut.targets:
+                    d_in, d_out = arch.target_dims(t)
+                    a, b = draw_adapter_pair(seed, layer, t, d_in, d_out, rank)
+                    a_rows.append(a)
+                    cloud_w[f"layers.{layer}.B.{t}"] = np.ascontiguousarray(b.T)
+                    edge_w[f"layers.{layer}.{t}.M"] = np.zeros((rank, rank), np.float32)
+                # Stacked so that one matmul gives the whole cut's `A x`, laid out target by target.
+                cloud_w[f"layers.{layer}.A.{cut.stage}"] = np.ascontiguousarray(np.concatenate(a_rows, 0).T)
+            notify("layers", layer + 1, arch.num_layers)
+
+        embed = tensors.get(family.embed)
+        lm_head = embed if arch.tie_word_embeddings or family.lm_head not in tensors else tensors.get(family.lm_head)
+        if not arch.tie_word_embeddings:
+            edge_w["embed_tokens"] = _checked(embed, (arch.vocab_size, arch.hidden_size), "embed_tokens")
+        edge_w["lm_head.w"] = _checked(np.ascontiguousarray(lm_head.T), (arch.hidden_size, arch.vocab_size), "lm_head")
+        edge_w["norm"] = _checked(tensors.get(family.final_norm), (arch.hidden_size,), "norm")
+
+        ab = {k: v for k, v in cloud_w.items() if ".A." in k or ".B." in k}
+        ab_fp = fingerprint(ab)
+        cloud_graphs, edge_graphs = export_all(
+            arch, plan, rank, inv_freq, cloud_dir / GRAPHS, edge_dir / GRAPHS,
+            progress=lambda done: notify("graphs", done, len(plan.kinds) + 1),
+        )
+        common = dict(architecture=arch, rank=rank, targets=targets, dtype="float32", ab_fingerprint=ab_fp,
+                      source_hash=source_hash, seed=seed)
+        cloud = Manifest(side="cloud", graphs=cloud_graphs, **common)
+        edge = Manifest(side="edge", graphs=edge_graphs, generation=_generation_defaults(model_dir), **common)
+
+        from safetensors.numpy import save_file
+
+        save_file(cloud_w, str(cloud_dir / WEIGHTS), metadata={"format": "plcli-cloud"})
+        save_file(edge_w, str(edge_dir / WEIGHTS), metadata={"format": "plcli-edge"})
+        (cloud_dir / MANIFEST).write_text(cloud.to_json())
+        (edge_dir / MANIFEST).write_text(edge.to_json())
+        (edge_dir / "tokenizer").mkdir()
+        for f in tok_files:
+            shutil.copyfile(f, edge_dir / "tokenizer" / f.name)
+    return SplitResult(out_dir, cloud, edge, time.perf_counter() - started)
+
+
+def _checked(w: np.ndarray, shape: tuple[int, ...], name: str) -> np.ndarray:
+    if tuple(w.shape) != tuple(shape):
+        raise SplitError(f"weight {name} has shape {tuple(w.shape)}, the config implies {tuple(shape)}")
+    return w
+
+
+def _generation_defaults(model_dir: Path) -> dict:
+    """Special token ids and sampling defaults, from generation_config.json or the config."""
+    import json
+
+    gen = {}
+    for name in ("generation_config.json", "config.json"):
+        p = model_dir / name
+        if p.is_file():
+            raw = json.loads(p.read_text())
+            for k in ("bos_token_id", "eos_token_id", "pad_token_id", "temperature", "top_k", "top_p", "do_sample"):
+                if k in raw and raw[k] is not None and k not in gen:
+                    gen[k] = raw[k]
+    if isinstance(gen.get("eos_token_id"), int):
+        gen["eos_token_id"] = [gen["eos_token_id"]]
+    return gen

@@ -1,0 +1,107 @@
+"""What every supported model family shares, and the registry that picks one.
+
+A family file (llama.py, mistral.py, qwen2.py) states what differs: which
+`model_type`s it covers, biases, and which layers use a sliding window. The
+split itself only ever sees the resulting `Architecture` and weight names.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from plcli.runtime.bundle import Architecture
+
+# Rope types whose frequencies depend on the running sequence length cannot be
+# frozen into a graph; transformers recomputes them per call.
+STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+
+
+class UnsupportedModel(ValueError):
+    """The checkpoint is not something plcli can split; the message says why."""
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    model_types: tuple[str, ...]
+    qkv_bias: Callable[[object], bool]
+    sliding_windows: Callable[[object], tuple[int | None, ...]]
+    o_bias: Callable[[object], bool] = lambda c: False
+    mlp_bias: Callable[[object], bool] = lambda c: False
+
+    # Module names inside a transformers checkpoint of this family.
+    layer_prefix: str = "model.layers.{layer}."
+    embed: str = "model.embed_tokens.weight"
+    final_norm: str = "model.norm.weight"
+    lm_head: str = "lm_head.weight"
+
+    def hf_name(self, layer: int, name: str) -> str:
+        """Checkpoint key of a split weight name such as `q_proj.w` or `input_layernorm`."""
+        prefix = self.layer_prefix.format(layer=layer)
+        if name in ("input_layernorm", "post_attention_layernorm"):
+            return f"{prefix}{name}.weight"
+        module, kind = name.split(".")
+        block = "self_attn" if module in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
+        return f"{prefix}{block}.{module}.{'weight' if kind == 'w' else 'bias'}"
+
+    def architecture(self, config) -> Architecture:
+        rope = dict(getattr(config, "rope_parameters", None) or {})
+        rope_type = rope.get("rope_type", "default")
+        if rope_type not in STATIC_ROPE_TYPES:
+            raise UnsupportedModel(
+                f"rope type {rope_type!r} is not supported (supported: {', '.join(STATIC_ROPE_TYPES)})"
+            )
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        _, attention_scaling = rope_frequencies(config)
+        return Architecture(
+            family=self.name,
+            hidden_size=config.hidden_size,
+            num_layers=config.num_hidden_layers,
+            num_heads=config.num_attention_heads,
+            num_kv_heads=getattr(config, "num_key_value_heads", None) or config.num_attention_heads,
+            head_dim=head_dim,
+            intermediate_size=config.intermediate_size,
+            vocab_size=config.vocab_size,
+            rms_norm_eps=float(config.rms_norm_eps),
+            hidden_act=config.hidden_act,
+            qkv_bias=bool(self.qkv_bias(config)),
+            o_bias=bool(self.o_bias(config)),
+            mlp_bias=bool(self.mlp_bias(config)),
+            rope_type=rope_type,
+            rope_attention_scaling=float(attention_scaling),
+            sliding_windows=tuple(self.sliding_windows(config)),
+            tie_word_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
+            max_position_embeddings=int(config.max_position_embeddings),
+        )
+
+
+def rope_frequencies(config):
+    """(inv_freq, attention_scaling) exactly as transformers computes them for this config."""
+    import torch
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    rope = dict(getattr(config, "rope_parameters", None) or {})
+    rope_type = rope.get("rope_type", "default")
+    if rope_type == "default":
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        inv_freq = 1.0 / (rope["rope_theta"] ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+        return inv_freq, 1.0
+    return ROPE_INIT_FUNCTIONS[rope_type](config, "cpu")
+
+
+def family_for(config) -> Family:
+    from . import llama, mistral, qwen2
+
+    families = (llama.FAMILY, mistral.FAMILY, qwen2.FAMILY)
+    model_type = getattr(config, "model_type", None)
+    for family in families:
+        if model_type in family.model_types:
+            return family
+    supported = ", ".join(t for f in families for t in f.model_types)
+    architectures = getattr(config, "architectures", None) or []
+    if not any(a.endswith("ForCausalLM") for a in architectures) and model_type not in (None, ""):
+        raise UnsupportedModel(
+            f"model type {model_type!r} is not a supported causal language model (supported families: {supported})"
+        )
+    raise UnsupportedModel(f"model type {model_type!r} is not supported (supported families: {supported})")

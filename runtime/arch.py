@@ -1,0 +1,128 @@
+"""The decoder's architecture as the split sees it, and the names and shapes of its split weights.
+
+Torch-free: the exporter writes weights by these names, the runtime checks a
+bundle against them, and decoder.py computes with them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .plan import SegmentKind
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """Everything the graphs and the runtime need to know about the decoder."""
+
+    family: str
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    vocab_size: int
+    rms_norm_eps: float
+    hidden_act: str
+    qkv_bias: bool
+    o_bias: bool
+    mlp_bias: bool
+    rope_type: str
+    rope_attention_scaling: float
+    # Per layer: keys further back than this are masked; None is full attention.
+    sliding_windows: tuple[int | None, ...]
+    tie_word_embeddings: bool
+    max_position_embeddings: int
+
+    def target_dims(self, target: str) -> tuple[int, int]:
+        """(in, out) features of a projection."""
+        d, i = self.hidden_size, self.intermediate_size
+        q, kv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        return {
+            "q_proj": (d, q), "k_proj": (d, kv), "v_proj": (d, kv), "o_proj": (q, d),
+            "gate_proj": (d, i), "up_proj": (d, i), "down_proj": (i, d),
+        }[target]
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Architecture":
+        d = dict(d)
+        d["sliding_windows"] = tuple(d["sliding_windows"])
+        return cls(**d)
+
+
+# Which weights each piece reads (bias names only exist when the architecture has them).
+PIECE_LINEARS = {1: ("q_proj", "k_proj", "v_proj"), 2: ("o_proj",), 3: ("gate_proj", "up_proj"), 4: ("down_proj",)}
+PIECE_NORMS = {0: "input_layernorm", 2: "post_attention_layernorm"}
+PIECE_STAGE = {1: "attn_in", 2: "attn_out", 3: "mlp_in", 4: "mlp_out"}
+
+
+def has_bias(arch: Architecture, target: str) -> bool:
+    if target in ("q_proj", "k_proj", "v_proj"):
+        return arch.qkv_bias
+    if target == "o_proj":
+        return arch.o_bias
+    return arch.mlp_bias
+
+
+def layer_weight_names(arch: Architecture, piece: int) -> list[str]:
+    """Base-model weight names (without layer prefix) that one piece reads."""
+    names = [PIECE_NORMS[piece]] if piece in PIECE_NORMS else []
+    for t in PIECE_LINEARS.get(piece, ()):
+        names.append(f"{t}.w")
+        if has_bias(arch, t):
+            names.append(f"{t}.b")
+    return names
+
+
+def kind_weight_names(arch: Architecture, kind: SegmentKind) -> list[str]:
+    """Graph weight inputs of a kind, named `l{relative layer}.{name}`."""
+    names = []
+    for rel, piece in kind.pieces:
+        names += [f"l{rel}.{n}" for n in layer_weight_names(arch, piece)]
+    if kind.in_cut is not None:
+        names += [f"l0.B.{t}" for t in kind.in_cut.targets]
+    if kind.out_cut is not None:
+        rel_last = kind.pieces[-1][0]
+        names.append(f"l{rel_last}.A.{kind.out_cut.stage}")
+    return names
+
+
+def kind_io(arch: Architecture, kind: SegmentKind) -> tuple[list[str], list[str]]:
+    """(non-weight input names, output names) of a kind's graph, in call order."""
+    inputs = ["inputs_embeds"] if kind.in_cut is None else ["resid", "x", "madx"]
+    if kind.attention_layer is not None:
+        inputs += ["position_ids", "attention_mask", "window", "past_key", "past_value"]
+    outputs = ["resid_out", "x_out", "ax"] if kind.out_cut is not None else ["hidden"]
+    if kind.attention_layer is not None:
+        outputs += ["present_key", "present_value"]
+    return inputs, outputs
+
+
+def layer_weight_shapes(arch: Architecture, rank: int, cuts) -> dict[str, tuple[int, ...]]:
+    """Shapes of one cloud layer's weights (names without the `layers.N.` prefix)."""
+    shapes: dict[str, tuple[int, ...]] = {
+        "input_layernorm": (arch.hidden_size,),
+        "post_attention_layernorm": (arch.hidden_size,),
+    }
+    for piece in PIECE_LINEARS:
+        for name in layer_weight_names(arch, piece):
+            if "." not in name:
+                continue
+            target, kind = name.split(".")
+            d_in, d_out = arch.target_dims(target)
+            shapes[name] = (d_in, d_out) if kind == "w" else (d_out,)
+    for cut in cuts:
+        d_in = arch.target_dims(cut.targets[0])[0]
+        shapes[f"A.{cut.stage}"] = (d_in, len(cut.targets) * rank)
+        for t in cut.targets:
+            shapes[f"B.{t}"] = (rank, arch.target_dims(t)[1])
+    return shapes
+
+
+def edge_weight_shapes(arch: Architecture) -> dict[str, tuple[int, ...]]:
+    """Edge weights besides M. A tied model keeps only the head matrix and embeds by reading its columns."""
+    shapes = {"norm": (arch.hidden_size,), "lm_head.w": (arch.hidden_size, arch.vocab_size)}
+    if not arch.tie_word_embeddings:
+        shapes["embed_tokens"] = (arch.vocab_size, arch.hidden_size)
+    return shapes

@@ -1,0 +1,131 @@
+"""The on-disk bundle format, shared by the exporter (writes) and the runtime (reads).
+
+A bundle is a directory with `manifest.json`, weights in `weights.safetensors`
+and ONNX graphs under `graphs/`. Linear weights are stored as [in, out] so the
+graphs compute `x @ W` without transposing a weight on every call.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .arch import Architecture
+from .plan import SplitPlan, normalize_targets
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+WEIGHTS = "weights.safetensors"
+GRAPHS = "graphs"
+
+
+class BundleError(Exception):
+    """A bundle or adapter that cannot be used; the message is meant for the user."""
+
+
+@dataclass(frozen=True)
+class Manifest:
+    side: str  # "cloud" or "edge"
+    architecture: Architecture
+    rank: int
+    targets: tuple[str, ...]
+    dtype: str
+    ab_fingerprint: str  # sha256 of the cloud's A and B: pairs an edge (and its M) with one cloud
+    source_hash: str  # sha256 of the source checkpoint's config and weights
+    graphs: dict[str, str]  # kind name -> file under graphs/
+    seed: int
+    generation: dict = field(default_factory=dict)  # edge: eos/bos/pad ids and defaults
+    format_version: int = FORMAT_VERSION
+
+    @property
+    def plan(self) -> SplitPlan:
+        return SplitPlan(self.architecture.num_layers, self.targets)
+
+    def to_json(self) -> str:
+        d = asdict(self)
+        d["targets"] = list(self.targets)
+        d["architecture"]["sliding_windows"] = list(self.architecture.sliding_windows)
+        return json.dumps(d, indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Manifest":
+        d = dict(d)
+        d["architecture"] = Architecture.from_dict(d["architecture"])
+        d["targets"] = normalize_targets(d["targets"])
+        return cls(**d)
+
+
+def read_manifest(bundle_dir: str | Path, side: str | None = None) -> Manifest:
+    path = Path(bundle_dir) / MANIFEST
+    if not Path(bundle_dir).is_dir():
+        raise BundleError(f"{bundle_dir}: no such bundle directory")
+    try:
+        raw = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise BundleError(f"{bundle_dir}: not a plcli bundle (no {MANIFEST})") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise BundleError(f"{path}: unreadable manifest ({e})") from None
+    version = raw.get("format_version") if isinstance(raw, dict) else None
+    if version != FORMAT_VERSION:
+        raise BundleError(f"{path}: bundle format version {version!r}, this plcli reads version {FORMAT_VERSION}")
+    try:
+        manifest = Manifest.from_dict(raw)
+    except (TypeError, KeyError, ValueError) as e:
+        raise BundleError(f"{path}: malformed manifest ({e})") from None
+    if side is not None and manifest.side != side:
+        raise BundleError(f"{bundle_dir}: this is the {manifest.side} bundle, expected the {side} bundle")
+    return manifest
+
+
+def fingerprint(tensors: dict[str, np.ndarray]) -> str:
+    """sha256 over names, dtypes, shapes and bytes, in sorted name order."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = np.ascontiguousarray(tensors[name])
+        h.update(f"{name}|{t.dtype.str}|{t.shape}|".encode())
+        h.update(t.tobytes())
+    return "sha256:" + h.hexdigest()
+
+
+def hash_files(paths: list[Path]) -> str:
+    h = hashlib.sha256()
+    for p in sorted(paths, key=lambda p: p.name):
+        h.update(p.name.encode() + b"\0")
+        with open(p, "rb") as f:
+            for block in iter(lambda: f.read(1 << 22), b""):
+                h.update(block)
+    return "sha256:" + h.hexdigest()
+
+
+@contextmanager
+def atomic_directory(final: Path, *, replace: bool):
+    """Yield a temporary directory beside `final`; move it into place only if the block succeeds.
+
+    A half-written result never replaces a good one: on any error the temporary
+    directory is removed and `final` is untouched.
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=final.parent))
+    try:
+        yield tmp
+        if final.exists():
+            if not replace:
+                raise FileExistsError(f"{final} exists (use --force to replace it)")
+            old = final.with_name(f".{final.name}.old-{os.getpid()}")
+            os.rename(final, old)
+            os.rename(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, final)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)

@@ -1,0 +1,151 @@
+"""The split decoder's math in torch: one module per segment kind (see plan.py).
+
+This is the single source of truth for what the cloud computes. The exporter
+traces it into ONNX graphs; the cloud re-runs it with autograd when the edge
+tunes M. Weights are inputs, not parameters, so one graph serves every layer.
+
+It mirrors transformers' Llama-family decoder layer (RMSNorm in fp32, rotary
+embedding with `rotate_half`, softmax in fp32) with two changes: each adapted
+projection adds `B (M A x)`, where `M A x` arrives from the edge, and
+grouped-query attention folds query heads into the sequence axis instead of
+repeating keys and values, so the KV cache is never copied per head.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .arch import PIECE_STAGE, Architecture, has_bias, kind_io, kind_weight_names
+from .plan import ATTENTION_PIECE, STAGE_TARGETS, SegmentKind
+
+ACTIVATIONS = {
+    "silu": F.silu,
+    "gelu": F.gelu,
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "relu": F.relu,
+}
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    variance = x.pow(2).mean(-1, keepdim=True)
+    return weight * (x * torch.rsqrt(variance + eps))
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class SegmentModule(torch.nn.Module):
+    """Runs one segment kind. `forward(*inputs, *weights)` in the order of kind_io + kind_weight_names."""
+
+    def __init__(self, arch: Architecture, kind: SegmentKind, rank: int, inv_freq: torch.Tensor):
+        super().__init__()
+        self.arch, self.kind, self.rank = arch, kind, rank
+        self.input_names, self.output_names = kind_io(arch, kind)
+        self.weight_names = kind_weight_names(arch, kind)
+        self.register_buffer("inv_freq", inv_freq.to(torch.float32), persistent=False)
+        self.act = ACTIVATIONS[arch.hidden_act]
+
+    def forward(self, *args: torch.Tensor):
+        n = len(self.input_names)
+        io = dict(zip(self.input_names, args[:n]))
+        w = dict(zip(self.weight_names, args[n:]))
+        arch, kind = self.arch, self.kind
+
+        if kind.in_cut is None:
+            resid, x, madx = io["inputs_embeds"], None, None
+        else:
+            resid, x, madx = io["resid"], io["x"], io["madx"]
+        outputs: dict[str, torch.Tensor] = {}
+        first = True
+        for rel, piece in kind.pieces:
+            p = f"l{rel}."
+            # madx belongs to the projections right after the segment's input cut.
+            delta = madx if (first and kind.in_cut is not None) else None
+            first = False
+            if piece == 0:
+                x = rms_norm(resid, w[p + "input_layernorm"], arch.rms_norm_eps)
+            elif piece == ATTENTION_PIECE:
+                q, k, v = (self._linear(w, p, t, x, delta, 1) for t in ("q_proj", "k_proj", "v_proj"))
+                x, outputs["present_key"], outputs["present_value"] = self._attention(io, q, k, v)
+            elif piece == 2:
+                resid = resid + self._linear(w, p, "o_proj", x, delta, 2)
+                x = rms_norm(resid, w[p + "post_attention_layernorm"], arch.rms_norm_eps)
+            elif piece == 3:
+                gate = self._linear(w, p, "gate_proj", x, delta, 3)
+                x = self.act(gate) * self._linear(w, p, "up_proj", x, delta, 3)
+            else:
+                resid = resid + self._linear(w, p, "down_proj", x, delta, 4)
+                x = None
+
+        if kind.out_cut is None:
+            result = {"hidden": resid}
+        else:
+            a = w[f"l{kind.pieces[-1][0]}.A.{kind.out_cut.stage}"]
+            ax = (x @ a).unflatten(-1, (len(kind.out_cut.targets), self.rank))
+            result = {"resid_out": resid, "x_out": x, "ax": ax}
+        result.update(outputs)
+        return tuple(result[name] for name in self.output_names)
+
+    def _linear(self, w, p, target, x, delta, piece):
+        y = x @ w[p + target + ".w"]
+        if has_bias(self.arch, target):
+            y = y + w[p + target + ".b"]
+        if delta is not None:
+            cut_targets = STAGE_TARGETS[PIECE_STAGE[piece]]
+            adapted = self.kind.in_cut.targets
+            if target in adapted:
+                assert set(adapted) <= set(cut_targets)
+                y = y + delta[..., adapted.index(target), :] @ w[f"l0.B.{target}"]
+        return y
+
+    def _attention(self, io, q, k, v):
+        arch = self.arch
+        bsz, seq = q.shape[0], q.shape[1]
+        hd, kvh = arch.head_dim, arch.num_kv_heads
+        groups = arch.num_heads // kvh
+        q = q.view(bsz, seq, arch.num_heads, hd).transpose(1, 2)
+        k = k.view(bsz, seq, kvh, hd).transpose(1, 2)
+        v = v.view(bsz, seq, kvh, hd).transpose(1, 2)
+
+        freqs = io["position_ids"][..., None].to(torch.float32) * self.inv_freq
+        emb = torch.cat((freqs, freqs), dim=-1)
+        cos = (emb.cos() * arch.rope_attention_scaling)[:, None]
+        sin = (emb.sin() * arch.rope_attention_scaling)[:, None]
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+
+        key = torch.cat((io["past_key"], k), dim=2)
+        value = torch.cat((io["past_value"], v), dim=2)
+        total = key.shape[2]
+
+        # Causal, sliding-window and padding mask over absolute key index.
+        kv_idx = torch.arange(total, device=q.device)
+        q_idx = kv_idx[total - seq:][:, None]
+        allowed = (kv_idx[None, :] <= q_idx) & (kv_idx[None, :] > q_idx - io["window"])
+        allowed = allowed[None] & (io["attention_mask"][:, None, :] != 0)
+        bias = torch.where(allowed, 0.0, torch.finfo(torch.float32).min)[:, None, None]
+
+        # [B, kvh, groups*S, hd] @ [B, kvh, hd, T]: query heads of a group share one K/V head.
+        qg = q.reshape(bsz, kvh, groups * seq, hd)
+        scores = (qg @ key.transpose(2, 3)).view(bsz, kvh, groups, seq, total) * (hd**-0.5) + bias
+        probs = torch.softmax(scores, dim=-1).view(bsz, kvh, groups * seq, total)
+        out = (probs @ value).view(bsz, arch.num_heads, seq, hd).transpose(1, 2)
+        return out.reshape(bsz, seq, arch.num_heads * hd), key, value
+
+
+class HeadModule(torch.nn.Module):
+    """Edge: final norm and LM head. `forward(hidden, norm, lm_head_w)` -> logits."""
+
+    input_names = ["hidden"]
+    output_names = ["logits"]
+    weight_names = ["norm", "lm_head.w"]
+
+    def __init__(self, arch: Architecture):
+        super().__init__()
+        self.eps = arch.rms_norm_eps
+
+    def forward(self, *args: torch.Tensor):
+        hidden, norm, lm_head_w = args
+        return rms_norm(hidden, norm, self.eps) @ lm_head_w

@@ -1,0 +1,131 @@
+"""The edge side: tokenizer, embedding, every M, and the LM head. Needs no torch.
+
+The edge answers each cut's `A x` with `M A x` and turns the last hidden state
+into logits. Its M matrices come from the bundle (zeros after a split) or from
+an adapter directory written by `plcli tune`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from .arch import edge_weight_shapes
+from .bundle import GRAPHS, WEIGHTS, BundleError, Manifest, read_manifest
+from .ort import make_session, read_weights
+
+ADAPTER_CONFIG = "adapter.json"
+ADAPTER_WEIGHTS = "adapter.safetensors"
+
+
+class EdgeModel:
+    def __init__(self, bundle_dir: str | Path, *, adapter: str | Path | None = None, threads: int | None = None):
+        self.dir = Path(bundle_dir)
+        self.manifest: Manifest = read_manifest(self.dir, side="edge")
+        self.arch = self.manifest.architecture
+        self.plan = self.manifest.plan
+        weights = read_weights(self.dir / WEIGHTS)
+        for name, shape in edge_weight_shapes(self.arch).items():
+            if name not in weights or tuple(weights[name].shape) != shape:
+                raise BundleError(f"{self.dir}: weight {name} missing or not of shape {shape}")
+        self.norm = weights["norm"]
+        self.lm_head = weights["lm_head.w"]  # [hidden, vocab]
+        self.embed_tokens = weights.get("embed_tokens")  # [vocab, hidden]; None when tied to the head
+        self.head = make_session(self.dir / GRAPHS / self.manifest.graphs["head"], threads=threads)
+        self.set_adapter(self._bundle_m(weights) if adapter is None else load_adapter(adapter, self.manifest))
+        self._tokenizer = None
+
+    # -- M -----------------------------------------------------------------
+    def _bundle_m(self, weights: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return {k: v for k, v in weights.items() if k.endswith(".M")}
+
+    def set_adapter(self, m: dict[str, np.ndarray]) -> None:
+        """Install M matrices given as `layers.{l}.{target}.M` -> [rank, rank]."""
+        r = self.manifest.rank
+        stacked = {}
+        for layer in range(self.arch.num_layers):
+            for cut in self.plan.cuts:
+                mats = []
+                for t in cut.targets:
+                    key = f"layers.{layer}.{t}.M"
+                    if key not in m or tuple(m[key].shape) != (r, r):
+                        raise BundleError(f"adapter lacks {key} of shape ({r}, {r})")
+                    mats.append(np.asarray(m[key], np.float32))
+                # Stored transposed so that `ax @ Mt` is `M (A x)` per target in one batched matmul.
+                stacked[(layer, cut.stage)] = np.ascontiguousarray(np.stack(mats).transpose(0, 2, 1))
+        self._m_t = stacked
+
+    def adapter_matrices(self) -> dict[str, np.ndarray]:
+        out = {}
+        for (layer, stage), mt in self._m_t.items():
+            cut = next(c for c in self.plan.cuts if c.stage == stage)
+            for i, t in enumerate(cut.targets):
+                out[f"layers.{layer}.{t}.M"] = np.ascontiguousarray(mt[i].T)
+        return out
+
+    def apply_adapter(self, layer: int, stage: str, ax: np.ndarray) -> np.ndarray:
+        """`M A x` for every target of a cut: ax [batch, seq, targets, rank] -> same shape."""
+        mt = self._m_t[(layer, stage)]
+        return np.matmul(ax[..., None, :], mt)[..., 0, :]
+
+    # -- embedding and head ------------------------------------------------
+    def embed(self, ids: np.ndarray) -> np.ndarray:
+        ids = np.asarray(ids, np.int64)
+        if ids.ndim != 2:
+            raise ValueError("token ids must be [batch, seq]")
+        if ids.size and (ids.min() < 0 or ids.max() >= self.arch.vocab_size):
+            raise ValueError(f"token id out of range 0..{self.arch.vocab_size - 1}")
+        if self.embed_tokens is not None:
+            return self.embed_tokens[ids]
+        return np.ascontiguousarray(np.moveaxis(self.lm_head[:, ids], 0, -1))
+
+    def logits(self, hidden: np.ndarray) -> np.ndarray:
+        return self.head.run(["logits"], {"hidden": hidden, "norm": self.norm, "lm_head.w": self.lm_head})[0]
+
+    # -- text --------------------------------------------------------------
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            from transformers import AutoTokenizer
+
+            self._tokenizer = AutoTokenizer.from_pretrained(self.dir / "tokenizer", local_files_only=True)
+        return self._tokenizer
+
+    @property
+    def eos_token_ids(self) -> list[int]:
+        eos = self.manifest.generation.get("eos_token_id")
+        if eos is None and self.tokenizer.eos_token_id is not None:
+            eos = [self.tokenizer.eos_token_id]
+        return list(eos or [])
+
+
+def load_adapter(path: str | Path, manifest: Manifest) -> dict[str, np.ndarray]:
+    """M matrices from an adapter directory, refused unless it belongs to this bundle's A/B."""
+    path = Path(path)
+    try:
+        config = json.loads((path / ADAPTER_CONFIG).read_text())
+    except FileNotFoundError:
+        raise BundleError(f"{path}: not an adapter directory (no {ADAPTER_CONFIG})") from None
+    except (OSError, ValueError) as e:
+        raise BundleError(f"{path / ADAPTER_CONFIG}: unreadable ({e})") from None
+    if config.get("ab_fingerprint") != manifest.ab_fingerprint:
+        raise BundleError(
+            f"{path}: adapter belongs to A/B {config.get('ab_fingerprint')!r}, this bundle has {manifest.ab_fingerprint!r}"
+        )
+    if config.get("rank") != manifest.rank or tuple(config.get("targets", ())) != manifest.targets:
+        raise BundleError(f"{path}: adapter rank/targets do not match the bundle")
+    return read_weights(path / ADAPTER_WEIGHTS)
+
+
+def forward(edge: EdgeModel, session, ids: np.ndarray) -> np.ndarray:
+    """One step through the split: embed `ids`, answer every cut, return logits for every position.
+
+    `session` is anything with `start(embeds)` and `resume(madx)`: a local
+    CloudSession or a remote one behind the wire protocol.
+    """
+    out = session.start(edge.embed(ids))
+    while not out.done:
+        out = session.resume(edge.apply_adapter(out.layer, out.stage, out.ax))
+    return edge.logits(out.hidden)
