@@ -23,6 +23,7 @@ import torch
 
 from plcli.runtime import decoder
 from plcli.runtime.arch import Architecture, layer_weight_shapes
+from plcli.runtime.bundle import cache_root
 from plcli.runtime.plan import SegmentKind, SplitPlan
 
 OPSET = 18
@@ -31,8 +32,7 @@ _BATCH, _SEQ, _PAST = 2, 3, 4
 
 
 def cache_dir() -> Path:
-    root = os.environ.get("PLCLI_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"), "plcli")
-    return Path(root) / "graphs"
+    return cache_root() / "graphs"
 
 
 def _code_version() -> str:

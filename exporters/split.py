@@ -64,8 +64,6 @@ def split_checkpoint(
         targets = normalize_targets(targets)
     except ValueError as e:
         raise SplitError(f"--targets: {e}") from None
-    if out_dir.exists() and not force:
-        raise SplitError(f"{out_dir} exists (use --force to replace it)")
     try:
         config = load_config(model_dir)
         family = family_for(config)
@@ -74,6 +72,8 @@ def split_checkpoint(
         raise SplitError(str(e)) from None
     if not 1 <= rank <= arch.hidden_size // 2:
         raise SplitError(f"--rank {rank} is out of range: use 1 to {arch.hidden_size // 2} (half the hidden size {arch.hidden_size})")
+    if out_dir.exists() and not force:
+        raise SplitError(f"{out_dir} exists (use --force to replace it)")
     tok_files = tokenizer_files(model_dir)
     if not tok_files:
         raise SplitError(f"{model_dir}: no tokenizer files (the edge bundle needs the tokenizer)")

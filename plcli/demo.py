@@ -2,23 +2,20 @@
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
+from typing import Optional
 
-from rich.console import Console
+import typer
 from rich.table import Table
+
+from .app import app, console, print_json, reports_errors
+from .bundle_commands import split_with_progress
 
 DEMO_PROMPT = "The list"
 
 
-def default_out() -> Path:
-    root = os.environ.get("PLCLI_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"), "plcli")
-    return Path(root) / "demo"
-
-
-def run_demo(out: Path | None, *, console: Console, as_json: bool, split, print_json) -> dict:
-    import numpy as np
+def run_demo(out: Path | None, *, as_json: bool = False) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -27,15 +24,16 @@ def run_demo(out: Path | None, *, console: Console, as_json: bool, split, print_
     from plcli.runtime.cloud import CloudModel
     from plcli.runtime.edge import EdgeModel
     from plcli.runtime.generate import Sampling, generate
+    from plcli.runtime.bundle import cache_root
     from plcli.runtime.summary import summarize
 
     say = (lambda *a: None) if as_json else console.print
     model_dir = demo_model_dir()
-    out = Path(out) if out else default_out()
+    out = Path(out) if out else cache_root() / "demo"
     bundles = out / "bundles"
 
     say(f"[bold]1. split[/] the embedded demo model ({model_dir.name}) into {bundles}")
-    result = split(model_dir, bundles, force=True)
+    result = split_with_progress(model_dir, bundles, force=True)
     summary = summarize(bundles)
     say(f"   cloud {summary['sides']['cloud']['parameters']:,} parameters · edge {summary['sides']['edge']['parameters']:,} parameters · "
         f"{summary['per_token']['float32']['round_trips']} round trips per token · {result.seconds:.1f} s")
@@ -79,7 +77,15 @@ def run_demo(out: Path | None, *, console: Console, as_json: bool, split, print_
     if as_json:
         print_json(report)
     if not (parity and identical):
-        import typer
-
         raise typer.Exit(1)
     return report
+
+
+@app.command()
+@reports_errors
+def demo(
+    out: Optional[Path] = typer.Option(None, "--out", help="Where to put the demo bundles (default: a cache directory)."),
+    as_json: bool = typer.Option(False, "--json", help="Print what the demo measured as JSON."),
+):
+    """Split the embedded demo model, verify it against transformers, and generate through the split."""
+    run_demo(out, as_json=as_json)

@@ -27,6 +27,12 @@ WEIGHTS = "weights.safetensors"
 GRAPHS = "graphs"
 
 
+def cache_root() -> Path:
+    """Where plcli caches exported graphs and demo bundles: $PLCLI_CACHE, else ~/.cache/plcli."""
+    root = os.environ.get("PLCLI_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"), "plcli")
+    return Path(root)
+
+
 class BundleError(Exception):
     """A bundle or adapter that cannot be used; the message is meant for the user."""
 

@@ -1,0 +1,102 @@
+"""What every plcli command shares: the typer app, consoles, error reporting, progress and JSON output.
+
+Every command reports bad input as one line on stderr with exit code 2; results
+are rich tables for people and `--json` for scripts.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+def _quiet_libraries() -> None:
+    # transformers draws its own tqdm bars and advice on stderr; plcli reports for itself.
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+_quiet_libraries()
+
+app = typer.Typer(
+    add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+    help="PrivateLoRA split inference: the decoder in the cloud, your text and adapter on the edge.",
+)
+console = Console()
+err_console = Console(stderr=True)
+
+
+class UserError(Exception):
+    """Anything the user can fix; printed as one line, exit code 2."""
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from plcli.exporters.checkpoint import CheckpointError
+    from plcli.exporters.split import SplitError
+    from plcli.runtime.bundle import BundleError
+
+    return (UserError, SplitError, BundleError, CheckpointError, FileExistsError)
+
+
+def reports_errors(fn):
+    """One clear line and a non-zero exit instead of a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except typer.Exit:
+            raise
+        except _user_errors() as e:
+            fail(str(e), 2)
+        except OSError as e:
+            where = f"{e.filename}: " if getattr(e, "filename", None) else ""
+            fail(f"{where}{e.strerror or e}", 2)
+        except KeyboardInterrupt:
+            fail("interrupted", 130)
+        except Exception as e:
+            if os.environ.get("PLCLI_DEBUG"):
+                raise
+            fail(f"internal error: {type(e).__name__}: {e} (set PLCLI_DEBUG=1 for a traceback)", 1)
+
+    return wrapper
+
+
+def fail(message: str, code: int):
+    message = " ".join(str(message).split())
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def progress_bar() -> Progress:
+    return Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        console=err_console, transient=True, disable=not err_console.is_terminal,
+    )
+
+
+def print_json(obj) -> None:
+    sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
+
+
+class nullcontext_status:
+    """Stands in for console.status when the output is not a terminal."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def status(message: str):
+    return console.status(message, spinner="dots") if console.is_terminal else nullcontext_status()
