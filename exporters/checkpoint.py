@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from plcli.runtime.bundle import hash_files
+from plcli.runtime.errors import PlcliError
 
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
@@ -19,7 +20,7 @@ TOKENIZER_FILES = (
 )
 
 
-class CheckpointError(ValueError):
+class CheckpointError(PlcliError):
     """The directory is not a checkpoint plcli can read; the message says why."""
 
 

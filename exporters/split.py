@@ -19,6 +19,7 @@ import numpy as np
 
 from plcli.recipes.base import UnsupportedModel, family_for, rope_frequencies
 from plcli.runtime.arch import layer_weight_shapes
+from plcli.runtime.errors import PlcliError
 from plcli.runtime.bundle import GRAPHS, MANIFEST, WEIGHTS, Manifest, atomic_directory, fingerprint
 from plcli.runtime.plan import ALL_TARGETS, DEFAULT_TARGETS, SplitPlan, normalize_targets
 
@@ -28,7 +29,7 @@ from .graphs import export_all
 Progress = Callable[[str, int, int], None]  # (phase, done, total)
 
 
-class SplitError(ValueError):
+class SplitError(PlcliError):
     """Bad input to split; the message is one line for the user."""
 
 

@@ -18,6 +18,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from plcli.runtime.errors import PlcliError
+
 def _quiet_libraries() -> None:
     # transformers draws its own tqdm bars and advice on stderr; plcli reports for itself.
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -35,16 +37,8 @@ console = Console()
 err_console = Console(stderr=True)
 
 
-class UserError(Exception):
-    """Anything the user can fix; printed as one line, exit code 2."""
-
-
-def _user_errors() -> tuple[type[BaseException], ...]:
-    from plcli.exporters.checkpoint import CheckpointError
-    from plcli.exporters.split import SplitError
-    from plcli.runtime.bundle import BundleError
-
-    return (UserError, SplitError, BundleError, CheckpointError, FileExistsError)
+class UserError(PlcliError):
+    """Bad command-line input noticed by the command itself."""
 
 
 def reports_errors(fn):
@@ -56,7 +50,7 @@ def reports_errors(fn):
             return fn(*args, **kwargs)
         except typer.Exit:
             raise
-        except _user_errors() as e:
+        except (PlcliError, FileExistsError) as e:
             fail(str(e), 2)
         except OSError as e:
             where = f"{e.filename}: " if getattr(e, "filename", None) else ""

@@ -10,14 +10,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-from plcli.runtime.bundle import Architecture
+from plcli.runtime.arch import Architecture
+from plcli.runtime.errors import PlcliError
 
 # Rope types whose frequencies depend on the running sequence length cannot be
 # frozen into a graph; transformers recomputes them per call.
 STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 
 
-class UnsupportedModel(ValueError):
+class UnsupportedModel(PlcliError):
     """The checkpoint is not something plcli can split; the message says why."""
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from .arch import Architecture
+from .errors import PlcliError
 from .plan import SplitPlan, normalize_targets
 
 FORMAT_VERSION = 1
@@ -33,7 +34,7 @@ def cache_root() -> Path:
     return Path(root)
 
 
-class BundleError(Exception):
+class BundleError(PlcliError):
     """A bundle or adapter that cannot be used; the message is meant for the user."""
 
 
