@@ -1,4 +1,8 @@
-"""`plcli demo`: the whole story on the embedded demo model, in one command."""
+"""`plcli demo`: the whole story on the embedded demo model, in one command.
+
+Split, verify against transformers, generate in one process, then serve the
+cloud on loopback and generate through the network the way two terminals would.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +15,7 @@ from rich.table import Table
 
 from .app import app, console, print_json, reports_errors
 from .bundle_commands import split_with_progress
+from .serve_commands import timed_turn
 
 DEMO_PROMPT = "The list"
 
@@ -68,17 +73,56 @@ def run_demo(out: Path | None, *, as_json: bool = False) -> dict:
     say(f"   token ids identical: {'[green]yes[/]' if identical else '[red]no[/]'} · "
         f"{len(split_ids) / split_s:.1f} tokens/s through the in-process split")
 
+    say("[bold]4. serve[/] the cloud on loopback over ZeroMQ and generate through it, as `plcli run-edge` does")
+    network = serve_and_generate(cloud, edge, prompt_ids, Sampling(max_new_tokens=32, ignore_eos=True))
+    network["identical"] = network["token_ids"] == split_ids
+    payload = summary["per_token"]["float32"]
+    if not as_json:
+        console.print(_network_table(network, payload))
+    say(f"   token ids identical to the in-process split: {'[green]yes[/]' if network['identical'] else '[red]no[/]'}")
+
     report = {
         "bundles": str(bundles), "split_seconds": round(result.seconds, 3), "verify_ok": parity,
         "verify_worst_rel_error": worst, "prompt": DEMO_PROMPT, "completion": text,
         "token_ids": split_ids, "reference_token_ids": ref, "greedy_identical": identical,
-        "per_token": summary["per_token"],
+        "per_token": summary["per_token"], "network": network,
     }
     if as_json:
         print_json(report)
-    if not (parity and identical):
+    if not (parity and identical and network["identical"]):
         raise typer.Exit(1)
     return report
+
+
+def serve_and_generate(cloud, edge, prompt_ids: list[int], sampling) -> dict:
+    """Start a cloud server on a free loopback port in a thread, generate through it, stop it: what crossed and how fast."""
+    from plcli.runtime.client import RemoteCloudSession, cloud_status
+    from plcli.runtime.generate import Conversation
+    from plcli.runtime.server import CloudServer, running
+
+    server = CloudServer(cloud, bind="tcp://127.0.0.1:*", max_sessions=1)
+    with running(server) as endpoint:
+        with RemoteCloudSession(endpoint, edge.manifest, timeout=10.0) as session:
+            result = timed_turn(Conversation(edge, session, sampling), prompt_ids)
+        served = cloud_status(endpoint)["tokens"]
+    up, down = result.decode_bytes_per_token or (None, None)
+    return {"endpoint": endpoint, "token_ids": result.token_ids, "stats": result.stats, "cloud_tokens_served": served,
+            "decode_bytes_up_per_token": up, "decode_bytes_down_per_token": down}
+
+
+def _network_table(network: dict, payload: dict) -> Table:
+    stats = network["stats"]
+    table = Table(title=f"over loopback ({network['endpoint']}, float32 on the wire)", show_header=True)
+    table.add_column("measure")
+    table.add_column("value", justify="right")
+    table.add_column("tensor payload alone", justify="right")
+    table.add_row("first token after", f"{stats['ttft_s'] * 1000:.1f} ms", "")
+    table.add_row("decode speed", f"{stats['decode_tokens_per_s']:.1f} tokens/s", "")
+    table.add_row("bytes up per decoded token (socket)", f"{network['decode_bytes_up_per_token']:,.0f}", f"{payload['bytes_up']:,}")
+    table.add_row("bytes down per decoded token (socket)", f"{network['decode_bytes_down_per_token']:,.0f}", f"{payload['bytes_down']:,}")
+    table.add_row("round trips per token", f"{stats['round_trips'] / stats['new_tokens']:.2f}", str(payload["round_trips"]))
+    table.add_row("tokens the cloud computed", f"{network['cloud_tokens_served']:,}", "")
+    return table
 
 
 @app.command()
@@ -87,5 +131,5 @@ def demo(
     out: Optional[Path] = typer.Option(None, "--out", help="Where to put the demo bundles (default: a cache directory)."),
     as_json: bool = typer.Option(False, "--json", help="Print what the demo measured as JSON."),
 ):
-    """Split the embedded demo model, verify it against transformers, and generate through the split."""
+    """Split the embedded demo model, verify it against transformers, generate through the split in one process and over loopback."""
     run_demo(out, as_json=as_json)

@@ -63,20 +63,105 @@ class Sampler:
         return int(self.rng.choice(probs.size, p=probs))
 
 
-def generate(edge: EdgeModel, session, prompt_ids: list[int], sampling: Sampling) -> Iterator[int]:
-    """Yield new token ids one at a time; `session` keeps the KV cache, so a chat can continue it."""
-    sampler = Sampler(sampling, vocab_limit=min(edge.arch.vocab_size, len(edge.tokenizer)))
-    eos = set() if sampling.ignore_eos else set(edge.eos_token_ids)
-    logits = forward(edge, session, np.asarray([prompt_ids], np.int64))[0, -1]
-    text = ""
-    for i in range(sampling.max_new_tokens):
-        token = sampler(logits)
-        if token in eos:
-            return
-        yield token
-        if sampling.stop:
-            text += edge.tokenizer.decode([token])
-            if any(s in text for s in sampling.stop):
+class Conversation:
+    """Generation over one session, turn after turn; the session's KV cache keeps every token fed so far.
+
+    A turn ends right after sampling a token, so that token (an EOS too) has not
+    been through the model yet: the next turn feeds it first, then its prompt.
+    `session` is anything with `start`/`resume`, `position` and `max_context`.
+    """
+
+    def __init__(self, edge: EdgeModel, session, sampling: Sampling):
+        self.edge, self.session, self.sampling = edge, session, sampling
+        self.sampler = Sampler(sampling, vocab_limit=min(edge.arch.vocab_size, len(edge.tokenizer)))
+        self.eos = set() if sampling.ignore_eos else set(edge.eos_token_ids)
+        self.unfed: list[int] = []
+        self.stop_reason: str | None = None  # why the last turn ended: eos, stop, length or context
+
+    def turn(self, prompt_ids: list[int]) -> Iterator[int]:
+        """Yield this turn's new token ids one at a time."""
+        ids = self.unfed + list(prompt_ids)
+        room = self.session.max_context - self.session.position
+        if not ids:
+            raise ValueError("nothing to generate from: the prompt is empty")
+        if len(ids) > room:
+            raise ValueError(f"the context is full: {len(ids)} new tokens, room for {room} (max context {self.session.max_context})")
+        logits = forward(self.edge, self.session, np.asarray([ids], np.int64))[0, -1]
+        self.unfed = []
+        generated: list[int] = []
+        for i in range(self.sampling.max_new_tokens):
+            token = self.sampler(logits)
+            self.unfed = [token]
+            if token in self.eos:
+                self.stop_reason = "eos"
                 return
-        if i + 1 < sampling.max_new_tokens:
-            logits = forward(edge, session, np.asarray([[token]], np.int64))[0, -1]
+            yield token
+            generated.append(token)
+            if self.sampling.stop and _find_stop(self.edge.tokenizer.decode(generated), self.sampling.stop) is not None:
+                self.stop_reason = "stop"
+                return
+            if i + 1 == self.sampling.max_new_tokens:
+                self.stop_reason = "length"
+                return
+            if self.session.position >= self.session.max_context:
+                self.stop_reason = "context"
+                return
+            logits = forward(self.edge, self.session, np.asarray([[token]], np.int64))[0, -1]
+            self.unfed = []
+
+
+def generate(edge: EdgeModel, session, prompt_ids: list[int], sampling: Sampling) -> Iterator[int]:
+    """Yield new token ids one at a time (one turn of a new conversation)."""
+    yield from Conversation(edge, session, sampling).turn(prompt_ids)
+
+
+def _find_stop(text: str, stops: list[str]) -> int | None:
+    """Where the earliest stop string begins in `text`, or None."""
+    hits = [i for i in (text.find(s) for s in stops if s) if i >= 0]
+    return min(hits) if hits else None
+
+
+class TextStream:
+    """The text of a growing list of tokens, handed out only once it is final.
+
+    Held back: a trailing incomplete character (decoded as U+FFFD) and any tail
+    that could still become a stop string; the stop string itself never shows.
+    """
+
+    def __init__(self, tokenizer, stop: list[str] | None = None):
+        self.tokenizer = tokenizer
+        self.stop = [s for s in (stop or []) if s]
+        self.ids: list[int] = []
+        self.shown = ""
+
+    @property
+    def text(self) -> str:
+        """All text so far, cut where a stop string begins."""
+        text = self.tokenizer.decode(self.ids)
+        at = _find_stop(text, self.stop)
+        return text if at is None else text[:at]
+
+    def push(self, token: int) -> str:
+        """Add a token; return the newly final text."""
+        self.ids.append(token)
+        text = self.tokenizer.decode(self.ids)
+        if _find_stop(text, self.stop) is None:
+            text = text.rstrip("\ufffd")
+            text = text[: len(text) - self._stop_prefix(text)]
+        else:
+            text = self.text
+        return self._advance(text)
+
+    def finish(self) -> str:
+        """The rest of the text, once no more tokens come."""
+        return self._advance(self.text)
+
+    def _stop_prefix(self, text: str) -> int:
+        """Length of the longest tail of `text` that begins some stop string."""
+        return max([n for s in self.stop for n in range(min(len(s) - 1, len(text)), 0, -1) if s.startswith(text[-n:])] + [0])
+
+    def _advance(self, text: str) -> str:
+        if not text.startswith(self.shown):
+            return ""
+        new, self.shown = text[len(self.shown):], text
+        return new

@@ -1,0 +1,274 @@
+"""`plcli serve-cloud` and `plcli run-edge`: the split model over the network, in two terminals."""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import json
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Callable, Optional
+
+import typer
+from rich.live import Live
+from rich.text import Text
+
+from .app import UserError, app, console, err_console, print_json, reports_errors, status
+
+DEFAULT_ENDPOINT = "tcp://127.0.0.1:5555"  # loopback: serving beyond this machine is a deliberate choice
+WIRE_DTYPE_HELP = "Activations on the wire: float32 (exact) or float16 (half the bytes); the same on both sides."
+
+
+# -- serve-cloud ---------------------------------------------------------------------
+@app.command("serve-cloud")
+@reports_errors
+def serve_cloud(
+    cloud_dir: Path = typer.Argument(..., help="The cloud bundle (OUT_DIR/cloud from `plcli split`)."),
+    bind: str = typer.Option(DEFAULT_ENDPOINT, "--bind", help="ZeroMQ endpoint to listen on; tcp://127.0.0.1:* picks a free port."),
+    max_sessions: int = typer.Option(16, "--max-sessions", help="Edges served at once."),
+    max_context: Optional[int] = typer.Option(None, "--max-context", help="Tokens per session (default: the model's maximum)."),
+    session_timeout: float = typer.Option(600.0, "--session-timeout", help="Seconds a session may stay idle before it is freed."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="ONNX Runtime threads (default: ONNX Runtime's choice)."),
+    wire_dtype: str = typer.Option("float32", "--wire-dtype", help=WIRE_DTYPE_HELP),
+    max_batch: int = typer.Option(1, "--max-batch", help="Sequences one session may run side by side."),
+    as_json: bool = typer.Option(False, "--json", help="Log one JSON object per event on stdout."),
+):
+    """Serve a cloud bundle to edges over ZeroMQ: one KV cache per edge session."""
+    from plcli.runtime.cloud import CloudModel
+    from plcli.runtime.server import CloudServer, memory_per_session
+
+    with status("loading the cloud bundle"):
+        model = CloudModel(cloud_dir, threads=threads)
+    reporter = _Reporter(as_json)
+    try:
+        server = CloudServer(model, bind=bind, max_sessions=max_sessions, max_context=max_context,
+                             session_timeout=session_timeout, wire_dtype=wire_dtype, max_batch=max_batch,
+                             on_event=reporter.event)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    reporter.server = server
+    if not _is_local(server.endpoint):
+        err_console.print(f"[yellow]warning:[/] {server.endpoint} is reachable from other machines and this version neither "
+                          "encrypts nor authenticates: anyone who reaches it can use this cloud", highlight=False)
+    if not as_json:
+        kv = memory_per_session(model, server.max_context, max_batch)
+        reporter.line(f"{model.arch.family} · {model.arch.num_layers} layers · rank {model.manifest.rank} · "
+                      f"KV cache up to {kv / 2**20:.1f} MiB per session")
+    stop = threading.Event()
+    previous = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        with reporter.live():
+            server.serve(stop)
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def _is_local(endpoint: str) -> bool:
+    transport, _, address = endpoint.partition("://")
+    if transport != "tcp":
+        return transport in ("ipc", "inproc")
+    host = address.rsplit(":", 1)[0].strip("[]")
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+class _Reporter:
+    """Server events as JSON lines, as plain log lines, or above a live status line on a terminal."""
+
+    def __init__(self, as_json: bool):
+        self.as_json = as_json
+        self.server = None
+        self._live: Live | None = None
+
+    def live(self):
+        if self.as_json or not console.is_terminal:
+            return contextlib.nullcontext()
+        self._live = Live(self, console=console, refresh_per_second=2, transient=True)
+        return self._live
+
+    def __rich__(self) -> Text:
+        s = self.server.stats()
+        return Text(f"{self.server.endpoint} · {s['sessions']}/{s['max_sessions']} sessions · {s['tokens_per_s']:.1f} tokens/s · "
+                    f"{s['tokens']:,} tokens · {s['rejected']} refused", style="dim", no_wrap=True, overflow="ellipsis")
+
+    def line(self, text: str) -> None:
+        stamp = datetime.now().strftime("%H:%M:%S")
+        (self._live.console if self._live else console).print(f"{stamp} {text}", highlight=False, markup=False, soft_wrap=True)
+        sys.stdout.flush()
+
+    def event(self, e: dict) -> None:
+        if self.as_json:
+            sys.stdout.write(json.dumps({"time": round(time.time(), 3), **e}) + "\n")
+            sys.stdout.flush()
+            return
+        kind = e["event"]
+        if kind == "listening":
+            text = (f"serving {e['endpoint']} · up to {e['max_sessions']} sessions of {e['max_context']} tokens · "
+                    f"idle sessions freed after {e['session_timeout']:g} s · {e['wire_dtype']} on the wire")
+        elif kind == "opened":
+            text = f"session {e['session']} opened ({e['sessions']} open)"
+        elif kind == "closed":
+            text = f"session {e['session']} closed after {e['tokens']} tokens ({e['sessions']} open)"
+        elif kind == "expired":
+            text = f"session {e['session']} freed after {e['idle_s']:g} s idle, {e['tokens']} tokens ({e['sessions']} open)"
+        elif kind == "rejected":
+            text = f"refused a message ({e['code']}): {e['message']}"
+        elif kind == "stopped":
+            text = f"stopped; freed {e['sessions_freed']} sessions; {e['tokens']} tokens served"
+        else:
+            text = json.dumps(e)
+        self.line(text)
+
+
+# -- run-edge ------------------------------------------------------------------------
+@dataclass
+class TurnResult:
+    token_ids: list[int]
+    text: str
+    stats: dict  # exactly the fields `run-edge --json` reports
+    decode_bytes_per_token: tuple[float, float] | None  # (up, down) per decoded token, prefill excluded
+
+
+def timed_turn(conversation, prompt_ids: list[int], on_text: Callable[[str], None] | None = None,
+               stop: list[str] | None = None) -> TurnResult:
+    """One turn of `conversation` over a remote session, with its timings and the traffic its socket counted."""
+    from plcli.runtime.generate import TextStream
+
+    session = conversation.session
+    stream = TextStream(conversation.edge.tokenizer, stop)
+    start_counts = (session.bytes_up, session.bytes_down, session.round_trips)
+    first_counts = None
+    started = time.perf_counter()
+    times: list[float] = []
+    for token in conversation.turn(prompt_ids):
+        times.append(time.perf_counter())
+        if first_counts is None:
+            first_counts = (session.bytes_up, session.bytes_down)
+        new = stream.push(token)
+        if on_text and new:
+            on_text(new)
+    rest = stream.finish()
+    if on_text and rest:
+        on_text(rest)
+    n = len(times)
+    stats = {
+        "ttft_s": round(times[0] - started, 6) if n else None,
+        "decode_tokens_per_s": round((n - 1) / (times[-1] - times[0]), 3) if n > 1 and times[-1] > times[0] else None,
+        "bytes_up": session.bytes_up - start_counts[0],
+        "bytes_down": session.bytes_down - start_counts[1],
+        "round_trips": session.round_trips - start_counts[2],
+        "new_tokens": n,
+    }
+    per_token = None
+    if n > 1:
+        per_token = ((session.bytes_up - first_counts[0]) / (n - 1), (session.bytes_down - first_counts[1]) / (n - 1))
+    return TurnResult(stream.ids, stream.text, stats, per_token)
+
+
+@app.command("run-edge")
+@reports_errors
+def run_edge(
+    edge_dir: Path = typer.Argument(..., help="The edge bundle (OUT_DIR/edge from `plcli split`)."),
+    connect: str = typer.Option(DEFAULT_ENDPOINT, "--connect", help="The cloud's ZeroMQ endpoint."),
+    prompt: Optional[str] = typer.Option(None, "--prompt", help="Generate once from this text; without it, chat on stdin."),
+    max_new_tokens: int = typer.Option(64, "--max-new-tokens", help="Tokens to generate (per chat turn)."),
+    temperature: float = typer.Option(0.0, "--temperature", help="0 is greedy."),
+    top_k: int = typer.Option(0, "--top-k", help="Sample among the k likeliest tokens (0: all)."),
+    top_p: float = typer.Option(1.0, "--top-p", help="Sample within this probability mass."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Seed for sampling."),
+    stop: Optional[list[str]] = typer.Option(None, "--stop", help="Stop when the text contains this (repeatable)."),
+    ignore_eos: bool = typer.Option(False, "--ignore-eos", help="Keep generating past end-of-sequence tokens."),
+    adapter: Optional[Path] = typer.Option(None, "--adapter", help="Load M from this adapter directory instead of the bundle's."),
+    timeout: float = typer.Option(10.0, "--timeout", help="Seconds to wait for the cloud to connect and for each reply."),
+    wire_dtype: str = typer.Option("float32", "--wire-dtype", help=WIRE_DTYPE_HELP),
+    threads: Optional[int] = typer.Option(None, "--threads", help="ONNX Runtime threads for the LM head."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object (needs --prompt) instead of streaming text."),
+):
+    """Generate with an edge bundle against a running `plcli serve-cloud`: text and token ids stay here."""
+    from plcli.runtime.client import RemoteCloudSession
+    from plcli.runtime.edge import EdgeModel
+    from plcli.runtime.generate import Conversation, Sampling
+
+    if as_json and prompt is None:
+        raise UserError("--json needs --prompt (chat mode streams text)")
+    if wire_dtype not in ("float32", "float16"):
+        raise UserError("--wire-dtype must be float32 or float16")
+    if not timeout > 0:
+        raise UserError("--timeout must be positive")
+    sampling = Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+                        stop=list(stop or []), ignore_eos=ignore_eos)
+    try:
+        sampling.validate()
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    edge = EdgeModel(edge_dir, adapter=adapter, threads=threads)
+    try:
+        with RemoteCloudSession(connect, edge.manifest, wire_dtype=wire_dtype, timeout=timeout) as session:
+            conversation = Conversation(edge, session, sampling)
+            if prompt is not None:
+                _generate_once(conversation, prompt, sampling, as_json)
+            else:
+                _chat(conversation, sampling)
+    except ValueError as e:  # a prompt the model cannot take: token ids out of range, context full
+        raise UserError(str(e)) from None
+
+
+def _write(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
+def _generate_once(conversation, prompt: str, sampling, as_json: bool) -> None:
+    ids = conversation.edge.tokenizer(prompt)["input_ids"]
+    session = conversation.session
+    needed = len(ids) + sampling.max_new_tokens - 1
+    if needed > session.max_context:
+        raise UserError(f"the prompt ({len(ids)} tokens) and --max-new-tokens {sampling.max_new_tokens} need a context of "
+                        f"{needed} tokens; the cloud allows {session.max_context}")
+    result = timed_turn(conversation, ids, None if as_json else _write, sampling.stop)
+    if as_json:
+        print_json({"prompt_token_ids": ids, "token_ids": result.token_ids, "text": result.text, "stats": result.stats})
+        return
+    _write("\n")
+    _print_stats(result.stats)
+
+
+def _chat(conversation, sampling) -> None:
+    tokenizer = conversation.edge.tokenizer
+    interactive = sys.stdin.isatty()
+    if interactive:
+        err_console.print("[dim]chat: each line you type is added to the text (with a newline) and the model continues it; "
+                          "/exit or Ctrl-D ends[/]", highlight=False)
+    first = True
+    while True:
+        try:
+            line = input("> " if interactive else "")
+        except EOFError:
+            break
+        if line.strip() == "/exit":
+            break
+        ids = tokenizer(line + "\n", add_special_tokens=first)["input_ids"]
+        first = False
+        result = timed_turn(conversation, ids, _write, sampling.stop)
+        _write("\n")
+        _print_stats(result.stats)
+        if conversation.stop_reason == "context":
+            err_console.print(f"context full ({conversation.session.max_context} tokens): start a new chat")
+            break
+
+
+def _print_stats(stats: dict) -> None:
+    if not err_console.is_terminal:
+        return
+    rate = stats["decode_tokens_per_s"]
+    err_console.print(f"[dim]{stats['new_tokens']} tokens · first after {stats['ttft_s'] or 0:.3f} s · "
+                      f"{f'{rate:.1f} tokens/s · ' if rate else ''}{stats['bytes_up']:,} B up · {stats['bytes_down']:,} B down · "
+                      f"{stats['round_trips']} round trips[/]", highlight=False)

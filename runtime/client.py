@@ -1,0 +1,189 @@
+"""The edge's side of the wire: a cloud session behind a ZeroMQ DEALER socket.
+
+`RemoteCloudSession` has the interface of the local `CloudSession` (`start`,
+`resume`, `position`, `max_context`), so `edge.forward` and `generate` run
+unchanged over the network. Everything it needs to exist is the URL, the edge
+manifest and its options: a replacement is one constructor call away. It
+counts the bytes it moves as they sit in the ZMTP stream, and the round trips.
+"""
+
+from __future__ import annotations
+
+from typing import NoReturn
+
+import numpy as np
+import zmq
+
+from . import wire
+from .bundle import Manifest
+from .cloud import StepOutput
+from .errors import PlcliError
+
+
+class CloudError(PlcliError):
+    """The cloud refused, failed to answer, or broke the protocol; the message is meant for the user."""
+
+    def __init__(self, message: str, code: str):
+        super().__init__(message)
+        self.code = code
+
+
+class RemoteCloudSession:
+    def __init__(self, url: str, manifest: Manifest, *, wire_dtype: str = "float32", timeout: float = 10.0,
+                 batch: int = 1, context: zmq.Context | None = None):
+        if wire_dtype not in wire.WIRE_DTYPES:
+            raise ValueError(f"wire dtype must be one of {', '.join(wire.WIRE_DTYPES)}")
+        if not timeout > 0:
+            raise ValueError("timeout must be positive")
+        self.url, self.manifest, self.wire_dtype, self.timeout, self.batch = url, manifest, wire_dtype, timeout, batch
+        self.plan = manifest.plan
+        self.bytes_up = self.bytes_down = self.round_trips = 0
+        self.position = 0
+        self._step = 0
+        self._seq = 0  # tokens in the open step
+        self._cut: int | None = None  # cut of the last `ax` received, while a step is open
+        self._ax_shape: tuple[int, ...] | None = None
+        self._socket = (context or zmq.Context.instance()).socket(zmq.DEALER)
+        self._socket.setsockopt(zmq.LINGER, 0)
+        self._socket.setsockopt(zmq.SNDTIMEO, int(timeout * 1000))
+        try:
+            self._socket.connect(url)
+        except zmq.ZMQError as e:
+            self._socket.close()
+            raise CloudError(f"cannot connect to {url!r}: {e}", "connect") from None
+        self.max_message_bytes = wire.MAX_HEADER_BYTES
+        try:
+            reply, _ = self._request(
+                wire.encode("open", {"ab_fingerprint": manifest.ab_fingerprint, "wire_dtype": wire_dtype, "batch": batch}),
+                expect="opened",
+                silence=f"no answer from the cloud at {url} within {timeout:g} s (is `plcli serve-cloud` running there?)",
+            )
+        except CloudError:
+            self._socket.close()
+            raise
+        self.session_id: str = reply["session"]
+        self.max_context: int = reply["max_context"]
+        self.max_message_bytes = reply["max_message_bytes"]
+        if reply["wire_dtype"] != wire_dtype:
+            self._broken(f"the cloud opened a {reply['wire_dtype']} session, the edge asked for {wire_dtype}")
+
+    # -- the CloudSession interface ------------------------------------------------
+    @property
+    def in_step(self) -> bool:
+        return self._cut is not None
+
+    def start(self, embeds: np.ndarray) -> StepOutput:
+        """Send the embeddings [batch, seq, hidden] of a new step; returns the first cut's `A x` (or the hidden state)."""
+        if self.in_step:
+            raise RuntimeError("a step is already open in this session")
+        hidden = self.manifest.architecture.hidden_size
+        if embeds.ndim != 3 or embeds.shape[0] != self.batch or embeds.shape[2] != hidden or embeds.shape[1] < 1:
+            raise ValueError(f"embeddings must be [{self.batch}, seq>=1, {hidden}], got {list(embeds.shape)}")
+        if self.position + embeds.shape[1] > self.max_context:
+            raise ValueError(f"context of {self.position + embeds.shape[1]} tokens exceeds this session's limit of {self.max_context}")
+        self._seq = embeds.shape[1]
+        frames = wire.encode("step", {"session": self.session_id, "step": self._step}, embeds, self.wire_dtype)
+        return self._exchange(frames, cut=0)
+
+    def resume(self, madx: np.ndarray) -> StepOutput:
+        """Answer the last `A x` with `M A x` of the same shape; returns the next cut's `A x` or the hidden state."""
+        if not self.in_step:
+            raise RuntimeError("no step is open in this session")
+        if tuple(madx.shape) != self._ax_shape:
+            raise ValueError(f"M A x must have shape {list(self._ax_shape)}, got {list(madx.shape)}")
+        frames = wire.encode("madx", {"session": self.session_id, "step": self._step, "cut": self._cut}, madx, self.wire_dtype)
+        return self._exchange(frames, cut=self._cut + 1)
+
+    def close(self) -> None:
+        """Free the session on the cloud (best effort, briefly) and the socket; safe to call twice."""
+        if self._socket.closed:
+            return
+        try:
+            self._socket.send_multipart(wire.encode("close", {"session": self.session_id}), zmq.NOBLOCK)
+            self._socket.poll(int(min(self.timeout, 1.0) * 1000))
+        except zmq.ZMQError:
+            pass
+        self._socket.close()
+
+    def __enter__(self) -> "RemoteCloudSession":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- messages --------------------------------------------------------------------
+    def _exchange(self, frames: list, *, cut: int) -> StepOutput:
+        """Send one step message; check the reply is exactly what cut `cut` of this step must produce."""
+        segment = self.plan.segments[cut]
+        arch, b, s = self.manifest.architecture, self.batch, self._seq
+        if segment.kind.out_cut is None:
+            header, payload = self._request(frames, expect="hidden")
+            shape = (b, s, arch.hidden_size)
+        else:
+            header, payload = self._request(frames, expect="ax")
+            targets = segment.kind.out_cut.targets
+            shape = (b, s, len(targets), self.manifest.rank)
+            if (header["cut"], header["layer"], header["stage"]) != (cut, segment.cut_layer, segment.kind.out_cut.stage):
+                self._broken(f"the cloud answered for cut {header['cut']} (layer {header['layer']}, {header['stage']}); "
+                             f"this edge's plan expects cut {cut} (layer {segment.cut_layer}, {segment.kind.out_cut.stage})")
+        if header["step"] != self._step or tuple(header["shape"]) != shape:
+            self._broken(f"the cloud answered step {header['step']} with shape {header['shape']}; expected step {self._step}, shape {list(shape)}")
+        try:
+            array = wire.tensor(payload, shape, self.wire_dtype)
+        except wire.ProtocolError as e:
+            self._broken(f"the cloud sent a malformed tensor: {e}")
+        if segment.kind.out_cut is None:
+            self.position += s
+            self._step += 1
+            self._cut = self._ax_shape = None
+            return StepOutput(hidden=array)
+        self._cut, self._ax_shape = cut, shape
+        return StepOutput(ax=array, layer=segment.cut_layer, stage=segment.kind.out_cut.stage)
+
+    def _request(self, frames: list, *, expect: str, silence: str | None = None) -> tuple[dict, memoryview | None]:
+        """Send a request and wait for its one reply; an `error` reply raises CloudError and leaves the session as it was."""
+        if self._socket.closed:
+            raise CloudError(f"the connection to the cloud at {self.url} is closed", "closed")
+        try:
+            self._socket.send_multipart(frames, copy=False)
+        except zmq.Again:
+            self._broken(silence or f"the cloud at {self.url} does not take messages (no connection within {self.timeout:g} s)", "timeout")
+        self.bytes_up += wire.framed_size(frames)
+        if not self._socket.poll(int(self.timeout * 1000)):
+            self._broken(silence or f"the cloud at {self.url} stopped answering (no reply within {self.timeout:g} s)", "timeout")
+        reply = self._socket.recv_multipart(copy=False)
+        self.bytes_down += wire.framed_size(reply)
+        self.round_trips += 1
+        try:
+            header, payload = wire.decode(reply, wire.REPLIES, max_message_bytes=self.max_message_bytes)
+        except wire.ProtocolError as e:
+            self._broken(f"the cloud sent a malformed reply: {e}")
+        if header["op"] == "error":
+            raise CloudError(f"the cloud refused: {header['message']}", header["code"])
+        if header["op"] != expect:
+            self._broken(f"the cloud answered {header['op']!r} where {expect!r} was due")
+        return header, payload
+
+    def _broken(self, message: str, code: str = "bad_reply") -> NoReturn:
+        """Give up on this connection: after a silence or a bad reply the stream can no longer be trusted."""
+        self._socket.close()
+        raise CloudError(message, code)
+
+
+def cloud_status(url: str, *, timeout: float = 5.0, context: zmq.Context | None = None) -> dict:
+    """The cloud's counters (sessions, tokens, ...) from a `status` request on a connection of its own."""
+    socket = (context or zmq.Context.instance()).socket(zmq.DEALER)
+    socket.setsockopt(zmq.LINGER, 0)
+    try:
+        socket.connect(url)
+        socket.send_multipart(wire.encode("status", {}))
+        if not socket.poll(int(timeout * 1000)):
+            raise CloudError(f"no answer from the cloud at {url} within {timeout:g} s", "timeout")
+        header, _ = wire.decode(socket.recv_multipart(), wire.REPLIES, max_message_bytes=wire.MAX_HEADER_BYTES)
+    except wire.ProtocolError as e:
+        raise CloudError(f"the cloud sent a malformed reply: {e}", "bad_reply") from None
+    finally:
+        socket.close()
+    if header["op"] != "status":
+        raise CloudError(f"the cloud answered {header['op']!r} to a status request", "bad_reply")
+    return {k: v for k, v in header.items() if k not in ("v", "op")}

@@ -1,0 +1,305 @@
+"""The cloud server: one ROUTER socket, many edge sessions, each with its own KV cache.
+
+The loop drains whatever messages are waiting, *admits* each one (decode and
+validate it against the session it names, answer control ops at once) and then
+*executes* the admitted steps. Admission never touches the model and execution
+never sees an unvalidated message, so a scheduler that groups the steps of
+concurrent sessions into one call can replace `_execute` without touching the
+rest. A message that fails validation is answered with an `error` and changes
+nothing; no input can stop the loop.
+"""
+
+from __future__ import annotations
+
+import collections
+import secrets
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import numpy as np
+import zmq
+
+from . import wire
+from .cloud import CloudModel, CloudSession
+
+POLL_S = 0.05  # how often the loop wakes to expire sessions and notice a stop request
+RATE_WINDOW_S = 5.0
+
+
+@dataclass
+class Session:
+    id: str
+    peer: bytes  # ZeroMQ routing id of the connection that opened it; no other connection may use it
+    batch: int
+    cloud: CloudSession
+    last_seen: float
+    steps: int = 0  # completed steps
+    cut: int | None = None  # cut the edge must answer next, while a step is open
+    ax_shape: tuple[int, ...] | None = None
+    tokens: int = 0
+    busy: bool = False  # a message of this session is admitted and not yet executed
+
+
+@dataclass
+class StepRequest:
+    """An admitted `step` or `madx`: validated, with its tensor decoded, ready to run."""
+
+    session: Session
+    op: str
+    tensor: np.ndarray
+
+
+@dataclass
+class _Counters:
+    started: float = field(default_factory=time.monotonic)
+    tokens: int = 0
+    rejected: int = 0
+    recent: collections.deque = field(default_factory=collections.deque)  # (time, tokens) of completed steps
+    recent_tokens: int = 0
+
+
+class CloudServer:
+    def __init__(
+        self,
+        model: CloudModel,
+        *,
+        bind: str,
+        max_sessions: int = 16,
+        max_context: int | None = None,
+        session_timeout: float = 600.0,
+        wire_dtype: str = "float32",
+        max_batch: int = 1,
+        on_event: Callable[[dict], None] | None = None,
+        context: zmq.Context | None = None,
+    ):
+        if max_sessions < 1:
+            raise ValueError("--max-sessions must be at least 1")
+        if max_context is not None and max_context < 1:
+            raise ValueError("--max-context must be at least 1")
+        if not session_timeout > 0:
+            raise ValueError("--session-timeout must be positive")
+        if wire_dtype not in wire.WIRE_DTYPES:
+            raise ValueError(f"--wire-dtype must be one of {', '.join(wire.WIRE_DTYPES)}")
+        if max_batch < 1:
+            raise ValueError("--max-batch must be at least 1")
+        self.model = model
+        self.max_sessions = max_sessions
+        self.max_context = max_context or model.arch.max_position_embeddings
+        self.session_timeout = session_timeout
+        self.wire_dtype = wire_dtype
+        self.max_batch = max_batch
+        self.on_event = on_event or (lambda event: None)
+        arch, plan = model.arch, model.plan
+        widest = max([arch.hidden_size] + [len(s.kind.out_cut.targets) * model.manifest.rank
+                                           for s in plan.segments if s.kind.out_cut is not None])
+        # The largest legitimate message: a full-context prefill of the widest tensor, in float32.
+        self.max_message_bytes = wire.MAX_HEADER_BYTES + max_batch * self.max_context * widest * 4
+        self.sessions: dict[str, Session] = {}
+        self.counters = _Counters()
+        self.tokens_per_s = 0.0
+        self.socket = (context or zmq.Context.instance()).socket(zmq.ROUTER)
+        self.socket.setsockopt(zmq.LINGER, 0)
+        # libzmq drops a connection that sends a frame over this; smaller excesses get an `error` reply.
+        self.socket.setsockopt(zmq.MAXMSGSIZE, self.max_message_bytes)
+        try:
+            self.socket.bind(bind)
+        except zmq.ZMQError as e:
+            self.socket.close()
+            raise OSError(f"cannot bind {bind}: {e}") from None
+        self.endpoint = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
+
+    # -- loop ------------------------------------------------------------------
+    def serve(self, stop: threading.Event) -> None:
+        """Serve until `stop` is set, then free every session and close the socket."""
+        self.on_event({"event": "listening", "endpoint": self.endpoint, "max_sessions": self.max_sessions,
+                       "max_context": self.max_context, "session_timeout": self.session_timeout,
+                       "wire_dtype": self.wire_dtype})
+        try:
+            while not stop.is_set():
+                if self.socket.poll(int(POLL_S * 1000)):
+                    requests = [r for r in (self._admit(peer, frames) for peer, frames in self._receive()) if r]
+                    self._execute(requests)
+                now = time.monotonic()
+                self._expire(now)
+                self._update_rate(now)
+        finally:
+            count = len(self.sessions)
+            self.sessions.clear()
+            self.socket.close()
+            self.on_event({"event": "stopped", "sessions_freed": count, "tokens": self.counters.tokens})
+
+    def _receive(self) -> list[tuple[bytes, list]]:
+        """Every message waiting now (at most one per session slot and a few more), without blocking."""
+        messages = []
+        while len(messages) < self.max_sessions + 8:
+            try:
+                frames = self.socket.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                break
+            messages.append((frames[0].bytes, frames[1:]))
+        return messages
+
+    def _send(self, peer: bytes, frames: list) -> None:
+        self.socket.send_multipart([peer, *frames], copy=False)
+
+    def _reply_error(self, peer: bytes, code: str, message: str) -> None:
+        self.counters.rejected += 1
+        self.on_event({"event": "rejected", "code": code, "message": message})
+        self._send(peer, wire.encode("error", {"code": code, "message": message}))
+
+    # -- admission: decode, validate, answer control ops ------------------------
+    def _admit(self, peer: bytes, frames: list) -> StepRequest | None:
+        try:
+            header, payload = wire.decode(frames, wire.REQUESTS, max_message_bytes=self.max_message_bytes)
+            op = header["op"]
+            if op == "open":
+                self._open(peer, header)
+                return None
+            if op == "status":
+                self._send(peer, wire.encode("status", self.stats()))
+                return None
+            session = self.sessions.get(header["session"])
+            if session is None or session.peer != peer:
+                # One answer for both, so that a stranger cannot probe which session ids exist.
+                raise wire.ProtocolError("unknown_session", "no such session on this connection (closed, expired or never opened)")
+            if session.busy:
+                raise wire.ProtocolError("out_of_order", "one message at a time per session")
+            if op == "close":
+                del self.sessions[session.id]
+                self._send(peer, wire.encode("closed", {"session": session.id}))
+                self.on_event({"event": "closed", "session": session.id[:8], "tokens": session.tokens,
+                               "sessions": len(self.sessions)})
+                return None
+            request = self._admit_step(session, op, header, payload)
+            session.last_seen = time.monotonic()
+            session.busy = True
+            return request
+        except wire.ProtocolError as e:
+            self._reply_error(peer, e.code, str(e))
+        except Exception as e:  # a bug must not take the server down with it
+            self._reply_error(peer, "internal", f"{type(e).__name__}: {e}"[:1000])
+        return None
+
+    def _open(self, peer: bytes, header: dict) -> None:
+        fp = self.model.manifest.ab_fingerprint
+        if header["ab_fingerprint"] != fp:
+            raise wire.ProtocolError(
+                "fingerprint_mismatch",
+                f"the edge and cloud bundles were not split together: the edge's bundle is paired with A/B "
+                f"{header['ab_fingerprint'][:23]}..., this cloud serves A/B {fp[:23]}...",
+            )
+        if header["wire_dtype"] != self.wire_dtype:
+            raise wire.ProtocolError("wire_dtype_mismatch", f"this cloud sends {self.wire_dtype} on the wire, the edge asked "
+                                                            f"for {header['wire_dtype']}: use the same --wire-dtype on both sides")
+        if header["batch"] > self.max_batch:
+            raise wire.ProtocolError("limit", f"batch {header['batch']} exceeds this cloud's limit of {self.max_batch}")
+        if any(s.peer == peer for s in self.sessions.values()):
+            raise wire.ProtocolError("limit", "this connection already has a session open: one session per connection")
+        if len(self.sessions) >= self.max_sessions:
+            raise wire.ProtocolError("busy", f"the cloud serves its maximum of {self.max_sessions} sessions; try again later")
+        sid = secrets.token_hex(16)
+        self.sessions[sid] = Session(sid, peer, header["batch"], self.model.new_session(max_context=self.max_context),
+                                     last_seen=time.monotonic())
+        self._send(peer, wire.encode("opened", {"session": sid, "max_context": self.max_context,
+                                                "max_message_bytes": self.max_message_bytes, "wire_dtype": self.wire_dtype}))
+        self.on_event({"event": "opened", "session": sid[:8], "sessions": len(self.sessions)})
+
+    def _admit_step(self, session: Session, op: str, header: dict, payload: memoryview) -> StepRequest:
+        shape = tuple(header["shape"])
+        if header["step"] != session.steps:
+            raise wire.ProtocolError("out_of_order", f"expected step {session.steps}, got {header['step']}")
+        if op == "step":
+            if session.cut is not None:
+                raise wire.ProtocolError("out_of_order", f"step {session.steps} is open; the cloud expects madx for cut {session.cut}")
+            hidden = self.model.arch.hidden_size
+            if len(shape) != 3 or shape[0] != session.batch or shape[2] != hidden:
+                raise wire.ProtocolError("bad_tensor", f"embeddings must be [{session.batch}, seq, {hidden}], got {list(shape)}")
+            room = session.cloud.max_context - session.cloud.position
+            if shape[1] > room:
+                raise wire.ProtocolError("limit", f"{shape[1]} tokens do not fit: the session has room for {room} more "
+                                                  f"(max context {session.cloud.max_context})")
+        else:
+            if session.cut is None:
+                raise wire.ProtocolError("out_of_order", "no step is open")
+            if header["cut"] != session.cut:
+                raise wire.ProtocolError("out_of_order", f"expected madx for cut {session.cut}, got cut {header['cut']}")
+            if shape != session.ax_shape:
+                raise wire.ProtocolError("bad_tensor", f"M A x must have the shape of the A x it answers, "
+                                                       f"{list(session.ax_shape)}; got {list(shape)}")
+        return StepRequest(session, op, wire.tensor(payload, shape, self.wire_dtype))
+
+    # -- execution ---------------------------------------------------------------
+    def _execute(self, requests: list[StepRequest]) -> None:
+        for request in requests:
+            session = request.session
+            session.busy = False
+            if self.sessions.get(session.id) is not session:
+                continue  # expired while waiting in this batch
+            try:
+                out = session.cloud.start(request.tensor) if request.op == "step" else session.cloud.resume(request.tensor)
+            except Exception as e:  # the model itself failed: refuse the step, keep serving
+                session.cloud.abort()
+                session.cut = session.ax_shape = None
+                self._reply_error(session.peer, "internal", f"the cloud failed to run the step: {type(e).__name__}: {e}"[:1000])
+                continue
+            step = session.steps
+            if out.done:
+                seq = out.hidden.shape[1]
+                session.steps += 1
+                session.cut = session.ax_shape = None
+                session.tokens += seq * session.batch
+                self._count_tokens(seq * session.batch)
+                self._send(session.peer, wire.encode("hidden", {"step": step}, out.hidden, self.wire_dtype))
+            else:
+                session.cut = 0 if request.op == "step" else session.cut + 1
+                session.ax_shape = tuple(out.ax.shape)
+                self._send(session.peer, wire.encode("ax", {"step": step, "cut": session.cut, "layer": out.layer,
+                                                            "stage": out.stage}, out.ax, self.wire_dtype))
+
+    # -- housekeeping --------------------------------------------------------------
+    def _expire(self, now: float) -> None:
+        for session in [s for s in self.sessions.values() if now - s.last_seen > self.session_timeout]:
+            del self.sessions[session.id]
+            self.on_event({"event": "expired", "session": session.id[:8], "idle_s": round(now - session.last_seen, 3),
+                           "tokens": session.tokens, "sessions": len(self.sessions)})
+
+    def _count_tokens(self, n: int) -> None:
+        c = self.counters
+        c.tokens += n
+        c.recent.append((time.monotonic(), n))
+        c.recent_tokens += n
+
+    def _update_rate(self, now: float) -> None:
+        c = self.counters
+        while c.recent and now - c.recent[0][0] > RATE_WINDOW_S:
+            c.recent_tokens -= c.recent.popleft()[1]
+        self.tokens_per_s = c.recent_tokens / min(RATE_WINDOW_S, max(now - c.started, POLL_S))
+
+    def stats(self) -> dict:
+        """Counters for the `status` op and the live status line."""
+        return {"sessions": len(self.sessions), "max_sessions": self.max_sessions, "tokens": self.counters.tokens,
+                "tokens_per_s": round(self.tokens_per_s, 3),
+                "uptime_s": round(time.monotonic() - self.counters.started, 3), "rejected": self.counters.rejected}
+
+
+@contextmanager
+def running(server: CloudServer) -> Iterator[str]:
+    """Serve in a background thread; yield the endpoint; always stop and join on exit."""
+    stop = threading.Event()
+    thread = threading.Thread(target=server.serve, args=(stop,), name="plcli-cloud", daemon=True)
+    thread.start()
+    try:
+        yield server.endpoint
+    finally:
+        stop.set()
+        thread.join()
+
+
+def memory_per_session(model: CloudModel, max_context: int, batch: int = 1) -> int:
+    """Bytes of a full KV cache (float32 keys and values of every layer)."""
+    arch = model.arch
+    return 2 * arch.num_layers * batch * arch.num_kv_heads * arch.head_dim * max_context * 4
+

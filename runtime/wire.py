@@ -1,0 +1,247 @@
+"""The edge <-> cloud wire protocol, version 1: every op, header field, frame and limit.
+
+Transport: ZeroMQ. The cloud binds one ROUTER socket; each edge connects one
+DEALER socket and runs one session over it. A message is a multipart ZeroMQ
+message:
+
+    frame 0     header: one JSON object, UTF-8, at most MAX_HEADER_BYTES
+    frame 1     (ops that carry a tensor) the tensor's raw bytes: C order,
+                little-endian, in the session's wire dtype, exactly
+                prod(shape) * itemsize bytes
+
+Nothing is ever pickled; a header is plain JSON and a tensor is raw numbers,
+so a message can describe data but never make its reader run code. Every
+header carries `v` (PROTOCOL_VERSION) and `op`, then exactly the fields its op
+lists below, no more. Integers must be JSON integers (not floats, not booleans).
+
+Edge -> cloud (requests)
+
+    open    ab_fingerprint, wire_dtype, batch
+            Handshake. `ab_fingerprint` is the sha256 of the A/B the edge's
+            bundle was split with; the cloud refuses any other (an M is
+            useless with other A/B). `wire_dtype` is "float32" (exact) or
+            "float16" (half the bytes) and must be the cloud's. `batch` is
+            the number of sequences the session runs side by side. One
+            connection holds at most one session.
+    step    session, step, shape + tensor
+            Starts step `step` (0 for the first, counting completed steps)
+            with input embeddings [batch, seq, hidden] of the tokens after
+            the cached ones: all prompt tokens in one message for a prefill,
+            one token per step when decoding.
+    madx    session, step, cut, shape + tensor
+            The edge's `M A x` for cut `cut` (0, 1, ... within the step) of
+            the open step; shape exactly that of the `ax` it answers.
+    close   session
+            Frees the session and its KV cache.
+    status  (no fields)
+            Server counters; needs no session.
+
+Cloud -> edge (replies; exactly one per request)
+
+    opened  session, max_context, max_message_bytes, wire_dtype
+            `session` is 128 random bits as 32 hex digits; it only works from
+            the connection that opened it. `max_context` caps the session's
+            tokens; `max_message_bytes` caps any message the cloud accepts.
+    ax      step, cut, layer, stage, shape + tensor
+            The stacked `A x` of every target of the cut at (`layer`, `stage`):
+            [batch, seq, targets, rank].
+    hidden  step, shape + tensor
+            The last hidden state [batch, seq, hidden]; the step is complete
+            and the session's KV cache now holds its tokens.
+    closed  session
+    status  sessions, max_sessions, tokens, tokens_per_s, uptime_s, rejected
+    error   code, message
+            The request was refused and changed nothing (see ERROR_CODES).
+
+Per token the edge sends `step` and one `madx` per cut; the cloud answers each
+with `ax`, and the last one with `hidden`. Token ids, text and M never cross.
+
+Ops reserved for a later version: RESERVED_OPS (training M across the split);
+a version-1 cloud answers them with `unsupported_op`.
+
+Byte accounting: `framed_size` counts what the frames occupy in the ZMTP 3
+stream (a flags byte and a 1- or 8-byte length before each frame's body), so
+an edge's counters equal the bytes its TCP connection carries after the
+ZeroMQ handshake.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from typing import Callable, Sequence
+
+import numpy as np
+
+from .plan import STAGE_TARGETS
+
+PROTOCOL_VERSION = 1
+MAX_HEADER_BYTES = 4096
+MAX_DIMS = 8
+MAX_DIM = (1 << 31) - 1
+MAX_STEP = (1 << 53) - 1  # JSON numbers stay exact up to here in every reader
+WIRE_DTYPES = {"float32": np.dtype("<f4"), "float16": np.dtype("<f2")}
+RESERVED_OPS = ("train_forward", "train_backward")
+
+ERROR_CODES = {
+    "bad_message": "not a valid header, field or frame layout",
+    "too_large": "header or message over the limits",
+    "unsupported_version": "another protocol version",
+    "unknown_op": "no such op",
+    "unsupported_op": "an op reserved for a later version",
+    "fingerprint_mismatch": "the edge and cloud bundles were not split together",
+    "wire_dtype_mismatch": "the edge and cloud use different wire dtypes",
+    "busy": "the cloud serves its maximum number of sessions",
+    "limit": "batch, context or sessions per connection over the limits",
+    "unknown_session": "no such session for this connection",
+    "out_of_order": "not the message the session expects next",
+    "bad_tensor": "tensor shape or size not the expected one",
+    "internal": "the cloud failed to run the step",
+}
+
+
+class ProtocolError(Exception):
+    """A message that breaks the protocol; `code` is one of ERROR_CODES."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+# -- field checks --------------------------------------------------------------
+Check = Callable[[object], bool]
+
+
+def _integer(lo: int, hi: int) -> Check:
+    return lambda v: type(v) is int and lo <= v <= hi
+
+
+def _number(v: object) -> bool:
+    return type(v) in (int, float) and math.isfinite(v)
+
+
+def _text(max_len: int) -> Check:
+    return lambda v: type(v) is str and len(v) <= max_len
+
+
+def _one_of(choices) -> Check:
+    return lambda v: type(v) is str and v in choices
+
+
+_SESSION_ID = re.compile(r"[0-9a-f]{32}")
+
+
+def _session(v: object) -> bool:
+    return type(v) is str and _SESSION_ID.fullmatch(v) is not None
+
+
+def _shape(v: object) -> bool:
+    return type(v) is list and 1 <= len(v) <= MAX_DIMS and all(type(d) is int and 1 <= d <= MAX_DIM for d in v)
+
+
+_STEP = _integer(0, MAX_STEP)
+_COUNT = _integer(0, MAX_STEP)
+
+REQUESTS: dict[str, dict[str, Check]] = {
+    "open": {"ab_fingerprint": _text(128), "wire_dtype": _one_of(WIRE_DTYPES), "batch": _integer(1, 1 << 16)},
+    "step": {"session": _session, "step": _STEP, "shape": _shape},
+    "madx": {"session": _session, "step": _STEP, "cut": _integer(0, 1 << 16), "shape": _shape},
+    "close": {"session": _session},
+    "status": {},
+}
+REPLIES: dict[str, dict[str, Check]] = {
+    "opened": {"session": _session, "max_context": _integer(1, MAX_STEP), "max_message_bytes": _integer(1, MAX_STEP),
+               "wire_dtype": _one_of(WIRE_DTYPES)},
+    "ax": {"step": _STEP, "cut": _integer(0, 1 << 16), "layer": _integer(0, 1 << 16), "stage": _one_of(STAGE_TARGETS),
+           "shape": _shape},
+    "hidden": {"step": _STEP, "shape": _shape},
+    "closed": {"session": _session},
+    "status": {"sessions": _COUNT, "max_sessions": _COUNT, "tokens": _COUNT, "tokens_per_s": _number,
+               "uptime_s": _number, "rejected": _COUNT},
+    "error": {"code": _text(64), "message": _text(1000)},
+}
+
+
+# -- encoding ------------------------------------------------------------------
+def encode(op: str, fields: dict, tensor: np.ndarray | None = None, wire_dtype: str = "float32") -> list:
+    """Frames of one message: the JSON header, then the tensor's bytes (not copied when already in wire form)."""
+    header = {"v": PROTOCOL_VERSION, "op": op, **fields}
+    frames: list = []
+    if tensor is not None:
+        data = np.ascontiguousarray(tensor, dtype=WIRE_DTYPES[wire_dtype])
+        header["shape"] = list(data.shape)
+        frames.append(memoryview(data).cast("B"))
+    return [json.dumps(header, separators=(",", ":")).encode()] + frames
+
+
+def framed_size(frames: Sequence) -> int:
+    """Bytes the frames take in the ZMTP 3 stream: body plus a flags byte and a 1- or 8-byte length."""
+    total = 0
+    for f in frames:
+        n = memoryview(f).nbytes
+        total += n + (2 if n <= 255 else 9)
+    return total
+
+
+# -- decoding ------------------------------------------------------------------
+def decode(frames: Sequence, table: dict[str, dict[str, Check]], *, max_message_bytes: int) -> tuple[dict, memoryview | None]:
+    """Validated (header, tensor frame or None) of one message; raises ProtocolError.
+
+    Checks, in order: sizes against the limits, the header's JSON, version, op,
+    the exact field set and each field's type and range, the frame count.
+    The tensor frame's size is checked by `tensor` once the dtype is known.
+    """
+    views = [memoryview(f) for f in frames]
+    if not views:
+        raise ProtocolError("bad_message", "empty message")
+    total = sum(v.nbytes for v in views)
+    if total > max_message_bytes:
+        raise ProtocolError("too_large", f"message of {total} bytes exceeds the limit of {max_message_bytes}")
+    if views[0].nbytes > MAX_HEADER_BYTES:
+        raise ProtocolError("too_large", f"header of {views[0].nbytes} bytes exceeds the limit of {MAX_HEADER_BYTES}")
+    try:
+        header = json.loads(bytes(views[0]).decode("utf-8"))
+    except (ValueError, RecursionError):
+        raise ProtocolError("bad_message", "header is not UTF-8 JSON") from None
+    if not isinstance(header, dict):
+        raise ProtocolError("bad_message", "header is not a JSON object")
+    version = header.get("v")
+    if type(version) is not int:
+        raise ProtocolError("bad_message", "header lacks the protocol version `v`")
+    if version != PROTOCOL_VERSION:
+        raise ProtocolError("unsupported_version", f"protocol version {version}, this side speaks {PROTOCOL_VERSION}")
+    op = header.get("op")
+    if type(op) is not str:
+        raise ProtocolError("bad_message", "header lacks `op`")
+    if op in RESERVED_OPS:
+        raise ProtocolError("unsupported_op", f"op {op!r} is reserved for a later protocol version")
+    if op not in table:
+        raise ProtocolError("unknown_op", f"unknown op {op[:40]!r}")
+    schema = table[op]
+    fields = set(header) - {"v", "op"}
+    if fields != set(schema):
+        missing, extra = sorted(set(schema) - fields), sorted(fields - set(schema))
+        detail = "; ".join(s for s in (missing and f"missing {', '.join(missing)}",
+                                       extra and f"unexpected {', '.join(f[:40] for f in extra[:5])}") if s)
+        raise ProtocolError("bad_message", f"{op}: {detail}")
+    for name, check in schema.items():
+        if not check(header[name]):
+            raise ProtocolError("bad_message", f"{op}: invalid {name}")
+    carries = "shape" in schema
+    if len(views) != 1 + carries:
+        raise ProtocolError("bad_message", f"{op} takes {1 + carries} frame(s), got {len(views)}")
+    return header, views[1] if carries else None
+
+
+def tensor(frame: memoryview, shape: Sequence[int], wire_dtype: str) -> np.ndarray:
+    """The float32 array in a tensor frame of `shape`; raises ProtocolError unless the size is exact."""
+    dtype = WIRE_DTYPES[wire_dtype]
+    expected = math.prod(shape) * dtype.itemsize
+    if frame.nbytes != expected:
+        raise ProtocolError("bad_tensor", f"tensor of shape {list(shape)} in {wire_dtype} is {expected} bytes, got {frame.nbytes}")
+    array = np.frombuffer(frame, dtype=dtype).reshape(shape)
+    if dtype != np.float32:
+        return array.astype(np.float32)
+    # Small frames arrive inside ZeroMQ's receive buffer at any offset; large ones are aligned and used in place.
+    return array if array.flags.aligned else array.copy()

@@ -1,0 +1,516 @@
+"""The split over the network: `CloudServer` on loopback, `RemoteCloudSession` and the two commands.
+
+Every server binds 127.0.0.1 on a port the OS picks and is stopped by the test
+that started it (threads through `running`, subprocesses in a finally).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from plcli.exporters.verify import merged_reference, random_adapter
+from plcli.runtime import wire
+from plcli.runtime.client import CloudError, RemoteCloudSession, cloud_status
+from plcli.runtime.cloud import CloudModel
+from plcli.runtime.edge import EdgeModel, forward
+from plcli.runtime.generate import Conversation, Sampling, TextStream, generate
+from plcli.runtime.server import CloudServer, running
+from plcli.runtime.summary import per_token_traffic
+
+PROMPT = "The cloud runs the decoder layers"
+TIMEOUT = 5.0
+
+# name -> (checkpoint name, family, config overrides, split options); names shared with other test files share builds.
+MODELS = {
+    "llama": ("llama", "llama", {}, {"rank": 8}),
+    "mistral-window": ("mistral-window", "mistral", {"sliding_window": 8}, {"rank": 8}),
+    # Wide enough for realistic message sizes; more embedding rows than tokens, like many real checkpoints.
+    "qwen2-wide": ("qwen2-wide", "qwen2", {"hidden_size": 256, "intermediate_size": 512, "vocab_size": 384,
+                                          "tokenizer_vocab": 300}, {"rank": 128}),
+}
+
+
+@pytest.fixture(scope="module")
+def model(checkpoint_factory, bundle_factory):
+    """name -> (checkpoint dir, bundle dir, CloudModel), built once per module."""
+    loaded = {}
+
+    def get(name: str):
+        if name not in loaded:
+            ckpt_name, family, overrides, options = MODELS[name]
+            ckpt = checkpoint_factory(ckpt_name, family, **overrides)
+            bundle = bundle_factory(ckpt, **options)
+            loaded[name] = (ckpt, bundle, CloudModel(bundle / "cloud", threads=1))
+        return loaded[name]
+
+    return get
+
+
+@contextmanager
+def serve(cloud: CloudModel, **options):
+    events: list[dict] = []
+    server = CloudServer(cloud, bind="tcp://127.0.0.1:*", on_event=events.append, **options)
+    with running(server) as endpoint:
+        yield server, endpoint, events
+
+
+def edge_of(bundle: Path, m: str | None = None) -> EdgeModel:
+    edge = EdgeModel(bundle / "edge", threads=1)
+    if m == "zero":
+        edge.set_adapter({k: np.zeros_like(v) for k, v in edge.adapter_matrices().items()})
+    elif m == "random":
+        edge.set_adapter(random_adapter(edge, seed=1))
+    return edge
+
+
+def local_ids(edge: EdgeModel, cloud: CloudModel, prompt_ids: list[int], sampling: Sampling) -> list[int]:
+    return list(generate(edge, cloud.new_session(), prompt_ids, sampling))
+
+
+# -- correctness over loopback ---------------------------------------------------------------
+@pytest.mark.parametrize("m", ["zero", "random"])
+@pytest.mark.parametrize("name", list(MODELS))
+def test_greedy_ids_over_loopback_match_transformers_with_bma_merged(model, name, m):
+    ckpt, bundle, cloud = model(name)
+    edge = edge_of(bundle, m)
+    prompt_ids = edge.tokenizer(PROMPT)["input_ids"]
+    reference = merged_reference(ckpt, cloud, edge.adapter_matrices())
+    vocab = reference.config.vocab_size
+    unused_rows = list(range(len(edge.tokenizer), vocab))  # ids no tokenizer can emit: neither side may pick them
+    with torch.no_grad():
+        want = reference.generate(torch.tensor([prompt_ids]), max_new_tokens=64, do_sample=False, eos_token_id=None,
+                                  pad_token_id=0, suppress_tokens=unused_rows or None)[0, len(prompt_ids):].tolist()
+    with serve(cloud) as (_, endpoint, _), RemoteCloudSession(endpoint, edge.manifest, timeout=TIMEOUT) as session:
+        got = list(generate(edge, session, prompt_ids, Sampling(max_new_tokens=64, ignore_eos=True)))
+    assert len(want) == 64 and got == want
+
+
+def test_a_chat_turn_continues_the_cache_exactly_like_a_fresh_prefill(model):
+    _, bundle, cloud = model("llama")
+    edge = edge_of(bundle)
+    sampling = Sampling(max_new_tokens=12, ignore_eos=True)
+    first, second = edge.tokenizer("Private text")["input_ids"], edge.tokenizer(" never leaves", add_special_tokens=False)["input_ids"]
+    with serve(cloud) as (_, endpoint, _), RemoteCloudSession(endpoint, edge.manifest, timeout=TIMEOUT) as session:
+        chat = Conversation(edge, session, sampling)
+        turn1, turn2 = list(chat.turn(first)), list(chat.turn(second))
+    # The last sampled token of turn 1 was never fed; turn 2 must feed it before its own prompt.
+    assert turn2 == local_ids(edge, cloud, first + turn1 + second, sampling)
+
+
+class CharTokenizer:
+    """Token i is chr(i); token 0 stands for an incomplete character."""
+
+    def decode(self, ids):
+        return "".join("\ufffd" if i == 0 else chr(i) for i in ids)
+
+
+def test_streamed_text_holds_back_half_characters_and_never_shows_a_stop_string():
+    stream = TextStream(CharTokenizer(), stop=["END"])
+    shown = [stream.push(ord(c) if c != "?" else 0) for c in "ab?cEN"]
+    assert shown == ["a", "b", "", "\ufffdc", "", ""]
+    assert stream.push(ord("D")) == "" and stream.finish() == "" and stream.text == "ab\ufffdc"
+    stream = TextStream(CharTokenizer(), stop=["END"])
+    assert [stream.push(ord(c)) for c in "xEN"] == ["x", "", ""] and stream.finish() == "EN"
+
+
+def test_generation_stops_at_a_stop_string(model):
+    _, bundle, cloud = model("llama")
+    edge = edge_of(bundle)
+    prompt_ids = edge.tokenizer(PROMPT)["input_ids"]
+    free = local_ids(edge, cloud, prompt_ids, Sampling(max_new_tokens=16, ignore_eos=True))
+    piece = lambda i: edge.tokenizer.decode(free[i:i + 1])  # noqa: E731
+    at = next(i for i in range(4, 16) if piece(i).strip() and "\ufffd" not in piece(i)
+              and piece(i) not in edge.tokenizer.decode(free[:i]))
+    stop = edge.tokenizer.decode(free[at:at + 1])
+    with serve(cloud) as (_, endpoint, _), RemoteCloudSession(endpoint, edge.manifest, timeout=TIMEOUT) as session:
+        chat = Conversation(edge, session, Sampling(max_new_tokens=16, ignore_eos=True, stop=[stop]))
+        assert list(chat.turn(prompt_ids)) == free[:at + 1] and chat.stop_reason == "stop"
+
+
+def test_eight_edges_at_once_each_get_what_they_get_alone(model):
+    _, bundle, cloud = model("llama")
+    edge = edge_of(bundle, "random")
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(1, len(edge.tokenizer), size=int(n)).tolist() for n in rng.integers(2, 20, size=8)]
+    sampling = Sampling(max_new_tokens=24, ignore_eos=True)
+    alone = [local_ids(edge, cloud, p, sampling) for p in prompts]
+    results: dict[int, list[int] | BaseException] = {}
+    barrier = threading.Barrier(len(prompts))
+
+    def run(i: int, endpoint: str):
+        try:
+            with RemoteCloudSession(endpoint, edge.manifest, timeout=TIMEOUT) as session:
+                barrier.wait(timeout=TIMEOUT)
+                results[i] = list(generate(edge, session, prompts[i], sampling))
+        except BaseException as e:  # reported by the assertion below
+            results[i] = e
+
+    with serve(cloud) as (server, endpoint, events):
+        threads = [threading.Thread(target=run, args=(i, endpoint)) for i in range(len(prompts))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert max(e["sessions"] for e in events if e["event"] == "opened") == len(prompts)  # truly at once
+        assert server.stats()["sessions"] == 0
+        assert server.counters.tokens == sum(len(p) + 23 for p in prompts)
+    assert [results[i] for i in range(len(prompts))] == alone
+
+
+# -- bytes on the socket ---------------------------------------------------------------
+class CountingProxy:
+    """A TCP relay on loopback that counts the bytes each way: what the sockets really carried."""
+
+    def __init__(self, target: str):
+        host, port = target.removeprefix("tcp://").rsplit(":", 1)
+        self.target = (host, int(port))
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.endpoint = f"tcp://127.0.0.1:{self.listener.getsockname()[1]}"
+        self.up = self.down = 0
+        self.sockets = [self.listener]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        try:
+            edge, _ = self.listener.accept()
+        except OSError:
+            return
+        cloud = socket.create_connection(self.target)
+        self.sockets += [edge, cloud]
+        threading.Thread(target=self._pump, args=(edge, cloud, "up"), daemon=True).start()
+        threading.Thread(target=self._pump, args=(cloud, edge, "down"), daemon=True).start()
+
+    def _pump(self, src, dst, direction):
+        try:
+            while data := src.recv(1 << 16):
+                setattr(self, direction, getattr(self, direction) + len(data))  # counted before it is passed on
+                dst.sendall(data)
+        except OSError:
+            pass
+
+    def close(self):
+        for s in self.sockets:
+            s.close()
+
+
+@pytest.mark.parametrize("wire_dtype", ["float32", "float16"])
+def test_bytes_on_the_socket_per_decoded_token_are_within_ten_percent_of_the_payload(model, wire_dtype):
+    _, bundle, cloud = model("qwen2-wide")
+    edge = edge_of(bundle, "random")
+    payload = per_token_traffic(edge.manifest, wire_dtype)
+    steps = 16
+    with serve(cloud, wire_dtype=wire_dtype) as (_, endpoint, _):
+        proxy = CountingProxy(endpoint)
+        try:
+            with RemoteCloudSession(proxy.endpoint, edge.manifest, wire_dtype=wire_dtype, timeout=TIMEOUT) as session:
+                logits = forward(edge, session, np.asarray([edge.tokenizer(PROMPT)["input_ids"]]))
+                socket_before, counted_before = (proxy.up, proxy.down), (session.bytes_up, session.bytes_down)
+                for _ in range(steps):
+                    logits = forward(edge, session, logits[:, -1:].argmax(-1))
+                on_socket = (proxy.up - socket_before[0], proxy.down - socket_before[1])
+                counted = (session.bytes_up - counted_before[0], session.bytes_down - counted_before[1])
+                assert session.round_trips == 1 + (steps + 1) * payload["round_trips"]  # handshake, prefill, decode steps
+        finally:
+            proxy.close()
+    assert counted == on_socket  # the session's counters are exactly what its TCP connection carried
+    up, down = on_socket[0] / steps, on_socket[1] / steps
+    if wire_dtype == "float32":
+        assert payload["bytes_up"] < up <= 1.10 * payload["bytes_up"]
+        assert payload["bytes_down"] < down <= 1.10 * payload["bytes_down"]
+    else:  # half the payload; the fixed-size headers weigh twice as much
+        assert payload["bytes_up"] < up <= 1.20 * payload["bytes_up"]
+        assert payload["bytes_down"] < down <= 1.20 * payload["bytes_down"]
+
+
+def test_float16_on_the_wire_stays_close_to_float32(model):
+    _, bundle, cloud = model("qwen2-wide")
+    edge = edge_of(bundle, "random")
+    ids = np.asarray([edge.tokenizer(PROMPT)["input_ids"]])
+    exact = forward(edge, cloud.new_session(), ids)
+    with serve(cloud, wire_dtype="float16") as (_, endpoint, _):
+        with RemoteCloudSession(endpoint, edge.manifest, wire_dtype="float16", timeout=TIMEOUT) as session:
+            half = forward(edge, session, ids)
+        with pytest.raises(CloudError) as refused:
+            RemoteCloudSession(endpoint, edge.manifest, wire_dtype="float32", timeout=TIMEOUT)
+    assert np.abs(half - exact).max() < 1e-2 * np.abs(exact).max()
+    assert refused.value.code == "wire_dtype_mismatch" and "--wire-dtype" in str(refused.value)
+
+
+def test_embedding_rows_beyond_the_tokenizer_are_never_sampled(model):
+    _, bundle, cloud = model("qwen2-wide")
+    edge = edge_of(bundle, "random")
+    assert len(edge.tokenizer) < edge.arch.vocab_size
+    sampling = Sampling(max_new_tokens=48, temperature=1.5, seed=0, ignore_eos=True)
+    with serve(cloud) as (_, endpoint, _), RemoteCloudSession(endpoint, edge.manifest, timeout=TIMEOUT) as session:
+        ids = list(generate(edge, session, edge.tokenizer(PROMPT)["input_ids"], sampling))
+    assert len(ids) == 48 and max(ids) < len(edge.tokenizer)
+    assert isinstance(edge.tokenizer.decode(ids), str)
+
+
+# -- refusals and bad input ---------------------------------------------------------------
+def test_full_server_and_mismatched_bundle_are_refused_with_a_reason(model, bundle_factory, checkpoint_factory):
+    _, bundle, cloud = model("llama")
+    edge = edge_of(bundle)
+    other = edge_of(bundle_factory(checkpoint_factory("llama"), rank=8, seed=1))
+    with serve(cloud, max_sessions=1) as (server, endpoint, events):
+        with pytest.raises(CloudError) as mismatch:
+            RemoteCloudSession(endpoint, other.manifest, timeout=TIMEOUT)
+        first = RemoteCloudSession(endpoint, edge.manifest, timeout=TIMEOUT)
+        with pytest.raises(CloudError) as busy:
+            RemoteCloudSession(endpoint, edge.manifest, timeout=TIMEOUT)
+        first.close()
+        with RemoteCloudSession(endpoint, edge.manifest, timeout=TIMEOUT) as second:
+            assert forward(edge, second, np.asarray([[1, 2, 3]])).shape == (1, 3, edge.arch.vocab_size)
+    assert mismatch.value.code == "fingerprint_mismatch" and "not split together" in str(mismatch.value)
+    assert any(e["event"] == "rejected" and "not split together" in e["message"] for e in events)  # the cloud says so too
+    assert busy.value.code == "busy"
+
+
+class RawEdge:
+    """A DEALER that sends whatever frames it is given: the hostile edge."""
+
+    def __init__(self, endpoint: str):
+        import zmq
+
+        self.socket = zmq.Context.instance().socket(zmq.DEALER)
+        self.socket.setsockopt(zmq.LINGER, 0)
+        self.socket.connect(endpoint)
+
+    def ask(self, frames: list) -> tuple[dict, np.ndarray | None]:
+        self.socket.send_multipart(frames)
+        assert self.socket.poll(int(TIMEOUT * 1000)), "no reply"
+        header, payload = wire.decode(self.socket.recv_multipart(), wire.REPLIES, max_message_bytes=1 << 24)
+        return header, None if payload is None else wire.tensor(payload, header["shape"], "float32")
+
+    def error(self, frames: list) -> str:
+        header, _ = self.ask(frames)
+        assert header["op"] == "error", header
+        return header["code"]
+
+
+def _raw(**header) -> bytes:
+    return json.dumps({"v": 1, **header}).encode()
+
+
+def test_malformed_and_out_of_order_messages_get_errors_and_change_nothing(model):
+    _, bundle, cloud = model("llama")
+    edge = edge_of(bundle, "random")
+    hidden, context = edge.arch.hidden_size, 16
+    x = edge.embed(np.asarray([[5, 6, 7]]))
+    want = forward(edge, cloud.new_session(), np.asarray([[5, 6, 7]]))
+    with serve(cloud, max_context=context) as (server, endpoint, _):
+        limit = server.max_message_bytes
+        raw, stranger = RawEdge(endpoint), RawEdge(endpoint)
+        assert raw.error([b"\x00garbage"]) == "bad_message"
+        assert raw.error([b'{"v": 1, "op": "st']) == "bad_message"  # truncated header
+        assert raw.error([_raw(op="hello")]) == "unknown_op"
+        assert raw.error([_raw(op="train_forward")]) == "unsupported_op"
+        assert raw.error([b'{"v": 9, "op": "open"}']) == "unsupported_version"
+        assert raw.error([_raw(op="status", pad="x" * wire.MAX_HEADER_BYTES)]) == "too_large"
+        # Over the message limit in total, each frame under it (a frame over it makes libzmq drop the connection).
+        assert raw.error([_raw(op="status"), b"\0" * (limit - 100), b"\0" * 200]) == "too_large"
+        assert raw.error([_raw(op="step", session="0" * 32, step=0, shape=[1, 3, hidden]), x.tobytes()]) == "unknown_session"
+
+        opened, _ = raw.ask(wire.encode("open", {"ab_fingerprint": edge.manifest.ab_fingerprint, "wire_dtype": "float32", "batch": 1}))
+        sid = opened["session"]
+        assert raw.error(wire.encode("open", {"ab_fingerprint": edge.manifest.ab_fingerprint, "wire_dtype": "float32", "batch": 1})) == "limit"
+        step = lambda n, t, **f: wire.encode("step", {"session": sid, "step": n, **f}, t)  # noqa: E731
+        madx = lambda n, cut, t: wire.encode("madx", {"session": sid, "step": n, "cut": cut}, t)  # noqa: E731
+        truncated = step(0, x)
+        truncated[1] = bytes(truncated[1])[:-4]
+        assert raw.error(truncated) == "bad_tensor"
+        assert raw.error(step(0, x[..., : hidden // 2])) == "bad_tensor"
+        assert raw.error(step(0, np.zeros((1, context + 1, hidden), np.float32))) == "limit"
+        assert raw.error(step(3, x)) == "out_of_order"
+        assert raw.error(madx(0, 0, np.zeros((1, 3, 3, 8), np.float32))) == "out_of_order"
+        assert stranger.error(step(0, x)) == "unknown_session"  # a session belongs to the connection that opened it
+
+        out, cut = raw.ask(step(0, x)), 0
+        while out[0]["op"] == "ax":
+            ax, header = out[1], out[0]
+            assert header["cut"] == cut
+            assert raw.error(step(1, x)) == "out_of_order"
+            assert raw.error(madx(0, cut + 1, ax)) == "out_of_order"
+            assert raw.error(madx(0, cut, ax[:, :2])) == "bad_tensor"
+            assert stranger.error(madx(0, cut, ax)) == "unknown_session"
+            out, cut = raw.ask(madx(0, cut, edge.apply_adapter(header["layer"], header["stage"], ax))), cut + 1
+        assert out[0]["op"] == "hidden" and cut == len(edge.plan.segments) - 1
+        np.testing.assert_array_equal(edge.logits(out[1]), want)  # none of the refused messages changed anything
+
+        assert raw.ask(wire.encode("close", {"session": sid}))[0]["op"] == "closed"
+        assert raw.error(step(1, x[:, :1])) == "unknown_session"
+        assert server.stats()["rejected"] == 24
+        # A single frame over the limit never reaches plcli: libzmq drops that connection.
+        raw.socket.send_multipart([_raw(op="status"), b"\0" * (limit + 1)])
+        assert not raw.socket.poll(500)
+        with RemoteCloudSession(endpoint, edge.manifest, timeout=TIMEOUT) as session:  # still serving
+            np.testing.assert_array_equal(forward(edge, session, np.asarray([[5, 6, 7]])), want)
+
+
+# -- the commands -------------------------------------------------------------------------
+def _invoke(*args: str, input: str | None = None):
+    from typer.testing import CliRunner
+
+    from plcli.cli import app
+
+    return CliRunner().invoke(app, list(args), input=input)
+
+
+def test_run_edge_json_chat_and_adapter_through_a_cloud(model, bundle_factory, checkpoint_factory, tmp_path):
+    from safetensors.numpy import save_file
+
+    _, bundle, cloud = model("llama")
+    edge = edge_of(bundle)
+    prompt_ids = edge.tokenizer(PROMPT)["input_ids"]
+    sampling = Sampling(max_new_tokens=10, ignore_eos=True)
+    tuned = edge_of(bundle, "random")
+    save_file(tuned.adapter_matrices(), str(tmp_path / "adapter.safetensors"))
+    (tmp_path / "adapter.json").write_text(json.dumps({"rank": tuned.manifest.rank, "targets": list(tuned.manifest.targets),
+                                                       "ab_fingerprint": tuned.manifest.ab_fingerprint}))
+    with serve(cloud) as (_, endpoint, _):
+        once = _invoke("run-edge", str(bundle / "edge"), "--connect", endpoint, "--prompt", PROMPT, "--max-new-tokens", "10",
+                       "--ignore-eos", "--json", "--timeout", str(TIMEOUT))
+        adapted = _invoke("run-edge", str(bundle / "edge"), "--connect", endpoint, "--prompt", PROMPT, "--max-new-tokens", "10",
+                          "--ignore-eos", "--json", "--adapter", str(tmp_path))
+        chat = _invoke("run-edge", str(bundle / "edge"), "--connect", endpoint, "--max-new-tokens", "6", "--ignore-eos",
+                       input="Private text\n never leaves\n/exit\nnot read\n")
+        mismatched = _invoke("run-edge", str(bundle_factory(checkpoint_factory("llama"), rank=8, seed=1) / "edge"),
+                             "--connect", endpoint, "--prompt", PROMPT)
+    assert once.exit_code == 0, once.output
+    report = json.loads(once.stdout)
+    assert set(report) == {"prompt_token_ids", "token_ids", "text", "stats"}
+    assert set(report["stats"]) == {"ttft_s", "decode_tokens_per_s", "bytes_up", "bytes_down", "round_trips", "new_tokens"}
+    assert report["prompt_token_ids"] == prompt_ids
+    assert report["token_ids"] == local_ids(edge, cloud, prompt_ids, sampling)
+    assert report["text"] == edge.tokenizer.decode(report["token_ids"])
+    segments = len(edge.plan.segments)
+    assert report["stats"]["new_tokens"] == 10 and report["stats"]["round_trips"] == 10 * segments
+    assert report["stats"]["bytes_up"] > 10 * per_token_traffic(edge.manifest)["bytes_up"]
+    assert adapted.exit_code == 0, adapted.output
+    adapted_ids = json.loads(adapted.stdout)["token_ids"]
+    assert adapted_ids == local_ids(tuned, cloud, prompt_ids, sampling) and adapted_ids != report["token_ids"]
+
+    assert chat.exit_code == 0, chat.output
+    local = Conversation(edge, cloud.new_session(), Sampling(max_new_tokens=6, ignore_eos=True))
+    turns = [edge.tokenizer.decode(list(local.turn(edge.tokenizer(line + "\n", add_special_tokens=first)["input_ids"])))
+             for line, first in (("Private text", True), (" never leaves", False))]
+    assert chat.stdout == "".join(t + "\n" for t in turns)
+
+    assert mismatched.exit_code == 2
+    assert "not split together" in mismatched.stderr and "Traceback" not in mismatched.output
+
+
+def test_the_demo_generates_over_loopback_what_it_generates_in_process(model):
+    from plcli.demo import serve_and_generate
+
+    _, bundle, cloud = model("llama")
+    edge = edge_of(bundle)
+    prompt_ids = edge.tokenizer(PROMPT)["input_ids"]
+    sampling = Sampling(max_new_tokens=12, ignore_eos=True)
+    network = serve_and_generate(cloud, edge, prompt_ids, sampling)
+    assert network["token_ids"] == local_ids(edge, cloud, prompt_ids, sampling)
+    assert network["cloud_tokens_served"] == len(prompt_ids) + 11
+    assert network["stats"]["round_trips"] == 12 * len(edge.plan.segments)
+    assert network["decode_bytes_up_per_token"] > per_token_traffic(edge.manifest)["bytes_up"]
+
+
+LIGHT_EDGE = """
+import sys, time
+import numpy as np
+from plcli.runtime.client import RemoteCloudSession
+from plcli.runtime.edge import EdgeModel
+edge = EdgeModel(sys.argv[1], threads=1)
+session = RemoteCloudSession(sys.argv[2], edge.manifest, timeout=5)
+ids = np.asarray([[1, 2, 3]])
+while True:
+    out = session.start(edge.embed(ids))
+    while not out.done:
+        print("cut", out.layer, flush=True)
+        time.sleep(0.05)
+        out = session.resume(edge.apply_adapter(out.layer, out.stage, out.ax))
+    ids = edge.logits(out.hidden)[:, -1:].argmax(-1)
+"""
+
+
+class Lines:
+    """A subprocess's stdout lines, read in a thread so that the test never blocks on them."""
+
+    def __init__(self, stream):
+        self.lines: list[str] = []
+        threading.Thread(target=lambda: self.lines.extend(iter(stream.readline, "")), daemon=True).start()
+
+    def wait_for(self, predicate, timeout: float) -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for line in list(self.lines):
+                if predicate(line):
+                    return line
+            time.sleep(0.02)
+        raise AssertionError(f"not seen within {timeout} s; got {self.lines}")
+
+
+def _spawn(*args: str) -> subprocess.Popen:
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return subprocess.Popen([sys.executable, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+
+
+def test_killed_edge_is_freed_and_a_dead_cloud_is_reported(model):
+    _, bundle, cloud = model("llama")
+    edge = edge_of(bundle)
+    session_timeout = 2.0
+    procs: list[subprocess.Popen] = []
+    try:
+        server = _spawn("-m", "plcli.cli", "serve-cloud", str(bundle / "cloud"), "--bind", "tcp://127.0.0.1:*",
+                        "--session-timeout", str(session_timeout), "--threads", "1", "--json")
+        procs.append(server)
+        log = Lines(server.stdout)
+        endpoint = json.loads(log.wait_for(lambda l: '"listening"' in l, 60))["endpoint"]
+
+        # An edge killed in the middle of a step: its session is freed within the timeout, the next edge is served.
+        light = _spawn("-c", LIGHT_EDGE, str(bundle / "edge"), endpoint)
+        procs.append(light)
+        cuts = Lines(light.stdout)
+        cuts.wait_for(lambda _: len(cuts.lines) >= 3, 60)  # three cuts answered: a step is open
+        light.kill()
+        killed = time.monotonic()
+        while cloud_status(endpoint, timeout=TIMEOUT)["sessions"]:
+            assert time.monotonic() - killed < session_timeout + 1.5, "the dead edge's session was not freed"
+            time.sleep(0.05)
+        log.wait_for(lambda l: '"expired"' in l, TIMEOUT)
+        ids = np.asarray([[4, 5, 6]])
+        session = RemoteCloudSession(endpoint, edge.manifest, timeout=1.0)
+        np.testing.assert_array_equal(forward(edge, session, ids), forward(edge, cloud.new_session(), ids))
+
+        # The cloud stops cleanly on SIGTERM; the open session then errors within its timeout, the command exits 2.
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(TIMEOUT) == 0
+        assert json.loads(log.wait_for(lambda l: '"stopped"' in l, TIMEOUT))["sessions_freed"] == 1
+        started = time.monotonic()
+        with pytest.raises(CloudError) as gone:
+            forward(edge, session, np.asarray([[7]]))
+        assert gone.value.code == "timeout" and time.monotonic() - started < 1.0 + 1.0
+        session.close()
+        run = _spawn("-m", "plcli.cli", "run-edge", str(bundle / "edge"), "--connect", endpoint, "--prompt", PROMPT,
+                     "--timeout", "1")
+        procs.append(run)
+        _, err = run.communicate(timeout=60)
+        assert run.returncode == 2
+        assert err.count("\n") == 1 and f"no answer from the cloud at {endpoint} within 1 s" in err
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+            p.wait()

@@ -1,0 +1,147 @@
+"""The wire protocol on its own: every op round-trips, every malformed message is refused with the right code."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from plcli.runtime import wire
+
+SID = "0123456789abcdef0123456789abcdef"
+LIMIT = 1 << 20
+
+
+def _header(**fields) -> bytes:
+    return json.dumps({"v": 1, **fields}).encode()
+
+
+VALID_REQUESTS = {
+    "open": ({"ab_fingerprint": "sha256:ab", "wire_dtype": "float32", "batch": 1}, None),
+    "step": ({"session": SID, "step": 0}, np.ones((1, 3, 8), np.float32)),
+    "madx": ({"session": SID, "step": 4, "cut": 1}, np.ones((1, 1, 3, 2), np.float32)),
+    "close": ({"session": SID}, None),
+    "status": ({}, None),
+}
+VALID_REPLIES = {
+    "opened": ({"session": SID, "max_context": 256, "max_message_bytes": 9000, "wire_dtype": "float16"}, None),
+    "ax": ({"step": 0, "cut": 0, "layer": 0, "stage": "attn_in"}, np.ones((1, 3, 3, 2), np.float32)),
+    "hidden": ({"step": 0}, np.ones((1, 3, 8), np.float32)),
+    "closed": ({"session": SID}, None),
+    "status": ({"sessions": 1, "max_sessions": 16, "tokens": 10, "tokens_per_s": 2.5, "uptime_s": 1, "rejected": 0}, None),
+    "error": ({"code": "busy", "message": "try later"}, None),
+}
+
+
+def test_the_tables_cover_exactly_the_documented_ops():
+    assert set(VALID_REQUESTS) == set(wire.REQUESTS) and set(VALID_REPLIES) == set(wire.REPLIES)
+    for op in [*wire.REQUESTS, *wire.REPLIES]:
+        assert f"\n    {op} " in wire.__doc__, op
+    assert "RESERVED_OPS" in wire.__doc__ and not set(wire.RESERVED_OPS) & set(wire.REQUESTS)
+
+
+@pytest.mark.parametrize("table, op", [(wire.REQUESTS, op) for op in VALID_REQUESTS] + [(wire.REPLIES, op) for op in VALID_REPLIES])
+def test_every_op_round_trips(table, op):
+    fields, tensor = (VALID_REQUESTS if table is wire.REQUESTS else VALID_REPLIES)[op]
+    frames = wire.encode(op, fields, tensor)
+    header, payload = wire.decode(frames, table, max_message_bytes=LIMIT)
+    assert header == {"v": wire.PROTOCOL_VERSION, "op": op, **fields, **({"shape": list(tensor.shape)} if tensor is not None else {})}
+    if tensor is None:
+        assert payload is None
+    else:
+        np.testing.assert_array_equal(wire.tensor(payload, header["shape"], "float32"), tensor)
+
+
+def test_float32_tensors_are_sent_without_a_copy_and_float16_halves_them():
+    x = np.random.default_rng(0).standard_normal((1, 5, 16)).astype(np.float32)
+    frames = wire.encode("step", {"session": SID, "step": 0}, x)
+    assert np.shares_memory(np.frombuffer(frames[1], np.float32), x)
+    half = wire.encode("step", {"session": SID, "step": 0}, x, "float16")
+    assert memoryview(half[1]).nbytes * 2 == x.nbytes
+    header, payload = wire.decode(half, wire.REQUESTS, max_message_bytes=LIMIT)
+    got = wire.tensor(payload, header["shape"], "float16")
+    assert got.dtype == np.float32 and np.allclose(got, x, rtol=1e-3, atol=1e-3)
+
+
+def test_received_tensors_are_aligned_float32_even_at_odd_offsets():
+    x = np.arange(12, dtype=np.float32)
+    odd = memoryview(b"\0" + x.tobytes())[1:]
+    got = wire.tensor(odd, [3, 4], "float32")
+    assert got.flags.aligned and np.array_equal(got.ravel(), x)
+
+
+@pytest.mark.parametrize("frames, code", [
+    ([], "bad_message"),
+    ([b""], "bad_message"),
+    ([b"\xff\xfe{}"], "bad_message"),
+    ([b'{"v": 1, "op": "status"'], "bad_message"),  # truncated header
+    ([b"[1, 2]"], "bad_message"),
+    ([b"[" * 3000 + b"]" * 1000], "bad_message"),
+    ([b'{"op": "status"}'], "bad_message"),
+    ([b'{"v": true, "op": "status"}'], "bad_message"),
+    ([_header(op=7)], "bad_message"),
+    ([b'{"v": 2, "op": "status"}'], "unsupported_version"),
+    ([_header(op="hello")], "unknown_op"),
+    ([_header(op="train_forward")], "unsupported_op"),
+    ([_header(op="train_backward")], "unsupported_op"),
+    ([_header(op="status", extra=1)], "bad_message"),
+    ([_header(op="status"), b"tensor"], "bad_message"),
+    ([_header(op="close")], "bad_message"),
+    ([_header(op="close", session="XYZ")], "bad_message"),
+    ([_header(op="close", session=SID.upper())], "bad_message"),
+    ([_header(op="open", ab_fingerprint="x", wire_dtype="float64", batch=1)], "bad_message"),
+    ([_header(op="open", ab_fingerprint="x", wire_dtype="float32", batch=0)], "bad_message"),
+    ([b'{"v": 1, "op": "open", "ab_fingerprint": "x", "wire_dtype": "float32", "batch": NaN}'], "bad_message"),
+    ([_header(op="open", ab_fingerprint="x" * 200, wire_dtype="float32", batch=1)], "bad_message"),
+    ([_header(op="step", session=SID, step=0, shape=[1, 1, 8])], "bad_message"),  # tensor frame missing
+    ([_header(op="step", session=SID, step=0, shape=[1, 1, 8]), b"\0" * 32, b"\0" * 32], "bad_message"),
+    ([_header(op="step", session=SID, step=-1, shape=[1, 1, 8]), b"\0" * 32], "bad_message"),
+    ([_header(op="step", session=SID, step=1.0, shape=[1, 1, 8]), b"\0" * 32], "bad_message"),
+    ([_header(op="step", session=SID, step=True, shape=[1, 1, 8]), b"\0" * 32], "bad_message"),
+    ([_header(op="step", session=SID, step=0, shape=[1, 0, 8]), b""], "bad_message"),
+    ([_header(op="step", session=SID, step=0, shape=[[1], 1, 8]), b"\0" * 32], "bad_message"),
+    ([_header(op="step", session=SID, step=0, shape=[1] * 9), b"\0" * 4], "bad_message"),
+    ([_header(op="step", session=SID, step=0, shape=[1, 1, 2**40]), b"\0" * 4], "bad_message"),
+    ([_header(op="step", session=SID, step=0), b"\0" * 32], "bad_message"),  # no shape
+    ([_header(op="status", pad="x" * wire.MAX_HEADER_BYTES)], "too_large"),
+    ([_header(op="step", session=SID, step=0, shape=[1, 1, LIMIT]), b"\0" * LIMIT], "too_large"),
+])
+def test_malformed_messages_are_refused_with_their_code(frames, code):
+    with pytest.raises(wire.ProtocolError) as info:
+        wire.decode(frames, wire.REQUESTS, max_message_bytes=LIMIT)
+    assert info.value.code == code and info.value.code in wire.ERROR_CODES
+
+
+@pytest.mark.parametrize("nbytes", [31, 33, 0])
+def test_tensor_frames_must_hold_exactly_their_shape(nbytes):
+    with pytest.raises(wire.ProtocolError) as info:
+        wire.tensor(memoryview(b"\0" * nbytes), [1, 1, 8], "float32")
+    assert info.value.code == "bad_tensor"
+
+
+def test_framed_size_counts_zmtp_frame_headers():
+    assert wire.framed_size([b"x" * 255]) == 257  # flags + 1-byte length
+    assert wire.framed_size([b"x" * 256]) == 265  # flags + 8-byte length
+    assert wire.framed_size([b"", memoryview(np.zeros(100, np.float32))]) == 2 + 409
+
+
+def test_random_corruptions_only_ever_raise_protocol_errors():
+    rng = np.random.default_rng(0)
+    valid = [wire.encode(op, f, t) for op, (f, t) in VALID_REQUESTS.items()]
+    for _ in range(2000):
+        frames = [bytearray(memoryview(f).tobytes()) for f in valid[rng.integers(len(valid))]]
+        target = frames[rng.integers(len(frames))]
+        for _ in range(rng.integers(1, 4)):
+            if not target:
+                break
+            if rng.random() < 0.7:
+                target[rng.integers(len(target))] = rng.integers(256)
+            else:
+                del target[rng.integers(len(target)):]
+        try:
+            header, payload = wire.decode([bytes(f) for f in frames], wire.REQUESTS, max_message_bytes=LIMIT)
+            if payload is not None:
+                wire.tensor(payload, header["shape"], "float32")
+        except wire.ProtocolError as e:
+            assert e.code in wire.ERROR_CODES
