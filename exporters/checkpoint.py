@@ -29,7 +29,7 @@ def load_config(model_dir: str | Path):
 
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
-        raise CheckpointError(f"{model_dir}: no such directory")
+        raise CheckpointError(f"{model_dir}: {'not a directory' if model_dir.exists() else 'no such directory'}")
     if not (model_dir / "config.json").is_file():
         raise CheckpointError(f"{model_dir}: not a Hugging Face checkpoint (no config.json)")
     try:

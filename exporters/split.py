@@ -75,6 +75,9 @@ def split_checkpoint(
         raise SplitError(f"--rank {rank} is out of range: use 1 to {arch.hidden_size // 2} (half the hidden size {arch.hidden_size})")
     if out_dir.exists() and not force:
         raise SplitError(f"{out_dir} exists (use --force to replace it)")
+    if out_dir.resolve() == model_dir.resolve() or out_dir.resolve() in model_dir.resolve().parents:
+        # With --force, replacing OUT_DIR would delete the checkpoint being split.
+        raise SplitError(f"{out_dir} holds the checkpoint {model_dir}: choose another output directory")
     tok_files = tokenizer_files(model_dir)
     if not tok_files:
         raise SplitError(f"{model_dir}: no tokenizer files (the edge bundle needs the tokenizer)")
@@ -131,16 +134,24 @@ def split_checkpoint(
         cloud = Manifest(side="cloud", graphs=cloud_graphs, **common)
         edge = Manifest(side="edge", graphs=edge_graphs, generation=_generation_defaults(model_dir), **common)
 
-        from safetensors.numpy import save_file
-
-        save_file(cloud_w, str(cloud_dir / WEIGHTS), metadata={"format": "plcli-cloud"})
-        save_file(edge_w, str(edge_dir / WEIGHTS), metadata={"format": "plcli-edge"})
+        _save_weights(cloud_w, cloud_dir / WEIGHTS, "plcli-cloud", out_dir)
+        _save_weights(edge_w, edge_dir / WEIGHTS, "plcli-edge", out_dir)
         (cloud_dir / MANIFEST).write_text(cloud.to_json())
         (edge_dir / MANIFEST).write_text(edge.to_json())
         (edge_dir / "tokenizer").mkdir()
         for f in tok_files:
             shutil.copyfile(f, edge_dir / "tokenizer" / f.name)
     return SplitResult(out_dir, cloud, edge, time.perf_counter() - started)
+
+
+def _save_weights(tensors: dict[str, np.ndarray], path: Path, fmt: str, out_dir: Path) -> None:
+    from safetensors import SafetensorError
+    from safetensors.numpy import save_file
+
+    try:
+        save_file(tensors, str(path), metadata={"format": fmt})
+    except SafetensorError as e:  # a full disk or a file size limit surfaces here, not as OSError
+        raise SplitError(f"cannot write {out_dir}: {e}") from None
 
 
 def _checked(w: np.ndarray, shape: tuple[int, ...], name: str) -> np.ndarray:

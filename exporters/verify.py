@@ -13,8 +13,12 @@ from pathlib import Path
 
 import numpy as np
 
+from plcli.recipes.base import UnsupportedModel, family_for
+from plcli.runtime.bundle import BundleError
 from plcli.runtime.cloud import CloudModel
 from plcli.runtime.edge import EdgeModel, forward
+
+from .checkpoint import CheckpointError, load_config
 
 PROMPTS = (
     "The quick brown fox jumps over the lazy dog.",
@@ -50,8 +54,6 @@ def merged_reference(model_dir: str | Path, cloud: CloudModel, m: dict[str, np.n
     import torch
     from transformers import AutoModelForCausalLM
 
-    from plcli.recipes.base import family_for
-
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, local_files_only=True)
     model.eval()
     family = family_for(model.config)
@@ -76,7 +78,14 @@ def verify(bundle_dir: str | Path, model_dir: str | Path, *, decode_steps: int =
     cloud = CloudModel(bundle_dir / "cloud")
     edge = EdgeModel(bundle_dir / "edge")
     if edge.manifest.ab_fingerprint != cloud.manifest.ab_fingerprint:
-        raise ValueError("the edge and cloud bundles were not split together (A/B fingerprints differ)")
+        raise BundleError(f"{bundle_dir}: the edge and cloud bundles were not split together (A/B fingerprints differ)")
+    config = load_config(model_dir)
+    try:
+        reference_arch = family_for(config).architecture(config)
+    except UnsupportedModel as e:
+        raise CheckpointError(f"{model_dir}: {e}") from None
+    if reference_arch != cloud.arch:
+        raise CheckpointError(f"{model_dir}: not the checkpoint {bundle_dir} was split from (the architecture differs)")
     m = {k: np.zeros_like(v) for k, v in edge.adapter_matrices().items()} if zero_m else random_adapter(edge, seed)
     edge.set_adapter(m)
     reference = merged_reference(model_dir, cloud, m)

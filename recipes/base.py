@@ -101,8 +101,10 @@ def family_for(config) -> Family:
             return family
     supported = ", ".join(t for f in families for t in f.model_types)
     architectures = getattr(config, "architectures", None) or []
-    if not any(a.endswith("ForCausalLM") for a in architectures) and model_type not in (None, ""):
+    # GPT-2 style checkpoints name their causal head `...LMHeadModel`.
+    if architectures and not any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures):
         raise UnsupportedModel(
-            f"model type {model_type!r} is not a supported causal language model (supported families: {supported})"
+            f"model type {model_type!r} ({', '.join(architectures)}) is not a causal language model "
+            f"(supported families: {supported})"
         )
     raise UnsupportedModel(f"model type {model_type!r} is not supported (supported families: {supported})")

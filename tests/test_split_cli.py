@@ -1,0 +1,306 @@
+"""`plcli split`, `verify` and `inspect` from the command line: results on good input, one line and exit 2 on bad.
+
+Every refusal must leave nothing behind: no OUT_DIR, no `.partial-` directory,
+and an OUT_DIR that existed before is exactly as it was.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import Result
+from typer.testing import CliRunner
+
+from plcli.cli import app
+
+
+def plcli(*args) -> Result:
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def assert_refused(result: Result, *, says: str) -> None:
+    """Exit 2 with exactly one non-empty line on stderr, nothing on stdout, no traceback anywhere."""
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.exit_code == 2, (result.exit_code, result.stdout, result.stderr, result.exception)
+    assert isinstance(result.exception, SystemExit)
+    assert len(lines) == 1 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert lines[0].startswith("error: ") and says in lines[0], lines[0]
+    assert "Traceback" not in result.output and result.stdout == ""
+
+
+def leftovers(parent: Path) -> list[str]:
+    return sorted(p.name for p in parent.iterdir() if ".partial-" in p.name or ".old-" in p.name)
+
+
+def snapshot(d: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
+
+
+# -- checkpoints that are not something plcli can split ------------------------------------------------------
+
+
+def _copy_without(src: Path, dst: Path, *, drop: tuple[str, ...]) -> Path:
+    dst.mkdir()
+    for f in src.iterdir():
+        if not f.name.startswith(drop):
+            shutil.copyfile(f, dst / f.name)
+    return dst
+
+
+def _bert(tmp: Path, llama: Path) -> Path:
+    from transformers import BertConfig, BertModel
+
+    BertModel(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                         vocab_size=100)).save_pretrained(tmp / "bert")
+    return tmp / "bert"
+
+
+def _gpt2(tmp: Path, llama: Path) -> Path:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=100, bos_token_id=0,
+                               eos_token_id=0)).save_pretrained(tmp / "gpt2")
+    return tmp / "gpt2"
+
+
+def _config_file(text: str):
+    def make(tmp: Path, llama: Path) -> Path:
+        (tmp / "ckpt").mkdir()
+        (tmp / "ckpt" / "config.json").write_text(text)
+        return tmp / "ckpt"
+
+    return make
+
+
+def _dynamic_rope(tmp: Path, llama: Path) -> Path:
+    config = json.loads((llama / "config.json").read_text())
+    config["rope_parameters"] = {"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0}
+    return _config_file(json.dumps(config))(tmp, llama)
+
+
+def _truncated_weights(tmp: Path, llama: Path) -> Path:
+    d = _copy_without(llama, tmp / "ckpt", drop=())
+    (d / "model.safetensors").write_bytes((llama / "model.safetensors").read_bytes()[:100])
+    return d
+
+
+def _a_file(tmp: Path, llama: Path) -> Path:
+    (tmp / "model").write_text("not a checkpoint")
+    return tmp / "model"
+
+
+def _empty_dir(tmp: Path, llama: Path) -> Path:
+    (tmp / "model").mkdir()
+    return tmp / "model"
+
+
+BAD_CHECKPOINTS = {
+    "missing directory": (lambda tmp, llama: tmp / "nowhere", "no such directory"),
+    "a file": (_a_file, "not a directory"),
+    "no config.json": (_empty_dir, "no config.json"),
+    "garbage config.json": (_config_file("{not json"), "unreadable config"),
+    "config without model_type": (_config_file('{"hidden_size": 64}'), "unreadable config"),
+    "bert (not a causal LM)": (_bert, "is not a causal language model"),
+    "gpt2 (unsupported family)": (_gpt2, "model type 'gpt2' is not supported"),
+    "dynamic rope": (_dynamic_rope, "rope type 'dynamic' is not supported"),
+    "no tokenizer": (lambda tmp, llama: _copy_without(llama, tmp / "ckpt", drop=("tokenizer",)), "no tokenizer files"),
+    "no weights": (lambda tmp, llama: _copy_without(llama, tmp / "ckpt", drop=("model.",)), "no weights"),
+    "truncated weights": (_truncated_weights, "unreadable weights"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_CHECKPOINTS))
+def test_split_refuses_bad_checkpoint(case, tmp_path, llama_checkpoint):
+    make, says = BAD_CHECKPOINTS[case]
+    model_dir = make(tmp_path, llama_checkpoint)
+    out = tmp_path / "out"
+    assert_refused(plcli("split", model_dir, out, "--rank", "8"), says=says)
+    assert not out.exists() and leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("options, says", [
+    (["--rank", "0"], "--rank 0 is out of range: use 1 to 32"),
+    (["--rank", "-3"], "--rank -3 is out of range"),
+    (["--rank", "33"], "--rank 33 is out of range: use 1 to 32"),  # hidden 64: at most 32
+    (["--rank", "8", "--targets", "q_proj,qq_proj"], "unknown target(s) qq_proj"),
+    (["--rank", "8", "--targets", ""], "no targets given"),
+    (["--rank", "8", "--targets", " , "], "no targets given"),
+    (["--rank", "8", "--targets", "v_proj,v_proj"], "targets repeat a name"),
+])
+def test_split_refuses_bad_rank_or_targets(options, says, tmp_path, llama_checkpoint):
+    out = tmp_path / "out"
+    assert_refused(plcli("split", llama_checkpoint, out, *options), says=says)
+    assert not out.exists() and leftovers(tmp_path) == []
+
+
+def test_split_keeps_existing_out_dir_without_force(tmp_path, llama_checkpoint):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    assert_refused(plcli("split", llama_checkpoint, out, "--rank", "8"), says="exists (use --force to replace it)")
+    assert snapshot(out) == {"keep.txt": b"mine"} and leftovers(tmp_path) == []
+
+
+def test_split_never_replaces_its_own_checkpoint(tmp_path, llama_checkpoint):
+    ckpt = _copy_without(llama_checkpoint, tmp_path / "ckpt", drop=())
+    before = snapshot(ckpt)
+    for out in (ckpt, tmp_path):
+        assert_refused(plcli("split", ckpt, out, "--rank", "8", "--force"), says="holds the checkpoint")
+    assert snapshot(ckpt) == before and leftovers(tmp_path) == []
+
+
+def test_split_reports_unwritable_out_dir(tmp_path, llama_checkpoint):
+    # /proc refuses new directories even to root.
+    assert_refused(plcli("split", llama_checkpoint, "/proc/plcli-no-such-dir/out", "--rank", "8"),
+                   says="No such file or directory")
+
+
+@pytest.fixture
+def good_bundle(tmp_path, llama_checkpoint):
+    out = tmp_path / "out"
+    result = plcli("split", llama_checkpoint, out, "--rank", "8", "--json")
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def test_force_replaces_a_bundle_on_success(good_bundle, llama_checkpoint):
+    before = json.loads((good_bundle / "cloud" / "manifest.json").read_text())
+    result = plcli("split", llama_checkpoint, good_bundle, "--rank", "8", "--seed", "5", "--force", "--json")
+    assert result.exit_code == 0, result.output
+    after = json.loads((good_bundle / "cloud" / "manifest.json").read_text())
+    assert (after["seed"], before["seed"]) == (5, 0) and after["ab_fingerprint"] != before["ab_fingerprint"]
+    assert leftovers(good_bundle.parent) == []
+
+
+def test_failed_forced_split_keeps_the_old_bundle(good_bundle, llama_checkpoint, monkeypatch):
+    """A write that fails last (the tokenizer copy) still leaves the previous bundle exactly as it was."""
+    before = snapshot(good_bundle)
+    real_copy = shutil.copyfile
+
+    def disk_full_for_tokenizer(src, dst, *args, **kwargs):
+        if Path(dst).parent.name == "tokenizer":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(dst))
+        return real_copy(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(shutil, "copyfile", disk_full_for_tokenizer)
+    result = plcli("split", llama_checkpoint, good_bundle, "--rank", "8", "--seed", "5", "--force")
+    assert_refused(result, says="No space left on device")
+    assert snapshot(good_bundle) == before and leftovers(good_bundle.parent) == []
+
+
+def test_disk_error_mid_write_in_a_real_process(good_bundle, llama_checkpoint):
+    """A file size limit makes the kernel fail the weights write part way (EFBIG), as a full disk would.
+
+    Run as a real process, so this also shows what reaches a terminal: one line, no traceback.
+    """
+    before = snapshot(good_bundle)
+    biggest_graph = max(p.stat().st_size for p in good_bundle.rglob("*.onnx"))
+    cloud_weights = (good_bundle / "cloud" / "weights.safetensors").stat().st_size
+    limit = (biggest_graph + cloud_weights) // 2
+    assert biggest_graph < limit < cloud_weights  # graphs fit, the cloud weights stop half way
+
+    def limit_file_size():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    done = subprocess.run(
+        [sys.executable, "-m", "plcli.cli", "split", str(llama_checkpoint), str(good_bundle), "--rank", "8",
+         "--seed", "5", "--force"],
+        capture_output=True, text=True, preexec_fn=limit_file_size, timeout=600,
+    )
+    assert done.returncode == 2, done.stderr
+    assert done.stdout == "" and "Traceback" not in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1 and "File too large" in done.stderr, done.stderr
+    assert snapshot(good_bundle) == before and leftovers(good_bundle.parent) == []
+
+
+def test_installed_command_reports_one_line(tmp_path):
+    exe = shutil.which("plcli")
+    assert exe, "the plcli console script is not installed"
+    done = subprocess.run([exe, "split", str(tmp_path / "nowhere"), str(tmp_path / "out")],
+                          capture_output=True, text=True, timeout=300)
+    assert (done.returncode, done.stdout) == (2, "")
+    assert done.stderr.strip().splitlines() == [f"error: {tmp_path / 'nowhere'}: no such directory"]
+
+
+# -- inspect and verify on things that are not (matching) bundles ----------------------------------------------
+
+
+def _corrupt_manifest(bundle: Path) -> None:
+    m = json.loads((bundle / "edge" / "manifest.json").read_text())
+    m["format_version"] = 99
+    (bundle / "edge" / "manifest.json").write_text(json.dumps(m))
+
+
+def _truncate_weights(bundle: Path) -> None:
+    w = bundle / "cloud" / "weights.safetensors"
+    w.write_bytes(w.read_bytes()[:64])
+
+
+@pytest.mark.parametrize("damage, target, says", [
+    (None, lambda b: b.parent / "nowhere", "no such directory"),
+    (None, lambda b: b / "cloud" / "graphs", "not a plcli bundle"),
+    (_corrupt_manifest, lambda b: b, "bundle format version 99"),
+    (_truncate_weights, lambda b: b, "unreadable weights"),
+])
+def test_inspect_refuses_non_bundles(good_bundle, damage, target, says):
+    if damage:
+        damage(good_bundle)
+    assert_refused(plcli("inspect", target(good_bundle)), says=says)
+
+
+def test_verify_refuses_missing_or_mismatched_inputs(good_bundle, llama_checkpoint, checkpoint_factory,
+                                                     bundle_factory, tmp_path):
+    missing = tmp_path / "nowhere"
+    assert_refused(plcli("verify", missing, "--reference", llama_checkpoint), says="no cloud/ bundle")
+    assert_refused(plcli("verify", good_bundle / "edge", "--reference", llama_checkpoint), says="no cloud/ bundle")
+    assert_refused(plcli("verify", good_bundle, "--reference", missing), says="no such directory")
+    other_shape = checkpoint_factory("llama-tied", tie_word_embeddings=True)
+    assert_refused(plcli("verify", good_bundle, "--reference", other_shape), says="architecture differs")
+
+    mixed = tmp_path / "mixed"
+    shutil.copytree(good_bundle / "edge", mixed / "edge")
+    shutil.copytree(bundle_factory(llama_checkpoint, rank=8, seed=1) / "cloud", mixed / "cloud")
+    assert_refused(plcli("verify", mixed, "--reference", llama_checkpoint), says="not split together")
+    assert_refused(plcli("inspect", mixed / "nowhere"), says="no such directory")
+    table = plcli("inspect", mixed)
+    assert table.exit_code == 0 and "not split together" in table.stdout
+
+
+# -- good input -------------------------------------------------------------------------------------------------
+
+
+def test_split_inspect_verify_json(tmp_path, llama_checkpoint):
+    out = tmp_path / "out"
+    split = plcli("split", llama_checkpoint, out, "--rank", "8", "--targets", "v_proj,q_proj,k_proj", "--json")
+    assert split.exit_code == 0 and split.stderr == "", split.output
+    s = json.loads(split.stdout)
+    assert s["paired"] is True and s["seconds"] > 0
+    assert (s["family"], s["rank"], s["targets"], s["layers"]) == ("llama", 8, ["q_proj", "k_proj", "v_proj"], 2)
+    assert set(s["sides"]) == {"cloud", "edge"}
+    for side in s["sides"].values():
+        assert side["parameters"] > 0 and side["bundle_bytes"] >= side["weight_bytes"] > 0
+    assert s["per_token"]["float32"] == {"bytes_up": (64 + 2 * 3 * 8) * 4, "bytes_down": (64 + 2 * 3 * 8) * 4,
+                                         "round_trips": 3, "wire_dtype": "float32"}
+
+    inspect = plcli("inspect", out, "--json")
+    assert inspect.exit_code == 0
+    assert json.loads(inspect.stdout) == {k: v for k, v in s.items() if k != "seconds"}
+
+    verify = plcli("verify", out, "--reference", llama_checkpoint, "--decode-steps", "1", "--json")
+    assert verify.exit_code == 0, verify.output
+    v = json.loads(verify.stdout)
+    assert v["ok"] is True and v["tolerance"] == 1e-4
+    assert len(v["comparisons"]) == 3 * 2
+    assert {c["phase"] for c in v["comparisons"]} == {"prefill", "decode 1"}
+    assert all(c["ok"] and c["same_argmax"] and c["rel_error"] < 1e-4 for c in v["comparisons"])
+
+    table = plcli("verify", out, "--reference", llama_checkpoint, "--decode-steps", "1")
+    assert table.exit_code == 0 and "parity holds" in table.stdout
