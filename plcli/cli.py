@@ -5,6 +5,7 @@ Each module below registers its commands on the shared typer app.
 
 from . import bundle_commands, demo  # noqa: F401  (registers commands)
 from . import estimate_commands  # noqa: F401  (registers `plcli estimate`)
+from . import tune_commands  # noqa: F401  (registers `plcli tune`, `plcli export-peft`)
 from . import serve_commands  # noqa: F401  (registers `plcli serve-cloud`, `plcli run-edge`)
 from .app import app
 

@@ -81,11 +81,14 @@ def run_demo(out: Path | None, *, as_json: bool = False) -> dict:
         console.print(_network_table(network, payload))
     say(f"   token ids identical to the in-process split: {'[green]yes[/]' if network['identical'] else '[red]no[/]'}")
 
+    say("[bold]5. tune[/] M on synthetic private notes through a loopback cloud, as `plcli tune --connect` does")
+    tuned = serve_and_tune(cloud, edge, bundles, out / "tune", say=say)
+
     report = {
         "bundles": str(bundles), "split_seconds": round(result.seconds, 3), "verify_ok": parity,
         "verify_worst_rel_error": worst, "prompt": DEMO_PROMPT, "completion": text,
         "token_ids": split_ids, "reference_token_ids": ref, "greedy_identical": identical,
-        "per_token": summary["per_token"], "network": network,
+        "per_token": summary["per_token"], "network": network, "tune": tuned,
     }
     if as_json:
         print_json(report)
@@ -110,6 +113,18 @@ def serve_and_generate(cloud, edge, prompt_ids: list[int], sampling) -> dict:
             "decode_bytes_up_per_token": up, "decode_bytes_down_per_token": down}
 
 
+def serve_and_tune(cloud, edge, bundles: Path, work: Path, *, say) -> dict:
+    """Start a cloud server on a free loopback port in a thread and tune M through it; what the tuning showed."""
+    from plcli.runtime.client import RemoteTrainLink
+    from plcli.runtime.server import CloudServer, running
+
+    from .tune_commands import tune_demo
+
+    server = CloudServer(cloud, bind="tcp://127.0.0.1:*", max_sessions=1)
+    with running(server) as endpoint, RemoteTrainLink(endpoint, edge.manifest, timeout=30.0) as link:
+        return {"endpoint": endpoint, **tune_demo(bundles, work, link, say=say)}
+
+
 def _network_table(network: dict, payload: dict) -> Table:
     stats = network["stats"]
     table = Table(title=f"over loopback ({network['endpoint']}, float32 on the wire)", show_header=True)
@@ -131,5 +146,5 @@ def demo(
     out: Optional[Path] = typer.Option(None, "--out", help="Where to put the demo bundles (default: a cache directory)."),
     as_json: bool = typer.Option(False, "--json", help="Print what the demo measured as JSON."),
 ):
-    """Split the embedded demo model, verify it against transformers, generate through the split in one process and over loopback."""
+    """Split the embedded demo model, verify it, generate through the split in one process and over loopback, then tune M."""
     run_demo(out, as_json=as_json)

@@ -33,22 +33,24 @@ def serve_cloud(
     max_sessions: int = typer.Option(16, "--max-sessions", help="Edges served at once."),
     max_context: Optional[int] = typer.Option(None, "--max-context", help="Tokens per session (default: the model's maximum)."),
     session_timeout: float = typer.Option(600.0, "--session-timeout", help="Seconds a session may stay idle before it is freed."),
-    threads: Optional[int] = typer.Option(None, "--threads", help="ONNX Runtime threads (default: ONNX Runtime's choice)."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="Compute threads: ONNX Runtime's, and torch's for tuning (default: their choice)."),
     wire_dtype: str = typer.Option("float32", "--wire-dtype", help=WIRE_DTYPE_HELP),
     max_batch: int = typer.Option(1, "--max-batch", help="Sequences one session may run side by side."),
+    tune: bool = typer.Option(True, "--tune/--no-tune", help="Also serve `plcli tune` (loads torch for the backward)."),
+    max_train_tokens: int = typer.Option(16384, "--max-train-tokens", help="Tokens (batch x sequence) one tuning pass may carry."),
     as_json: bool = typer.Option(False, "--json", help="Log one JSON object per event on stdout."),
 ):
-    """Serve a cloud bundle to edges over ZeroMQ: one KV cache per edge session."""
+    """Serve a cloud bundle to edges over ZeroMQ: generation (one KV cache per session) and tuning (`plcli tune`)."""
     from plcli.runtime.cloud import CloudModel
     from plcli.runtime.server import CloudServer, memory_per_session
 
-    with status("loading the cloud bundle"):
-        model = CloudModel(cloud_dir, threads=threads)
     reporter = _Reporter(as_json)
     try:
-        server = CloudServer(model, bind=bind, max_sessions=max_sessions, max_context=max_context,
-                             session_timeout=session_timeout, wire_dtype=wire_dtype, max_batch=max_batch,
-                             on_event=reporter.event)
+        with status("loading the cloud bundle"):
+            model = CloudModel(cloud_dir, threads=threads)
+            server = CloudServer(model, bind=bind, max_sessions=max_sessions, max_context=max_context,
+                                 session_timeout=session_timeout, wire_dtype=wire_dtype, max_batch=max_batch, tune=tune,
+                                 max_train_tokens=max_train_tokens, threads=threads, on_event=reporter.event)
     except ValueError as e:
         raise UserError(str(e)) from None
     reporter.server = server
@@ -114,7 +116,7 @@ class _Reporter:
             text = (f"serving {e['endpoint']} · up to {e['max_sessions']} sessions of {e['max_context']} tokens · "
                     f"idle sessions freed after {e['session_timeout']:g} s · {e['wire_dtype']} on the wire")
         elif kind == "opened":
-            text = f"session {e['session']} opened ({e['sessions']} open)"
+            text = f"{e['mode']} session {e['session']} opened ({e['sessions']} open)"
         elif kind == "closed":
             text = f"session {e['session']} closed after {e['tokens']} tokens ({e['sessions']} open)"
         elif kind == "expired":

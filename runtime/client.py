@@ -2,9 +2,11 @@
 
 `RemoteCloudSession` has the interface of the local `CloudSession` (`start`,
 `resume`, `position`, `max_context`), so `edge.forward` and `generate` run
-unchanged over the network. Everything it needs to exist is the URL, the edge
-manifest and its options: a replacement is one constructor call away. It
-counts the bytes it moves as they sit in the ZMTP stream, and the round trips.
+unchanged over the network; `RemoteTrainLink` is the `TrainLink` that `Tuner`
+drives, so tuning runs unchanged over it too. Everything either needs to exist
+is the URL, the edge manifest and its options: a replacement is one
+constructor call away. Both count the bytes they move as they sit in the ZMTP
+stream, and the round trips.
 """
 
 from __future__ import annotations
@@ -17,10 +19,10 @@ import zmq
 from . import wire
 from .bundle import Manifest
 from .cloud import StepOutput
-from .errors import PlcliError
+from .train_link import GradOutput, LinkError
 
 
-class CloudError(PlcliError):
+class CloudError(LinkError):
     """The cloud refused, failed to answer, or broke the protocol; the message is meant for the user."""
 
     def __init__(self, message: str, code: str):
@@ -28,8 +30,14 @@ class CloudError(PlcliError):
         self.code = code
 
 
-class RemoteCloudSession:
-    def __init__(self, url: str, manifest: Manifest, *, wire_dtype: str = "float32", timeout: float = 10.0,
+class WireConnection:
+    """One DEALER connection and the session it opened: handshake, strict request/reply, byte and round-trip counts.
+
+    A silence or a malformed reply closes the connection (the stream can no
+    longer be trusted); an `error` reply raises CloudError and changes nothing.
+    """
+
+    def __init__(self, url: str, manifest: Manifest, *, mode: str, wire_dtype: str = "float32", timeout: float = 10.0,
                  batch: int = 1, context: zmq.Context | None = None):
         if wire_dtype not in wire.WIRE_DTYPES:
             raise ValueError(f"wire dtype must be one of {', '.join(wire.WIRE_DTYPES)}")
@@ -38,11 +46,6 @@ class RemoteCloudSession:
         self.url, self.manifest, self.wire_dtype, self.timeout, self.batch = url, manifest, wire_dtype, timeout, batch
         self.plan = manifest.plan
         self.bytes_up = self.bytes_down = self.round_trips = 0
-        self.position = 0
-        self._step = 0
-        self._seq = 0  # tokens in the open step
-        self._cut: int | None = None  # cut of the last `ax` received, while a step is open
-        self._ax_shape: tuple[int, ...] | None = None
         self._socket = (context or zmq.Context.instance()).socket(zmq.DEALER)
         self._socket.setsockopt(zmq.LINGER, 0)
         self._socket.setsockopt(zmq.SNDTIMEO, int(timeout * 1000))
@@ -54,7 +57,8 @@ class RemoteCloudSession:
         self.max_message_bytes = wire.MAX_HEADER_BYTES
         try:
             reply, _ = self._request(
-                wire.encode("open", {"ab_fingerprint": manifest.ab_fingerprint, "wire_dtype": wire_dtype, "batch": batch}),
+                wire.encode("open", {"ab_fingerprint": manifest.ab_fingerprint, "wire_dtype": wire_dtype, "batch": batch,
+                                     "mode": mode}),
                 expect="opened",
                 silence=f"no answer from the cloud at {url} within {timeout:g} s (is `plcli serve-cloud` running there?)",
             )
@@ -67,7 +71,82 @@ class RemoteCloudSession:
         if reply["wire_dtype"] != wire_dtype:
             self._broken(f"the cloud opened a {reply['wire_dtype']} session, the edge asked for {wire_dtype}")
 
-    # -- the CloudSession interface ------------------------------------------------
+    def close(self) -> None:
+        """Free the session on the cloud (best effort, briefly) and the socket; safe to call twice."""
+        if self._socket.closed:
+            return
+        try:
+            self._socket.send_multipart(wire.encode("close", {"session": self.session_id}), zmq.NOBLOCK)
+            self._socket.poll(int(min(self.timeout, 1.0) * 1000))
+        except zmq.ZMQError:
+            pass
+        self._socket.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _request(self, frames: list, *, expect: str, silence: str | None = None) -> tuple[dict, memoryview | None]:
+        """Send a request and wait for its one reply; an `error` reply raises CloudError and leaves the session as it was."""
+        if self._socket.closed:
+            raise CloudError(f"the connection to the cloud at {self.url} is closed", "closed")
+        try:
+            self._socket.send_multipart(frames, copy=False)
+        except zmq.Again:
+            self._broken(silence or f"the cloud at {self.url} does not take messages (no connection within {self.timeout:g} s)", "timeout")
+        self.bytes_up += wire.framed_size(frames)
+        if not self._socket.poll(int(self.timeout * 1000)):
+            self._broken(silence or f"the cloud at {self.url} stopped answering (no reply within {self.timeout:g} s)", "timeout")
+        reply = self._socket.recv_multipart(copy=False)
+        self.bytes_down += wire.framed_size(reply)
+        self.round_trips += 1
+        try:
+            header, payload = wire.decode(reply, wire.REPLIES, max_message_bytes=self.max_message_bytes)
+        except wire.ProtocolError as e:
+            self._broken(f"the cloud sent a malformed reply: {e}")
+        if header["op"] == "error":
+            raise CloudError(f"the cloud refused: {header['message']}", header["code"])
+        if header["op"] != expect:
+            self._broken(f"the cloud answered {header['op']!r} where {expect!r} was due")
+        return header, payload
+
+    def _reply_tensor(self, header: dict, payload: memoryview, step: int, shape: tuple[int, ...]) -> np.ndarray:
+        """The reply's tensor, once its step and shape are exactly the ones due."""
+        if header["step"] != step or tuple(header["shape"]) != shape:
+            self._broken(f"the cloud answered step {header['step']} with shape {header['shape']}; expected step {step}, shape {list(shape)}")
+        try:
+            return wire.tensor(payload, shape, self.wire_dtype)
+        except wire.ProtocolError as e:
+            self._broken(f"the cloud sent a malformed tensor: {e}")
+
+    def _check_cut(self, header: dict, cut: int, segment) -> None:
+        """The reply names cut `cut` at the layer and stage this edge's plan puts it."""
+        want = (cut, segment.cut_layer, segment.kind.out_cut.stage)
+        if (header["cut"], header["layer"], header["stage"]) != want:
+            self._broken(f"the cloud answered for cut {header['cut']} (layer {header['layer']}, {header['stage']}); "
+                         f"this edge's plan expects cut {cut} (layer {want[1]}, {want[2]})")
+
+    def _broken(self, message: str, code: str = "bad_reply") -> NoReturn:
+        """Give up on this connection: after a silence or a bad reply the stream can no longer be trusted."""
+        self._socket.close()
+        raise CloudError(message, code)
+
+
+class RemoteCloudSession(WireConnection):
+    """A generate session: the local `CloudSession` interface (`start`, `resume`, `position`, `max_context`)."""
+
+    def __init__(self, url: str, manifest: Manifest, *, wire_dtype: str = "float32", timeout: float = 10.0,
+                 batch: int = 1, context: zmq.Context | None = None):
+        self.position = 0
+        self._step = 0
+        self._seq = 0  # tokens in the open step
+        self._cut: int | None = None  # cut of the last `ax` received, while a step is open
+        self._ax_shape: tuple[int, ...] | None = None
+        super().__init__(url, manifest, mode="generate", wire_dtype=wire_dtype, timeout=timeout, batch=batch,
+                         context=context)
+
     @property
     def in_step(self) -> bool:
         return self._cut is not None
@@ -94,80 +173,108 @@ class RemoteCloudSession:
         frames = wire.encode("madx", {"session": self.session_id, "step": self._step, "cut": self._cut}, madx, self.wire_dtype)
         return self._exchange(frames, cut=self._cut + 1)
 
-    def close(self) -> None:
-        """Free the session on the cloud (best effort, briefly) and the socket; safe to call twice."""
-        if self._socket.closed:
-            return
-        try:
-            self._socket.send_multipart(wire.encode("close", {"session": self.session_id}), zmq.NOBLOCK)
-            self._socket.poll(int(min(self.timeout, 1.0) * 1000))
-        except zmq.ZMQError:
-            pass
-        self._socket.close()
-
-    def __enter__(self) -> "RemoteCloudSession":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    # -- messages --------------------------------------------------------------------
     def _exchange(self, frames: list, *, cut: int) -> StepOutput:
         """Send one step message; check the reply is exactly what cut `cut` of this step must produce."""
         segment = self.plan.segments[cut]
         arch, b, s = self.manifest.architecture, self.batch, self._seq
         if segment.kind.out_cut is None:
             header, payload = self._request(frames, expect="hidden")
-            shape = (b, s, arch.hidden_size)
-        else:
-            header, payload = self._request(frames, expect="ax")
-            targets = segment.kind.out_cut.targets
-            shape = (b, s, len(targets), self.manifest.rank)
-            if (header["cut"], header["layer"], header["stage"]) != (cut, segment.cut_layer, segment.kind.out_cut.stage):
-                self._broken(f"the cloud answered for cut {header['cut']} (layer {header['layer']}, {header['stage']}); "
-                             f"this edge's plan expects cut {cut} (layer {segment.cut_layer}, {segment.kind.out_cut.stage})")
-        if header["step"] != self._step or tuple(header["shape"]) != shape:
-            self._broken(f"the cloud answered step {header['step']} with shape {header['shape']}; expected step {self._step}, shape {list(shape)}")
-        try:
-            array = wire.tensor(payload, shape, self.wire_dtype)
-        except wire.ProtocolError as e:
-            self._broken(f"the cloud sent a malformed tensor: {e}")
-        if segment.kind.out_cut is None:
+            array = self._reply_tensor(header, payload, self._step, (b, s, arch.hidden_size))
             self.position += s
             self._step += 1
             self._cut = self._ax_shape = None
             return StepOutput(hidden=array)
+        header, payload = self._request(frames, expect="ax")
+        self._check_cut(header, cut, segment)
+        shape = (b, s, len(segment.kind.out_cut.targets), self.manifest.rank)
+        array = self._reply_tensor(header, payload, self._step, shape)
         self._cut, self._ax_shape = cut, shape
         return StepOutput(ax=array, layer=segment.cut_layer, stage=segment.kind.out_cut.stage)
 
-    def _request(self, frames: list, *, expect: str, silence: str | None = None) -> tuple[dict, memoryview | None]:
-        """Send a request and wait for its one reply; an `error` reply raises CloudError and leaves the session as it was."""
-        if self._socket.closed:
-            raise CloudError(f"the connection to the cloud at {self.url} is closed", "closed")
-        try:
-            self._socket.send_multipart(frames, copy=False)
-        except zmq.Again:
-            self._broken(silence or f"the cloud at {self.url} does not take messages (no connection within {self.timeout:g} s)", "timeout")
-        self.bytes_up += wire.framed_size(frames)
-        if not self._socket.poll(int(self.timeout * 1000)):
-            self._broken(silence or f"the cloud at {self.url} stopped answering (no reply within {self.timeout:g} s)", "timeout")
-        reply = self._socket.recv_multipart(copy=False)
-        self.bytes_down += wire.framed_size(reply)
-        self.round_trips += 1
-        try:
-            header, payload = wire.decode(reply, wire.REPLIES, max_message_bytes=self.max_message_bytes)
-        except wire.ProtocolError as e:
-            self._broken(f"the cloud sent a malformed reply: {e}")
-        if header["op"] == "error":
-            raise CloudError(f"the cloud refused: {header['message']}", header["code"])
-        if header["op"] != expect:
-            self._broken(f"the cloud answered {header['op']!r} where {expect!r} was due")
-        return header, payload
 
-    def _broken(self, message: str, code: str = "bad_reply") -> NoReturn:
-        """Give up on this connection: after a silence or a bad reply the stream can no longer be trusted."""
-        self._socket.close()
-        raise CloudError(message, code)
+class RemoteTrainLink(WireConnection):
+    """A tune session: `train_link.TrainLink` over the wire, so `Tuner` drives a remote cloud like a local one.
+
+    What crosses is what the protocol allows a tune pass: embeddings and the
+    gradient at the last hidden state up, `A x` and gradients at `M A x` down,
+    `M A x` and gradients at `A x` up, and each row's length (the padding mask
+    of right-padded rows). Token ids, labels and the loss stay here.
+    """
+
+    def __init__(self, url: str, manifest: Manifest, *, wire_dtype: str = "float32", timeout: float = 10.0,
+                 context: zmq.Context | None = None):
+        self._passes = 0  # passes started
+        self._cut: int | None = None  # cut of the last ax / grad received, while a pass is open
+        self._shape: tuple[int, int] = (0, 0)  # batch, seq of the open pass
+        super().__init__(url, manifest, mode="tune", wire_dtype=wire_dtype, timeout=timeout, context=context)
+        self._cuts = [s for s in self.plan.segments if s.kind.out_cut is not None]
+
+    def forward_start(self, embeds: np.ndarray, attention_mask: np.ndarray | None = None, *, train: bool = True) -> StepOutput:
+        bsz, seq = embeds.shape[:2]
+        if attention_mask is None:
+            attention_mask = np.ones((bsz, seq), np.int64)
+        lengths = attention_mask.sum(axis=1)
+        if attention_mask.shape != (bsz, seq) or not np.array_equal(attention_mask, np.arange(seq) < lengths[:, None]):
+            raise ValueError("the attention mask must mark right-padded rows (ones, then zeros)")
+        self._shape = (bsz, seq)
+        frames = wire.encode("train_step", {"session": self.session_id, "step": self._passes,
+                                            "lengths": [int(n) for n in lengths], "grad": bool(train)}, embeds, self.wire_dtype)
+        return self._forward(frames, cut=0, first=True)
+
+    def forward_resume(self, madx: np.ndarray) -> StepOutput:
+        self._started()
+        frames = wire.encode("madx", {"session": self.session_id, "step": self._passes - 1, "cut": self._cut}, madx,
+                             self.wire_dtype)
+        return self._forward(frames, cut=self._cut + 1)
+
+    def backward_start(self, grad_hidden: np.ndarray) -> GradOutput:
+        self._started()
+        frames = wire.encode("grad_hidden", {"session": self.session_id, "step": self._passes - 1}, grad_hidden,
+                             self.wire_dtype)
+        return self._backward(frames, cut=len(self._cuts) - 1)
+
+    def backward_resume(self, grad_ax: np.ndarray) -> GradOutput:
+        self._started()
+        frames = wire.encode("grad_ax", {"session": self.session_id, "step": self._passes - 1, "cut": self._cut}, grad_ax,
+                             self.wire_dtype)
+        return self._backward(frames, cut=self._cut - 1)
+
+    def abort(self) -> None:
+        self._request(wire.encode("abort", {"session": self.session_id}), expect="aborted")
+        self._cut = None
+
+    def _forward(self, frames: list, *, cut: int, first: bool = False) -> StepOutput:
+        bsz, seq = self._shape
+        if cut == len(self._cuts):
+            header, payload = self._request(frames, expect="hidden")
+            self._passes += first
+            hidden = self._reply_tensor(header, payload, self._passes - 1, (bsz, seq, self.manifest.architecture.hidden_size))
+            return StepOutput(hidden=hidden)
+        header, payload = self._request(frames, expect="ax")
+        self._passes += first
+        segment = self._cuts[cut]
+        self._check_cut(header, cut, segment)
+        ax = self._reply_tensor(header, payload, self._passes - 1, self._cut_shape(segment))
+        self._cut = cut
+        return StepOutput(ax=ax, layer=segment.cut_layer, stage=segment.kind.out_cut.stage)
+
+    def _backward(self, frames: list, *, cut: int) -> GradOutput:
+        header, payload = self._request(frames, expect="grad")
+        segment = self._cuts[cut]
+        self._check_cut(header, cut, segment)
+        if header["last"] != (cut == 0):
+            self._broken(f"the cloud ended the backward at cut {cut}" if header["last"] else "the cloud went on past cut 0")
+        grad = self._reply_tensor(header, payload, self._passes - 1, self._cut_shape(segment))
+        self._cut = None if cut == 0 else cut
+        return GradOutput(grad_madx=grad, layer=segment.cut_layer, stage=segment.kind.out_cut.stage, last=cut == 0)
+
+    def _started(self) -> None:
+        # The cloud checks the order of everything else; a pass number below 0 would not even be a message.
+        if not self._passes:
+            raise RuntimeError("no pass has been started in this session")
+
+    def _cut_shape(self, segment) -> tuple[int, ...]:
+        return (*self._shape, len(segment.kind.out_cut.targets), self.manifest.rank)
 
 
 def cloud_status(url: str, *, timeout: float = 5.0, context: zmq.Context | None = None) -> dict:

@@ -1,5 +1,11 @@
 """The cloud server: one ROUTER socket, many edge sessions, each with its own KV cache.
 
+A session is opened to *generate* (ONNX Runtime segments, a KV cache that
+grows step by step) or to *tune* (the same segments in torch, forward and
+backward over independent batches; see cloud_tune.py). The torch half is
+loaded when the server is made, not on the first tune session, so that no
+edge's step waits on it; `tune=False` leaves it out (and torch unimported).
+
 The loop drains whatever messages are waiting, *admits* each one (decode and
 validate it against the session it names, answer control ops at once) and then
 *executes* the admitted steps. Admission never touches the model and execution
@@ -17,7 +23,7 @@ import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import numpy as np
 import zmq
@@ -25,19 +31,28 @@ import zmq
 from . import wire
 from .cloud import CloudModel, CloudSession
 
+if TYPE_CHECKING:
+    from .cloud_tune import CloudTrainSession
+
 POLL_S = 0.05  # how often the loop wakes to expire sessions and notice a stop request
 RATE_WINDOW_S = 5.0
+
+
+GENERATE_OPS = ("step", "madx")
+TUNE_OPS = ("train_step", "madx", "grad_hidden", "grad_ax", "abort")
 
 
 @dataclass
 class Session:
     id: str
     peer: bytes  # ZeroMQ routing id of the connection that opened it; no other connection may use it
+    mode: str  # "generate" or "tune"
     batch: int
-    cloud: CloudSession
+    cloud: CloudSession | None  # generate: the KV cache and position
+    trainer: "CloudTrainSession | None"  # tune: the pass in progress
     last_seen: float
-    steps: int = 0  # completed steps
-    cut: int | None = None  # cut the edge must answer next, while a step is open
+    steps: int = 0  # generate: completed steps; tune: passes started
+    cut: int | None = None  # generate: cut the edge must answer next; tune: cut of the last ax or grad sent
     ax_shape: tuple[int, ...] | None = None
     tokens: int = 0
     busy: bool = False  # a message of this session is admitted and not yet executed
@@ -45,11 +60,12 @@ class Session:
 
 @dataclass
 class StepRequest:
-    """An admitted `step` or `madx`: validated, with its tensor decoded, ready to run."""
+    """An admitted model op (`step`, `madx`, `train_step`, `grad_hidden`, `grad_ax`): validated, tensor decoded."""
 
     session: Session
     op: str
     tensor: np.ndarray
+    header: dict
 
 
 @dataclass
@@ -72,6 +88,9 @@ class CloudServer:
         session_timeout: float = 600.0,
         wire_dtype: str = "float32",
         max_batch: int = 1,
+        tune: bool = True,
+        max_train_tokens: int = 16384,
+        threads: int | None = None,
         on_event: Callable[[dict], None] | None = None,
         context: zmq.Context | None = None,
     ):
@@ -85,18 +104,28 @@ class CloudServer:
             raise ValueError(f"--wire-dtype must be one of {', '.join(wire.WIRE_DTYPES)}")
         if max_batch < 1:
             raise ValueError("--max-batch must be at least 1")
+        if max_train_tokens < 1:
+            raise ValueError("--max-train-tokens must be at least 1")
         self.model = model
         self.max_sessions = max_sessions
         self.max_context = max_context or model.arch.max_position_embeddings
         self.session_timeout = session_timeout
         self.wire_dtype = wire_dtype
         self.max_batch = max_batch
+        self.max_train_tokens = max_train_tokens
+        self.segments = None  # torch segments shared by tune sessions
+        if tune:
+            from .cloud_tune import TorchSegments, set_threads
+
+            set_threads(threads)
+            self.segments = TorchSegments(model)
         self.on_event = on_event or (lambda event: None)
         arch, plan = model.arch, model.plan
         widest = max([arch.hidden_size] + [len(s.kind.out_cut.targets) * model.manifest.rank
                                            for s in plan.segments if s.kind.out_cut is not None])
-        # The largest legitimate message: a full-context prefill of the widest tensor, in float32.
-        self.max_message_bytes = wire.MAX_HEADER_BYTES + max_batch * self.max_context * widest * 4
+        # The largest legitimate message: a full-context prefill or a full tune pass of the widest tensor, in float32.
+        tokens = max(max_batch * self.max_context, max_train_tokens)
+        self.max_message_bytes = wire.MAX_HEADER_BYTES + tokens * widest * 4
         self.sessions: dict[str, Session] = {}
         self.counters = _Counters()
         self.tokens_per_s = 0.0
@@ -173,8 +202,16 @@ class CloudServer:
                 self.on_event({"event": "closed", "session": session.id[:8], "tokens": session.tokens,
                                "sessions": len(self.sessions)})
                 return None
-            request = self._admit_step(session, op, header, payload)
+            if op not in (GENERATE_OPS if session.mode == "generate" else TUNE_OPS):
+                raise wire.ProtocolError("wrong_mode", f"{op} does not belong to a {session.mode} session")
             session.last_seen = time.monotonic()
+            if op == "abort":
+                session.trainer.abort()
+                session.cut = None
+                self._send(peer, wire.encode("aborted", {"session": session.id}))
+                return None
+            admit = self._admit_step if session.mode == "generate" else self._admit_tune
+            request = admit(session, op, header, payload)
             session.busy = True
             return request
         except wire.ProtocolError as e:
@@ -201,11 +238,16 @@ class CloudServer:
         if len(self.sessions) >= self.max_sessions:
             raise wire.ProtocolError("busy", f"the cloud serves its maximum of {self.max_sessions} sessions; try again later")
         sid = secrets.token_hex(16)
-        self.sessions[sid] = Session(sid, peer, header["batch"], self.model.new_session(max_context=self.max_context),
-                                     last_seen=time.monotonic())
+        if header["mode"] == "generate":
+            cloud, trainer = self.model.new_session(max_context=self.max_context), None
+        elif self.segments is None:
+            raise wire.ProtocolError("wrong_mode", "this cloud does not serve tuning (it was started with --no-tune)")
+        else:
+            cloud, trainer = None, self.segments.new_session(max_context=self.max_context)
+        self.sessions[sid] = Session(sid, peer, header["mode"], header["batch"], cloud, trainer, last_seen=time.monotonic())
         self._send(peer, wire.encode("opened", {"session": sid, "max_context": self.max_context,
                                                 "max_message_bytes": self.max_message_bytes, "wire_dtype": self.wire_dtype}))
-        self.on_event({"event": "opened", "session": sid[:8], "sessions": len(self.sessions)})
+        self.on_event({"event": "opened", "session": sid[:8], "mode": header["mode"], "sessions": len(self.sessions)})
 
     def _admit_step(self, session: Session, op: str, header: dict, payload: memoryview) -> StepRequest:
         shape = tuple(header["shape"])
@@ -229,7 +271,38 @@ class CloudServer:
             if shape != session.ax_shape:
                 raise wire.ProtocolError("bad_tensor", f"M A x must have the shape of the A x it answers, "
                                                        f"{list(session.ax_shape)}; got {list(shape)}")
-        return StepRequest(session, op, wire.tensor(payload, shape, self.wire_dtype))
+        return StepRequest(session, op, wire.tensor(payload, shape, self.wire_dtype), header)
+
+    def _admit_tune(self, session: Session, op: str, header: dict, payload: memoryview) -> StepRequest:
+        """Check a tune op against the pass in progress: its number, phase, cut and exact shape."""
+        trainer, shape = session.trainer, tuple(header["shape"])
+        phase = trainer.phase
+        if op == "train_step":
+            if header["step"] != session.steps:
+                raise wire.ProtocolError("out_of_order", f"expected pass {session.steps}, got {header['step']}")
+            if phase != "idle":
+                raise wire.ProtocolError("out_of_order", f"pass {session.steps - 1} is still open; abort it first")
+            lengths, hidden = header["lengths"], self.model.arch.hidden_size
+            if len(shape) != 3 or shape[0] != len(lengths) or shape[2] != hidden:
+                raise wire.ProtocolError("bad_tensor", f"embeddings must be [{len(lengths)} (one per length), seq, {hidden}], "
+                                                       f"got {list(shape)}")
+            if shape[1] > self.max_context or shape[0] * shape[1] > self.max_train_tokens:
+                raise wire.ProtocolError("limit", f"a pass of {shape[0]} x {shape[1]} tokens exceeds this cloud's limits "
+                                                  f"({self.max_context} per row, {self.max_train_tokens} per pass)")
+            if max(lengths) > shape[1]:
+                raise wire.ProtocolError("bad_message", f"a row length exceeds the sequence length {shape[1]}")
+        else:
+            if header["step"] != session.steps - 1 or phase == "idle":
+                raise wire.ProtocolError("out_of_order", f"{op} for pass {header['step']}, but the open pass is "
+                                                         f"{session.steps - 1 if phase != 'idle' else 'none'}")
+            due = {"madx": "forward", "grad_hidden": "forward_done", "grad_ax": "backward"}[op]
+            if phase != due:
+                raise wire.ProtocolError("out_of_order", f"{op} arrived while the pass is in phase {phase}")
+            if op != "grad_hidden" and header["cut"] != session.cut:
+                raise wire.ProtocolError("out_of_order", f"expected {op} for cut {session.cut}, got cut {header['cut']}")
+            if shape != trainer.expected_shape:
+                raise wire.ProtocolError("bad_tensor", f"{op} must have shape {list(trainer.expected_shape)}; got {list(shape)}")
+        return StepRequest(session, op, wire.tensor(payload, shape, self.wire_dtype), header)
 
     # -- execution ---------------------------------------------------------------
     def _execute(self, requests: list[StepRequest]) -> None:
@@ -238,6 +311,9 @@ class CloudServer:
             session.busy = False
             if self.sessions.get(session.id) is not session:
                 continue  # expired while waiting in this batch
+            if session.mode == "tune":
+                self._execute_tune(request)
+                continue
             try:
                 out = session.cloud.start(request.tensor) if request.op == "step" else session.cloud.resume(request.tensor)
             except Exception as e:  # the model itself failed: refuse the step, keep serving
@@ -258,6 +334,44 @@ class CloudServer:
                 session.ax_shape = tuple(out.ax.shape)
                 self._send(session.peer, wire.encode("ax", {"step": step, "cut": session.cut, "layer": out.layer,
                                                             "stage": out.stage}, out.ax, self.wire_dtype))
+
+    def _execute_tune(self, request: StepRequest) -> None:
+        session, op, h, trainer = request.session, request.op, request.header, request.session.trainer
+        try:
+            if op == "train_step":
+                bsz, seq = request.tensor.shape[:2]
+                mask = (np.arange(seq) < np.asarray(h["lengths"])[:, None]).astype(np.int64)
+                out = trainer.forward_start(request.tensor, mask, train=h["grad"])
+                session.steps += 1
+            elif op == "madx":
+                out = trainer.forward_resume(request.tensor)
+            elif op == "grad_hidden":
+                out = trainer.backward_start(request.tensor)
+            else:
+                out = trainer.backward_resume(request.tensor)
+        except Exception as e:  # the model itself failed: drop the pass, keep serving
+            trainer.abort()
+            session.cut = None
+            self._reply_error(session.peer, "internal", f"the cloud failed to run {op}: {type(e).__name__}: {e}"[:1000])
+            return
+        step = session.steps - 1
+        if op in ("train_step", "madx"):
+            if out.done:
+                seq = out.hidden.shape[0] * out.hidden.shape[1]
+                session.tokens += seq
+                self._count_tokens(seq)
+                session.cut = None
+                self._send(session.peer, wire.encode("hidden", {"step": step}, out.hidden, self.wire_dtype))
+            else:
+                session.cut = 0 if op == "train_step" else session.cut + 1
+                self._send(session.peer, wire.encode("ax", {"step": step, "cut": session.cut, "layer": out.layer,
+                                                            "stage": out.stage}, out.ax, self.wire_dtype))
+            return
+        session.cut = len(self.model.plan.segments) - 2 if op == "grad_hidden" else session.cut - 1
+        self._send(session.peer, wire.encode("grad", {"step": step, "cut": session.cut, "layer": out.layer, "stage": out.stage,
+                                                      "last": out.last}, out.grad_madx, self.wire_dtype))
+        if out.last:
+            session.cut = None
 
     # -- housekeeping --------------------------------------------------------------
     def _expire(self, now: float) -> None:

@@ -1,4 +1,4 @@
-"""The edge <-> cloud wire protocol, version 1: every op, header field, frame and limit.
+"""The edge <-> cloud wire protocol, version 2: every op, header field, frame and limit.
 
 Transport: ZeroMQ. The cloud binds one ROUTER socket; each edge connects one
 DEALER socket and runs one session over it. A message is a multipart ZeroMQ
@@ -16,13 +16,15 @@ lists below, no more. Integers must be JSON integers (not floats, not booleans).
 
 Edge -> cloud (requests)
 
-    open    ab_fingerprint, wire_dtype, batch
+    open    ab_fingerprint, wire_dtype, batch, mode
             Handshake. `ab_fingerprint` is the sha256 of the A/B the edge's
             bundle was split with; the cloud refuses any other (an M is
             useless with other A/B). `wire_dtype` is "float32" (exact) or
-            "float16" (half the bytes) and must be the cloud's. `batch` is
-            the number of sequences the session runs side by side. One
-            connection holds at most one session.
+            "float16" (half the bytes) and must be the cloud's. `mode` is
+            "generate" (a KV cache grows step by step) or "tune" (passes over
+            independent batches, forward and backward, no cache). `batch` is
+            the number of sequences a generate step carries (a tune session
+            gives it per pass). One connection holds at most one session.
     step    session, step, shape + tensor
             Starts step `step` (0 for the first, counting completed steps)
             with input embeddings [batch, seq, hidden] of the tokens after
@@ -33,6 +35,25 @@ Edge -> cloud (requests)
             the open step; shape exactly that of the `ax` it answers.
     close   session
             Frees the session and its KV cache.
+
+Tune sessions (mode "tune") run passes numbered 0, 1, ... instead of steps:
+
+    train_step  session, step, lengths, grad, shape + tensor
+            Starts pass `step` with input embeddings [batch, seq, hidden] of
+            right-padded rows; `lengths` (one per row, 1..seq) says how many
+            positions of each row are real. With `grad` false (evaluation) the
+            pass ends with `hidden` and the cloud keeps nothing; with `grad`
+            true it keeps each segment's inputs until the backward.
+    madx        as above, answering the pass's forward cut by cut.
+    grad_hidden session, step, shape + tensor
+            The loss gradient at the last hidden state [batch, seq, hidden].
+    grad_ax     session, step, cut, shape + tensor
+            The gradient at the `A x` of cut `cut` (`M^T` times the gradient
+            at its `M A x`), answering the `grad` reply of that cut.
+    abort       session
+            Drops the open pass, if any, and whatever the cloud kept for it.
+            A pass ends with its `hidden` (evaluation), with the `grad` of
+            cut 0 (training) or with `abort`; the next one is `step` + 1.
     status  (no fields)
             Server counters; needs no session.
 
@@ -48,16 +69,20 @@ Cloud -> edge (replies; exactly one per request)
     hidden  step, shape + tensor
             The last hidden state [batch, seq, hidden]; the step is complete
             and the session's KV cache now holds its tokens.
+    grad    step, cut, layer, stage, last, shape + tensor
+            The gradient at the `M A x` of cut `cut` [batch, seq, targets,
+            rank], from the last cut down to cut 0 (`last` true: the pass is
+            over; below cut 0 lies only the frozen embedding).
+    aborted session
     closed  session
     status  sessions, max_sessions, tokens, tokens_per_s, uptime_s, rejected
     error   code, message
             The request was refused and changed nothing (see ERROR_CODES).
 
 Per token the edge sends `step` and one `madx` per cut; the cloud answers each
-with `ax`, and the last one with `hidden`. Token ids, text and M never cross.
-
-Ops reserved for a later version: RESERVED_OPS (training M across the split);
-a version-1 cloud answers them with `unsupported_op`.
+with `ax`, and the last one with `hidden`. A training pass adds the backward:
+`grad_hidden`, answered by the last cut's `grad`, then one `grad_ax` per cut
+but the first. Token ids, text, labels, the loss and M never cross.
 
 Byte accounting: `framed_size` counts what the frames occupy in the ZMTP 3
 stream (a flags byte and a 1- or 8-byte length before each frame's body), so
@@ -76,20 +101,21 @@ import numpy as np
 
 from .plan import STAGE_TARGETS
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 MAX_HEADER_BYTES = 4096
 MAX_DIMS = 8
 MAX_DIM = (1 << 31) - 1
 MAX_STEP = (1 << 53) - 1  # JSON numbers stay exact up to here in every reader
 WIRE_DTYPES = {"float32": np.dtype("<f4"), "float16": np.dtype("<f2")}
-RESERVED_OPS = ("train_forward", "train_backward")
+MODES = ("generate", "tune")
+MAX_BATCH = 256  # rows a tune pass may carry: `lengths` must fit in a header
 
 ERROR_CODES = {
     "bad_message": "not a valid header, field or frame layout",
     "too_large": "header or message over the limits",
     "unsupported_version": "another protocol version",
     "unknown_op": "no such op",
-    "unsupported_op": "an op reserved for a later version",
+    "wrong_mode": "an op of the other session mode (generate / tune)",
     "fingerprint_mismatch": "the edge and cloud bundles were not split together",
     "wire_dtype_mismatch": "the edge and cloud use different wire dtypes",
     "busy": "the cloud serves its maximum number of sessions",
@@ -136,26 +162,43 @@ def _session(v: object) -> bool:
     return type(v) is str and _SESSION_ID.fullmatch(v) is not None
 
 
+def _lengths(v: object) -> bool:
+    return type(v) is list and 1 <= len(v) <= MAX_BATCH and all(type(n) is int and 1 <= n <= MAX_DIM for n in v)
+
+
+def _flag(v: object) -> bool:
+    return type(v) is bool
+
+
 def _shape(v: object) -> bool:
     return type(v) is list and 1 <= len(v) <= MAX_DIMS and all(type(d) is int and 1 <= d <= MAX_DIM for d in v)
 
 
 _STEP = _integer(0, MAX_STEP)
 _COUNT = _integer(0, MAX_STEP)
+_CUT = _integer(0, 1 << 16)
 
 REQUESTS: dict[str, dict[str, Check]] = {
-    "open": {"ab_fingerprint": _text(128), "wire_dtype": _one_of(WIRE_DTYPES), "batch": _integer(1, 1 << 16)},
+    "open": {"ab_fingerprint": _text(128), "wire_dtype": _one_of(WIRE_DTYPES), "batch": _integer(1, 1 << 16),
+             "mode": _one_of(MODES)},
     "step": {"session": _session, "step": _STEP, "shape": _shape},
-    "madx": {"session": _session, "step": _STEP, "cut": _integer(0, 1 << 16), "shape": _shape},
+    "madx": {"session": _session, "step": _STEP, "cut": _CUT, "shape": _shape},
+    "train_step": {"session": _session, "step": _STEP, "lengths": _lengths, "grad": _flag, "shape": _shape},
+    "grad_hidden": {"session": _session, "step": _STEP, "shape": _shape},
+    "grad_ax": {"session": _session, "step": _STEP, "cut": _CUT, "shape": _shape},
+    "abort": {"session": _session},
     "close": {"session": _session},
     "status": {},
 }
 REPLIES: dict[str, dict[str, Check]] = {
     "opened": {"session": _session, "max_context": _integer(1, MAX_STEP), "max_message_bytes": _integer(1, MAX_STEP),
                "wire_dtype": _one_of(WIRE_DTYPES)},
-    "ax": {"step": _STEP, "cut": _integer(0, 1 << 16), "layer": _integer(0, 1 << 16), "stage": _one_of(STAGE_TARGETS),
+    "ax": {"step": _STEP, "cut": _CUT, "layer": _integer(0, 1 << 16), "stage": _one_of(STAGE_TARGETS),
            "shape": _shape},
     "hidden": {"step": _STEP, "shape": _shape},
+    "grad": {"step": _STEP, "cut": _CUT, "layer": _integer(0, 1 << 16), "stage": _one_of(STAGE_TARGETS),
+             "last": _flag, "shape": _shape},
+    "aborted": {"session": _session},
     "closed": {"session": _session},
     "status": {"sessions": _COUNT, "max_sessions": _COUNT, "tokens": _COUNT, "tokens_per_s": _number,
                "uptime_s": _number, "rejected": _COUNT},
@@ -214,8 +257,6 @@ def decode(frames: Sequence, table: dict[str, dict[str, Check]], *, max_message_
     op = header.get("op")
     if type(op) is not str:
         raise ProtocolError("bad_message", "header lacks `op`")
-    if op in RESERVED_OPS:
-        raise ProtocolError("unsupported_op", f"op {op!r} is reserved for a later protocol version")
     if op not in table:
         raise ProtocolError("unknown_op", f"unknown op {op[:40]!r}")
     schema = table[op]

@@ -302,7 +302,7 @@ class RawEdge:
 
 
 def _raw(**header) -> bytes:
-    return json.dumps({"v": 1, **header}).encode()
+    return json.dumps({"v": wire.PROTOCOL_VERSION, **header}).encode()
 
 
 def test_malformed_and_out_of_order_messages_get_errors_and_change_nothing(model):
@@ -317,16 +317,17 @@ def test_malformed_and_out_of_order_messages_get_errors_and_change_nothing(model
         assert raw.error([b"\x00garbage"]) == "bad_message"
         assert raw.error([b'{"v": 1, "op": "st']) == "bad_message"  # truncated header
         assert raw.error([_raw(op="hello")]) == "unknown_op"
-        assert raw.error([_raw(op="train_forward")]) == "unsupported_op"
         assert raw.error([b'{"v": 9, "op": "open"}']) == "unsupported_version"
         assert raw.error([_raw(op="status", pad="x" * wire.MAX_HEADER_BYTES)]) == "too_large"
         # Over the message limit in total, each frame under it (a frame over it makes libzmq drop the connection).
         assert raw.error([_raw(op="status"), b"\0" * (limit - 100), b"\0" * 200]) == "too_large"
         assert raw.error([_raw(op="step", session="0" * 32, step=0, shape=[1, 3, hidden]), x.tobytes()]) == "unknown_session"
 
-        opened, _ = raw.ask(wire.encode("open", {"ab_fingerprint": edge.manifest.ab_fingerprint, "wire_dtype": "float32", "batch": 1}))
+        open_ = wire.encode("open", {"ab_fingerprint": edge.manifest.ab_fingerprint, "wire_dtype": "float32", "batch": 1,
+                                     "mode": "generate"})
+        opened, _ = raw.ask(open_)
         sid = opened["session"]
-        assert raw.error(wire.encode("open", {"ab_fingerprint": edge.manifest.ab_fingerprint, "wire_dtype": "float32", "batch": 1})) == "limit"
+        assert raw.error(open_) == "limit"
         step = lambda n, t, **f: wire.encode("step", {"session": sid, "step": n, **f}, t)  # noqa: E731
         madx = lambda n, cut, t: wire.encode("madx", {"session": sid, "step": n, "cut": cut}, t)  # noqa: E731
         truncated = step(0, x)
@@ -336,6 +337,7 @@ def test_malformed_and_out_of_order_messages_get_errors_and_change_nothing(model
         assert raw.error(step(0, np.zeros((1, context + 1, hidden), np.float32))) == "limit"
         assert raw.error(step(3, x)) == "out_of_order"
         assert raw.error(madx(0, 0, np.zeros((1, 3, 3, 8), np.float32))) == "out_of_order"
+        assert raw.error(wire.encode("abort", {"session": sid})) == "wrong_mode"  # a tune op in a generate session
         assert stranger.error(step(0, x)) == "unknown_session"  # a session belongs to the connection that opened it
 
         out, cut = raw.ask(step(0, x)), 0

@@ -14,13 +14,17 @@ LIMIT = 1 << 20
 
 
 def _header(**fields) -> bytes:
-    return json.dumps({"v": 1, **fields}).encode()
+    return json.dumps({"v": wire.PROTOCOL_VERSION, **fields}).encode()
 
 
 VALID_REQUESTS = {
-    "open": ({"ab_fingerprint": "sha256:ab", "wire_dtype": "float32", "batch": 1}, None),
+    "open": ({"ab_fingerprint": "sha256:ab", "wire_dtype": "float32", "batch": 1, "mode": "generate"}, None),
     "step": ({"session": SID, "step": 0}, np.ones((1, 3, 8), np.float32)),
     "madx": ({"session": SID, "step": 4, "cut": 1}, np.ones((1, 1, 3, 2), np.float32)),
+    "train_step": ({"session": SID, "step": 2, "lengths": [3, 1], "grad": True}, np.ones((2, 3, 8), np.float32)),
+    "grad_hidden": ({"session": SID, "step": 2}, np.ones((2, 3, 8), np.float32)),
+    "grad_ax": ({"session": SID, "step": 2, "cut": 0}, np.ones((2, 3, 3, 2), np.float32)),
+    "abort": ({"session": SID}, None),
     "close": ({"session": SID}, None),
     "status": ({}, None),
 }
@@ -28,6 +32,8 @@ VALID_REPLIES = {
     "opened": ({"session": SID, "max_context": 256, "max_message_bytes": 9000, "wire_dtype": "float16"}, None),
     "ax": ({"step": 0, "cut": 0, "layer": 0, "stage": "attn_in"}, np.ones((1, 3, 3, 2), np.float32)),
     "hidden": ({"step": 0}, np.ones((1, 3, 8), np.float32)),
+    "grad": ({"step": 2, "cut": 1, "layer": 0, "stage": "mlp_in", "last": False}, np.ones((2, 3, 2, 2), np.float32)),
+    "aborted": ({"session": SID}, None),
     "closed": ({"session": SID}, None),
     "status": ({"sessions": 1, "max_sessions": 16, "tokens": 10, "tokens_per_s": 2.5, "uptime_s": 1, "rejected": 0}, None),
     "error": ({"code": "busy", "message": "try later"}, None),
@@ -38,7 +44,6 @@ def test_the_tables_cover_exactly_the_documented_ops():
     assert set(VALID_REQUESTS) == set(wire.REQUESTS) and set(VALID_REPLIES) == set(wire.REPLIES)
     for op in [*wire.REQUESTS, *wire.REPLIES]:
         assert f"\n    {op} " in wire.__doc__, op
-    assert "RESERVED_OPS" in wire.__doc__ and not set(wire.RESERVED_OPS) & set(wire.REQUESTS)
 
 
 @pytest.mark.parametrize("table, op", [(wire.REQUESTS, op) for op in VALID_REQUESTS] + [(wire.REPLIES, op) for op in VALID_REPLIES])
@@ -75,25 +80,32 @@ def test_received_tensors_are_aligned_float32_even_at_odd_offsets():
     ([], "bad_message"),
     ([b""], "bad_message"),
     ([b"\xff\xfe{}"], "bad_message"),
-    ([b'{"v": 1, "op": "status"'], "bad_message"),  # truncated header
+    ([b'{"v": 2, "op": "status"'], "bad_message"),  # truncated header
     ([b"[1, 2]"], "bad_message"),
     ([b"[" * 3000 + b"]" * 1000], "bad_message"),
     ([b'{"op": "status"}'], "bad_message"),
     ([b'{"v": true, "op": "status"}'], "bad_message"),
     ([_header(op=7)], "bad_message"),
-    ([b'{"v": 2, "op": "status"}'], "unsupported_version"),
+    ([b'{"v": 1, "op": "status"}'], "unsupported_version"),
     ([_header(op="hello")], "unknown_op"),
-    ([_header(op="train_forward")], "unsupported_op"),
-    ([_header(op="train_backward")], "unsupported_op"),
+    ([_header(op="open", ab_fingerprint="x", wire_dtype="float32", batch=1)], "bad_message"),  # no mode
+    ([_header(op="open", ab_fingerprint="x", wire_dtype="float32", batch=1, mode="train")], "bad_message"),
+    ([_header(op="train_step", session=SID, step=0, lengths=[], grad=True, shape=[1, 1, 8]), b"\0" * 32], "bad_message"),
+    ([_header(op="train_step", session=SID, step=0, lengths=[0], grad=True, shape=[1, 1, 8]), b"\0" * 32], "bad_message"),
+    ([_header(op="train_step", session=SID, step=0, lengths=[1], grad=1, shape=[1, 1, 8]), b"\0" * 32], "bad_message"),
+    ([_header(op="train_step", session=SID, step=0, lengths=[1] * 257, grad=True, shape=[1, 1, 8]), b"\0" * 32],
+     "bad_message"),
+    ([_header(op="grad_ax", session=SID, step=0, shape=[1, 1, 8]), b"\0" * 32], "bad_message"),  # no cut
     ([_header(op="status", extra=1)], "bad_message"),
     ([_header(op="status"), b"tensor"], "bad_message"),
     ([_header(op="close")], "bad_message"),
     ([_header(op="close", session="XYZ")], "bad_message"),
     ([_header(op="close", session=SID.upper())], "bad_message"),
-    ([_header(op="open", ab_fingerprint="x", wire_dtype="float64", batch=1)], "bad_message"),
-    ([_header(op="open", ab_fingerprint="x", wire_dtype="float32", batch=0)], "bad_message"),
-    ([b'{"v": 1, "op": "open", "ab_fingerprint": "x", "wire_dtype": "float32", "batch": NaN}'], "bad_message"),
-    ([_header(op="open", ab_fingerprint="x" * 200, wire_dtype="float32", batch=1)], "bad_message"),
+    ([_header(op="open", ab_fingerprint="x", wire_dtype="float64", batch=1, mode="generate")], "bad_message"),
+    ([_header(op="open", ab_fingerprint="x", wire_dtype="float32", batch=0, mode="generate")], "bad_message"),
+    ([b'{"v": 2, "op": "open", "ab_fingerprint": "x", "wire_dtype": "float32", "batch": NaN, "mode": "tune"}'],
+     "bad_message"),
+    ([_header(op="open", ab_fingerprint="x" * 200, wire_dtype="float32", batch=1, mode="generate")], "bad_message"),
     ([_header(op="step", session=SID, step=0, shape=[1, 1, 8])], "bad_message"),  # tensor frame missing
     ([_header(op="step", session=SID, step=0, shape=[1, 1, 8]), b"\0" * 32, b"\0" * 32], "bad_message"),
     ([_header(op="step", session=SID, step=-1, shape=[1, 1, 8]), b"\0" * 32], "bad_message"),

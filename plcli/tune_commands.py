@@ -1,0 +1,195 @@
+"""`plcli tune` (train M on the edge across the split) and `plcli export-peft` (hand the result to peft)."""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from .app import UserError, app, console, err_console, fail, print_json, reports_errors
+from .serve_commands import WIRE_DTYPE_HELP
+
+
+def tune_progress() -> Progress:
+    return Progress(
+        TextColumn("tuning"), BarColumn(), MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[speed]} tok/s"), TextColumn("lr {task.fields[lr]}"),
+        TimeElapsedColumn(), TimeRemainingColumn(),
+        console=err_console, disable=not err_console.is_terminal,
+    )
+
+
+def run_tuner(tuner, *, quiet: bool = False):
+    """Run with a progress bar (steps, loss, tokens/s, learning rate) and eval lines; returns the summary."""
+    from plcli.runtime.tune import TuneInterrupted
+
+    with tune_progress() as progress:
+        task = progress.add_task("tuning", total=tuner.total_steps, completed=tuner.step_count, loss="-", speed="-", lr="-")
+
+        def on_step(r):
+            progress.update(task, completed=r.step, loss=f"{r.loss:.3f}", speed=f"{r.tokens_per_s:,.0f}", lr=f"{r.lr:.1e}")
+
+        def on_eval(step: int, loss: float):
+            if not quiet:
+                progress.console.print(f"step {step}: eval loss {loss:.4f}")
+
+        try:
+            return tuner.run(on_step=on_step, on_eval=on_eval)
+        except TuneInterrupted as e:
+            fail(str(e), 130 if e.reason == "interrupted" else 1)
+
+
+@app.command()
+@reports_errors
+def tune(
+    edge_dir: Path = typer.Argument(..., help="The edge bundle (its tokenizer, embedding, head and M)."),
+    more_data: Optional[list[Path]] = typer.Argument(None, metavar="[PATH ...]", show_default=False,
+                                                     help="More training files: `--data a.txt b.jsonl` reads both."),
+    data: list[Path] = typer.Option(..., "--data", help="Training text: .txt files, or .jsonl with {\"text\"} or {\"prompt\", \"response\"} lines."),
+    connect: Optional[str] = typer.Option(None, "--connect", help="The cloud's endpoint (`plcli serve-cloud`), e.g. tcp://127.0.0.1:5555."),
+    cloud_dir: Optional[Path] = typer.Option(None, "--cloud", help="Instead of --connect: run this cloud bundle in this process (single machine, tests)."),
+    timeout: float = typer.Option(30.0, "--timeout", help="Seconds to wait for the cloud to connect and for each reply."),
+    wire_dtype: str = typer.Option("float32", "--wire-dtype", help=WIRE_DTYPE_HELP),
+    steps: Optional[int] = typer.Option(None, "--steps", help="Optimizer steps (instead of --epochs)."),
+    epochs: Optional[float] = typer.Option(None, "--epochs", help="Passes over the data (default 3)."),
+    lr: Optional[float] = typer.Option(None, "--lr", help="Peak learning rate (default 1e-2)."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Sequences per micro-batch (default 8)."),
+    seq_len: Optional[int] = typer.Option(None, "--seq-len", help="Tokens per sequence (default 128)."),
+    grad_accum: Optional[int] = typer.Option(None, "--grad-accum", help="Micro-batches per optimizer step (default 1)."),
+    warmup: Optional[int] = typer.Option(None, "--warmup", help="Linear warmup steps before the cosine decay (default 10)."),
+    weight_decay: Optional[float] = typer.Option(None, "--weight-decay", help="AdamW decoupled weight decay (default 0)."),
+    max_grad_norm: Optional[float] = typer.Option(None, "--max-grad-norm", help="Clip the gradient's global norm; 0 is off (default 1)."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Seed of the data order (default 0)."),
+    eval_data: Optional[list[Path]] = typer.Option(None, "--eval-data", help="Held-out text, same formats: loss and perplexity before and after."),
+    eval_every: Optional[int] = typer.Option(None, "--eval-every", help="Also evaluate every N steps (default: before and after only)."),
+    save_every: Optional[int] = typer.Option(None, "--save-every", help="Checkpoint every N steps (default 50; 0: at the end only)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Adapter directory (default EDGE_DIR/adapter)."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads of the in-process cloud with --cloud (default: torch's)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run checkpointed in --out, exactly where it stopped."),
+    as_json: bool = typer.Option(False, "--json", help="Print a summary as JSON."),
+):
+    """Tune the adapter M on your own text: data, labels and loss never leave this device."""
+    from plcli.runtime.edge import EdgeModel
+    from plcli.runtime.tune import Tuner, TuneConfig, default_adapter_dir, resume_config
+
+    if (connect is None) == (cloud_dir is None):
+        raise UserError("give the cloud's endpoint with --connect URL, or --cloud CLOUD_DIR to run it in this process")
+    if threads is not None and threads < 1:
+        raise UserError(f"--threads {threads} is out of range: must be at least 1")
+    data = [*data, *(more_data or [])]
+    out = out or default_adapter_dir(edge_dir)
+    given = {k: v for k, v in dict(
+        steps=steps, epochs=epochs, lr=lr, batch_size=batch_size, seq_len=seq_len, grad_accum=grad_accum, warmup=warmup,
+        weight_decay=weight_decay, max_grad_norm=max_grad_norm, seed=seed, eval_every=eval_every, save_every=save_every,
+    ).items() if v is not None}
+    config = resume_config(out, given) if resume else TuneConfig(**given)
+    edge = EdgeModel(edge_dir)
+    if connect is not None:
+        link = _remote_link(connect, edge, wire_dtype, timeout)
+    else:
+        link = _local_link(cloud_dir, edge, threads)
+    with contextlib.closing(link) if connect is not None else contextlib.nullcontext():
+        tuner = Tuner(edge, link, data, config, out, eval_data=eval_data or None, resume=resume)
+        summary = run_tuner(tuner, quiet=as_json)
+    if as_json:
+        print_json(summary.to_json())
+        return
+    table = Table(title=f"tuned M · {summary.steps} steps" + (f" (resumed at {summary.resumed_from})" if summary.resumed_from else ""))
+    table.add_column("")
+    table.add_column("before", justify="right")
+    table.add_column("after", justify="right")
+    table.add_row("train loss (first / last step)", _num(summary.train_loss_first), _num(summary.train_loss_last))
+    if summary.eval_loss_before is not None:
+        table.add_row("eval loss", _num(summary.eval_loss_before), _num(summary.eval_loss_after))
+        table.add_row("eval perplexity", _num(summary.eval_perplexity_before, 2), _num(summary.eval_perplexity_after, 2))
+    console.print(table)
+    console.print(f"{summary.tokens_per_s:,.0f} tokens/s · adapter in [bold]{summary.out}[/]"
+                  + ("" if eval_data else " · no --eval-data: nothing held out was measured"))
+
+
+def _local_link(cloud_dir: Path, edge, threads: int | None):
+    from plcli.runtime.bundle import read_manifest
+    from plcli.runtime.cloud_tune import local_train_link
+
+    if read_manifest(cloud_dir, side="cloud").ab_fingerprint != edge.manifest.ab_fingerprint:
+        raise UserError(f"{cloud_dir} and {edge.dir} were not split together (A/B fingerprints differ)")
+    return local_train_link(cloud_dir, threads=threads)
+
+
+def _remote_link(url: str, edge, wire_dtype: str, timeout: float):
+    from plcli.runtime.client import RemoteTrainLink
+
+    if not timeout > 0:
+        raise UserError(f"--timeout {timeout:g} is out of range: must be positive")
+    try:
+        return RemoteTrainLink(url, edge.manifest, wire_dtype=wire_dtype, timeout=timeout)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+
+
+def _num(x: float | None, digits: int = 4) -> str:
+    return "-" if x is None else f"{x:.{digits}f}"
+
+
+@app.command("export-peft")
+@reports_errors
+def export_peft(
+    cloud_dir: Path = typer.Option(..., "--cloud", help="The cloud bundle (A and B)."),
+    edge_dir: Path = typer.Option(..., "--edge", help="The edge bundle."),
+    adapter: Optional[Path] = typer.Option(None, "--adapter", help="Adapter directory from `plcli tune` (default EDGE_DIR/adapter)."),
+    out: Path = typer.Option(..., "--out", help="Where to write the peft adapter."),
+    base_model: Optional[str] = typer.Option(None, "--base-model", help="Recorded as base_model_name_or_path (e.g. the checkpoint you split)."),
+    force: bool = typer.Option(False, "--force", help="Replace --out if it exists."),
+    as_json: bool = typer.Option(False, "--json", help="Print what was written as JSON."),
+):
+    """Write a standard peft LoRA adapter (lora_A = M A, lora_B = B, scaling 1) equal to the tuned split."""
+    from plcli.exporters.peft_adapter import CONFIG, WEIGHTS_FILE, export_peft as write
+    from plcli.runtime.tune import default_adapter_dir
+
+    adapter = adapter or default_adapter_dir(edge_dir)
+    if not adapter.is_dir():
+        raise UserError(f"{adapter}: no adapter there (tune first, or give --adapter)")
+    written = write(cloud_dir, edge_dir, adapter, out, base_model=base_model, force=force)
+    files = [str(written / CONFIG), str(written / WEIGHTS_FILE)]
+    if as_json:
+        print_json({"out": str(written), "files": files})
+    else:
+        console.print(f"wrote a peft LoRA adapter to [bold]{written}[/]: load it with PeftModel.from_pretrained(base_model, {str(written)!r})")
+
+
+def tune_demo(bundles: Path, work: Path, link, *, say=console.print) -> dict:
+    """`plcli demo`'s tuning act: tune on the synthetic private notes through `link`, then complete one of their facts again.
+
+    `bundles` is a split of the demo model (cloud/ and edge/); notes and adapter go under `work`.
+    """
+    from plcli.recipes.private_notes import demo_fact, write_corpus
+    from plcli.recipes.tune_quality import complete
+    from plcli.runtime.cloud import CloudModel
+    from plcli.runtime.edge import EdgeModel
+    from plcli.runtime.tune import Tuner, TuneConfig
+
+    train, held_out = write_corpus(work / "notes")
+    edge, cloud = EdgeModel(bundles / "edge"), CloudModel(bundles / "cloud")
+    prompt, answer = demo_fact()
+    before = complete(edge, cloud, prompt, 6)
+    tuner = Tuner(edge, link, [train], TuneConfig(), work / "adapter", eval_data=[held_out])
+    say(f"   {len(tuner.train.rows)} rows of {tuner.config.seq_len} tokens of one fictional person's notes, "
+        f"{tuner.total_steps} steps; text, ids and loss stay on the edge")
+    summary = run_tuner(tuner, quiet=True)
+    edge.set_adapter(tuner.adapter_matrices())
+    after = complete(edge, cloud, prompt, 6)
+    table = Table(show_header=True)
+    table.add_column("M")
+    table.add_column("held-out perplexity", justify="right")
+    table.add_column(f"{prompt} …")
+    table.add_row("before tuning (zeros)", f"{summary.eval_perplexity_before:.2f}", before)
+    table.add_row(f"after {summary.steps} steps", f"{summary.eval_perplexity_after:.2f}", after)
+    say(table)
+    learned = after.startswith(answer) and not before.startswith(answer)
+    say(f"   the notes say{answer}: " + ("[green]learned[/]" if learned else "[red]not learned[/]")
+        + f" · {summary.tokens_per_s:,.0f} tokens/s")
+    return {**summary.to_json(), "prompt": prompt, "expected": answer, "before": before, "after": after, "learned": learned}

@@ -1,0 +1,634 @@
+"""`plcli tune` and `plcli export-peft`: exact gradients across the split, data handling, checkpoints, locality, peft.
+
+Most tests run the cloud in this process (runtime/cloud_tune.py) behind the
+`TrainLink` interface; the last ones run it behind a real server on loopback
+(`RemoteTrainLink`), down to killing a `plcli serve-cloud` process mid-run.
+References are transformers autograd on the checkpoint with `W + B M A`, and peft.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from contextlib import contextmanager
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from plcli.cli import app
+from plcli.exporters.verify import merged_reference, random_adapter
+from plcli.recipes.base import family_for
+from plcli.runtime.bundle import BundleError
+from plcli.runtime.client import CloudError, RemoteTrainLink
+from plcli.runtime.cloud import CloudModel
+from plcli.runtime.cloud_tune import TorchSegments
+from plcli.runtime.edge import EdgeModel, forward, load_adapter
+from plcli.runtime.plan import ALL_TARGETS
+from plcli.runtime.server import CloudServer, running
+from plcli.runtime.train_link import LinkError
+from plcli.runtime.tune import AdamW, Tuner, TuneConfig, TuneError, TuneInterrupted, write_adapter
+from plcli.runtime.tune_data import IGNORE, Batch, DataError, load_dataset
+
+TOLERANCE = 1e-4
+TEXT = ("Private notes stay on the edge. The cloud only sees activations of the frozen layers. " * 30).strip()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # Tiny matmuls: extra threads only add synchronisation (and noise on a busy CI machine).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    d = tmp_path_factory.mktemp("data")
+    (d / "train.txt").write_text(TEXT)
+    (d / "pairs.jsonl").write_text("".join(json.dumps({"prompt": f"Code {i}:", "response": f" {i * 7919 % 10000}."}) + "\n"
+                                           for i in range(12)))
+    (d / "eval.txt").write_text("The edge keeps the private notes; the cloud sees activations.")
+    return d
+
+
+@pytest.fixture(scope="module")
+def bias_all_targets_bundle(checkpoint_factory, bundle_factory):
+    """Shared with test_split_parity: biases everywhere, all seven targets (four cuts per layer)."""
+    ckpt = checkpoint_factory("llama-bias", "llama", attention_bias=True, mlp_bias=True)
+    return ckpt, bundle_factory(ckpt, rank=8, targets=",".join(ALL_TARGETS))
+
+
+def make_tuner(bundle, data_files, out, link=None, **config):
+    edge = EdgeModel(bundle / "edge")
+    link = link or TorchSegments(CloudModel(bundle / "cloud")).new_session()
+    config = TuneConfig(**{"seq_len": 16, "batch_size": 3, "warmup": 2, "save_every": 0, "lr": 3e-2, **config})
+    return Tuner(edge, link, data_files, config, out, eval_data=None)
+
+
+# -- exactness ----------------------------------------------------------------
+
+
+def reference_loss(model_dir, cloud: CloudModel, m: dict, batch: Batch):
+    """transformers autograd: the checkpoint with W + B M A built from M leaves that require grad."""
+    model = merged_reference(model_dir, cloud, {k: np.zeros_like(v) for k, v in m.items()})
+    family = family_for(model.config)
+    weights = dict(model.named_parameters())
+    leaves = {k: torch.tensor(v, requires_grad=True) for k, v in m.items()}
+    r = cloud.manifest.rank
+    merged = {}
+    for layer in range(cloud.arch.num_layers):
+        for cut in cloud.plan.cuts:
+            a_stack = torch.from_numpy(cloud.weights[f"layers.{layer}.A.{cut.stage}"])
+            for i, t in enumerate(cut.targets):
+                a = a_stack[:, i * r:(i + 1) * r].T
+                b = torch.from_numpy(cloud.weights[f"layers.{layer}.B.{t}"]).T
+                name = family.hf_name(layer, f"{t}.w")
+                merged[name] = weights[name].detach() + b @ leaves[f"layers.{layer}.{t}.M"] @ a
+    logits = torch.func.functional_call(model, merged, (torch.from_numpy(batch.inputs),),
+                                        {"attention_mask": torch.from_numpy(batch.attention_mask)}).logits
+    loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), torch.from_numpy(batch.targets).flatten(),
+                                             ignore_index=IGNORE, reduction="sum")
+    loss.backward()
+    return loss.item(), {k: v.grad.numpy() for k, v in leaves.items()}
+
+
+def padded_batch(vocab: int, seed: int = 0) -> Batch:
+    """Three right-padded rows, one with its first targets ignored (a prompt)."""
+    rng = np.random.default_rng(seed)
+    inputs = rng.integers(0, vocab, (3, 12))
+    mask = np.ones((3, 12), np.int64)
+    mask[1, 8:] = 0
+    mask[2, 5:] = 0
+    targets = rng.integers(0, vocab, (3, 12))
+    targets[mask == 0] = IGNORE
+    targets[0, :4] = IGNORE
+    return Batch(inputs, targets, mask)
+
+
+@pytest.mark.parametrize("case", ["llama-qkv", "llama-bias-all-targets", "mistral-window"])
+def test_gradient_of_m_matches_single_process_autograd(case, llama_checkpoint, llama_bundle, bias_all_targets_bundle,
+                                                       checkpoint_factory, bundle_factory, data, tmp_path):
+    if case == "llama-qkv":
+        ckpt, bundle = llama_checkpoint, llama_bundle
+    elif case == "llama-bias-all-targets":
+        ckpt, bundle = bias_all_targets_bundle
+    else:  # a window shorter than the batch: the backward must mask like the forward
+        ckpt = checkpoint_factory("mistral-window", "mistral", sliding_window=8)
+        bundle = bundle_factory(ckpt, rank=8)
+    tuner = make_tuner(bundle, [data / "train.txt"], tmp_path / "out")
+    m = random_adapter(tuner.edge, seed=1)
+    for key, cut in tuner._cut_targets().items():
+        tuner.m[key][...] = np.stack([m[f"layers.{key[0]}.{t}.M"] for t in cut.targets])
+    batch = padded_batch(tuner.edge.arch.vocab_size)
+    grads = {k: np.zeros_like(v) for k, v in tuner.m.items()}
+    loss = tuner.forward_backward(batch, 1.0, grads)
+
+    want_loss, want = reference_loss(ckpt, CloudModel(bundle / "cloud"), m, batch)
+    assert loss == pytest.approx(want_loss, rel=1e-5)
+    got = {}
+    for key, cut in tuner._cut_targets().items():
+        got.update({f"layers.{key[0]}.{t}.M": grads[key][i] for i, t in enumerate(cut.targets)})
+    assert got.keys() == want.keys()
+    for k in want:
+        rel = np.linalg.norm(got[k] - want[k]) / np.linalg.norm(want[k])
+        assert rel < TOLERANCE, (k, rel)
+
+
+def test_adamw_and_clipping_match_torch():
+    rng = np.random.default_rng(0)
+    p0 = rng.standard_normal((3, 4, 4)).astype(np.float32)
+    params = {"m": p0.copy()}
+    ours = AdamW(params, weight_decay=0.1)
+    leaf = torch.tensor(p0.copy(), requires_grad=True)
+    theirs = torch.optim.AdamW([leaf], lr=1.0, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.1)
+    for step, lr in enumerate((1e-2, 5e-3, 2e-2)):
+        g = rng.standard_normal((3, 4, 4)).astype(np.float32)
+        ours.step({"m": g}, lr)
+        theirs.param_groups[0]["lr"] = lr
+        leaf.grad = torch.from_numpy(g.copy())
+        theirs.step()
+    np.testing.assert_allclose(params["m"], leaf.detach().numpy(), rtol=1e-6, atol=1e-7)
+
+
+# -- data ---------------------------------------------------------------------
+
+
+def test_packing_and_response_only_loss(llama_bundle, data):
+    edge = EdgeModel(llama_bundle / "edge")
+    tok = edge.tokenizer
+    ds = load_dataset([data / "train.txt", data / "pairs.jsonl"], tok, seq_len=16, bos=0, eos=0)
+    stream = [0] + tok(TEXT, add_special_tokens=False)["input_ids"]
+    packed = [r for r in ds.rows if r.loss.all()]
+    # Every token after the first is a target exactly once, in order.
+    assert np.concatenate([r.ids[1:] for r in packed]).tolist() == stream[1:]
+    assert all(len(r.ids) == 17 for r in packed[:-1])
+    pairs = [r for r in ds.rows if not r.loss.all()]
+    assert len(pairs) == ds.pairs == 12
+    for i, r in enumerate(pairs):
+        prompt = tok(f"Code {i}:", add_special_tokens=False)["input_ids"]
+        response = tok(f" {i * 7919 % 10000}.", add_special_tokens=False)["input_ids"]
+        assert r.ids.tolist() == [0, *prompt, *response, 0]
+        # Loss on the response tokens and the closing eos only.
+        assert r.ids[1:][r.loss].tolist() == [*response, 0]
+
+
+def test_truncation_keeps_rows_with_a_response(llama_bundle, tmp_path):
+    tok = EdgeModel(llama_bundle / "edge").tokenizer
+    f = tmp_path / "long.jsonl"
+    f.write_text(json.dumps({"prompt": "word " * 40, "response": "answer"}) + "\n"
+                 + json.dumps({"prompt": "short", "response": " answer " * 40}) + "\n")
+    ds = load_dataset([f], tok, seq_len=16, bos=0, eos=0)
+    assert ds.truncated == 2 and len(ds.rows) == 1 and len(ds.rows[0].ids) == 17
+
+
+# -- bad input: one line, exit 2 ----------------------------------------------------
+
+
+BAD_FILES = {
+    "empty.txt": (b"  \n", "empty file"),
+    "binary.txt": (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR", "binary file"),
+    "latin1.txt": ("caf\u00e9 cr\u00e8me".encode("latin-1"), "not UTF-8"),
+    "missing.jsonl": (b'{"text": "fine"}\n{"prompt": "no response"}\n', "missing.jsonl:2: missing \"response\""),
+    "other.jsonl": (b'{"title": "x"}\n', "missing \"text\""),
+    "broken.jsonl": (b'{"text": "unterminated\n', "not valid JSON"),
+    "notes.csv": (b"a,b\n", "unsupported data file"),
+}
+
+
+def run_cli(*args):
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    return result.exit_code, result.stdout, result.stderr
+
+
+@pytest.mark.parametrize("name", sorted(BAD_FILES))
+def test_bad_data_is_one_line_exit_2(name, llama_bundle, data, tmp_path):
+    content, message = BAD_FILES[name]
+    (tmp_path / name).write_bytes(content)
+    # `--data good bad`: the second path is read like the first.
+    code, _, err = run_cli("tune", llama_bundle / "edge", "--cloud", llama_bundle / "cloud", "--data", data / "train.txt",
+                           tmp_path / name, "--out", tmp_path / "out", "--steps", 1)
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_options_and_foreign_adapters_are_refused(llama_bundle, bundle_factory, llama_checkpoint, data, tmp_path):
+    edge, cloud = llama_bundle / "edge", llama_bundle / "cloud"
+    common = ("--data", data / "train.txt", "--steps", 2, "--seq-len", 16, "--batch-size", 2)
+    code, _, err = run_cli("tune", edge, "--cloud", cloud, "--data", data / "train.txt", "--seq-len", 100000, "--out", tmp_path / "a")
+    assert code == 2 and "exceeds the model's context" in err and len(err.strip().splitlines()) == 1
+
+    # An adapter tuned for another split of the same checkpoint (other A and B).
+    other = bundle_factory(llama_checkpoint, rank=8, seed=1)
+    foreign = tmp_path / "foreign"
+    assert run_cli("tune", other / "edge", "--cloud", other / "cloud", *common, "--out", foreign)[0] == 0
+    for args in (
+        ("tune", edge, "--cloud", cloud, *common, "--out", foreign),  # would overwrite it
+        ("tune", edge, "--cloud", cloud, *common, "--out", foreign, "--resume"),
+        ("export-peft", "--cloud", cloud, "--edge", edge, "--adapter", foreign, "--out", tmp_path / "peft"),
+    ):
+        code, _, err = run_cli(*args)
+        assert code == 2 and ("another bundle" in err or "belongs to A/B" in err), err
+        assert len(err.strip().splitlines()) == 1
+    with pytest.raises(BundleError, match="belongs to A/B"):
+        EdgeModel(edge, adapter=foreign)
+    code, _, err = run_cli("tune", edge, "--cloud", other / "cloud", *common, "--out", tmp_path / "b")
+    assert code == 2 and "not split together" in err
+
+
+# -- checkpoints, resume, faults ----------------------------------------------------
+
+
+class FailingLink:
+    """Passes calls to the cloud until call number `fail_at`, which fails like a lost connection."""
+
+    def __init__(self, inner, fail_at: int):
+        self.inner, self.calls, self.fail_at = inner, 0, fail_at
+
+    def __getattr__(self, name):
+        fn = getattr(self.inner, name)
+
+        def call(*args, **kwargs):
+            if name != "abort":
+                self.calls += 1
+                if self.calls == self.fail_at:
+                    raise LinkError("connection reset")
+            return fn(*args, **kwargs)
+
+        return call
+
+
+def resume_tuner(bundle, files, out, **config):
+    edge = EdgeModel(bundle / "edge")
+    link = TorchSegments(CloudModel(bundle / "cloud")).new_session()
+    config = TuneConfig(**{"seq_len": 16, "batch_size": 3, "warmup": 2, "save_every": 0, "lr": 3e-2, **config})
+    return Tuner(edge, link, files, config, out, resume=True)
+
+
+def test_lost_cloud_keeps_last_step_and_resume_continues_exactly(llama_bundle, data, tmp_path):
+    files = [data / "train.txt", data / "pairs.jsonl"]
+    options = dict(steps=6, grad_accum=2, save_every=2)
+    whole = make_tuner(llama_bundle, files, tmp_path / "whole", **options).run()
+
+    cuts = len(EdgeModel(llama_bundle / "edge").plan.segments) - 1
+    calls_per_pass = 2 * cuts + 1  # forward_start + a resume per cut, backward_start + a resume per cut but the first
+    # Fail inside step 4's second micro-batch: steps 1-3 are done, the last checkpoint is step 2.
+    fail_at = 3 * 2 * calls_per_pass + calls_per_pass + 3
+    inner = TorchSegments(CloudModel(llama_bundle / "cloud")).new_session()
+    tuner = make_tuner(llama_bundle, files, tmp_path / "run", link=FailingLink(inner, fail_at), **options)
+    with pytest.raises(TuneInterrupted, match="rerun with --resume") as info:
+        tuner.run()
+    assert (info.value.failed_step, info.value.saved_step) == (4, 3)
+    assert inner.phase == "idle"  # the cloud dropped what it kept for the failed step
+    state = json.loads((tmp_path / "run" / "training" / "state.json").read_text())
+    assert state["step"] == 3 and state["losses"] == whole.losses[:3]
+
+    resumed = resume_tuner(llama_bundle, files, tmp_path / "run", **options).run()
+    assert resumed.resumed_from == 3
+    assert resumed.losses == whole.losses  # the same curve, bit for bit
+    manifest = EdgeModel(llama_bundle / "edge").manifest
+    final, reference = load_adapter(tmp_path / "run", manifest), load_adapter(tmp_path / "whole", manifest)
+    for k in reference:
+        np.testing.assert_array_equal(final[k], reference[k])
+
+
+def test_resume_refuses_changed_options_or_data(llama_bundle, data, tmp_path):
+    make_tuner(llama_bundle, [data / "train.txt"], tmp_path / "out", steps=2).run()
+    with pytest.raises(TuneError, match="--lr 0.001 differs"):
+        resume_tuner(llama_bundle, [data / "train.txt"], tmp_path / "out", steps=2, lr=1e-3)
+    with pytest.raises(TuneError, match="training data changed"):
+        resume_tuner(llama_bundle, [data / "train.txt", data / "eval.txt"], tmp_path / "out", steps=2)
+
+
+# -- what crosses the split -----------------------------------------------------------
+
+
+class RecordingLink:
+    """Records every value that crosses the link, in both directions."""
+
+    def __init__(self, inner):
+        self.inner, self.sent, self.received = inner, [], []
+
+    def __getattr__(self, name):
+        fn = getattr(self.inner, name)
+
+        def call(*args, **kwargs):
+            self.sent += [(name, a) for a in (*args, *kwargs.values())]
+            out = fn(*args, **kwargs)
+            if out is not None:
+                self.received += [(name, v) for v in vars(out).values()]
+            return out
+
+        return call
+
+
+def test_only_activations_cross_never_ids_labels_or_loss(llama_bundle, data, tmp_path):
+    inner = TorchSegments(CloudModel(llama_bundle / "cloud")).new_session()
+    link = RecordingLink(inner)
+    edge = EdgeModel(llama_bundle / "edge")
+    config = TuneConfig(seq_len=16, batch_size=3, warmup=2, lr=3e-2, steps=2, save_every=0)
+    tuner = Tuner(edge, link, [data / "train.txt", data / "pairs.jsonl"], config, tmp_path / "out",
+                  eval_data=[data / "eval.txt"])
+    summary = tuner.run()
+
+    arch, r = edge.arch, edge.manifest.rank
+    stages = {c.stage for c in edge.plan.cuts}
+    masks = 0
+    for name, value in link.sent + link.received:
+        if isinstance(value, np.ndarray) and value.dtype == np.float32:
+            b, s = value.shape[:2]
+            assert value.shape in ((b, s, arch.hidden_size), (b, s, 3, r)), (name, value.shape)
+            # Activations, not ids or labels cast to float (M A x is all zeros while M still is).
+            assert not value.any() or not np.array_equal(value, np.round(value)), name
+        elif isinstance(value, np.ndarray):  # the padding mask, edge -> cloud at forward_start
+            assert name == "forward_start" and value.ndim == 2 and set(np.unique(value).tolist()) <= {0, 1}, (name, value)
+            masks += 1
+        else:  # the train flag; cut coordinates coming back. No Python number is ever a loss.
+            assert value is None or isinstance(value, bool) or value in stages \
+                or (type(value) is int and 0 <= value < arch.num_layers), (name, value)
+    assert masks == summary.steps + 2  # one per forward: two training steps, eval before and after (one batch each)
+    assert {n for n, _ in link.sent} == {"forward_start", "forward_resume", "backward_start", "backward_resume"}
+
+
+# -- the adapter and peft -------------------------------------------------------------
+
+
+def test_cli_tune_json_and_adapter_runs_in_the_split(llama_bundle, data, tmp_path):
+    out = tmp_path / "adapter"
+    code, stdout, err = run_cli("tune", llama_bundle / "edge", "--cloud", llama_bundle / "cloud",
+                                "--data", data / "train.txt", data / "pairs.jsonl", "--eval-data", data / "eval.txt",
+                                "--steps", 4, "--seq-len", 16, "--batch-size", 4, "--lr", 0.05, "--out", out, "--json")
+    assert code == 0, err
+    summary = json.loads(stdout)
+    for key in ("steps", "train_loss_first", "train_loss_last", "eval_loss_before", "eval_loss_after", "tokens_per_s"):
+        assert key in summary
+    assert summary["steps"] == 4 and summary["eval_loss_after"] < summary["eval_loss_before"]
+    edge = EdgeModel(llama_bundle / "edge", adapter=out)
+    assert any(np.abs(m).max() > 0 for m in edge.adapter_matrices().values())
+
+
+def test_export_peft_matches_the_split(llama_checkpoint, llama_bundle, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    edge = EdgeModel(llama_bundle / "edge")
+    m = random_adapter(edge, seed=2)
+    (tmp_path / "adapter").mkdir()
+    write_adapter(tmp_path / "adapter", edge.manifest, m)
+    code, _, err = run_cli("export-peft", "--cloud", llama_bundle / "cloud", "--edge", llama_bundle / "edge",
+                           "--adapter", tmp_path / "adapter", "--out", tmp_path / "peft")
+    assert code == 0, err
+    config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert config["lora_alpha"] == config["r"] == edge.manifest.rank
+
+    edge.set_adapter(m)
+    ids = np.random.default_rng(0).integers(0, edge.arch.vocab_size, (2, 9))
+    got = forward(edge, CloudModel(llama_bundle / "cloud").new_session(), ids)
+    base = AutoModelForCausalLM.from_pretrained(llama_checkpoint, dtype=torch.float32, local_files_only=True)
+    model = PeftModel.from_pretrained(base, tmp_path / "peft")
+    with torch.no_grad():
+        want = model(torch.from_numpy(ids)).logits.numpy()
+    assert np.abs(got - want).max() / np.abs(want).max() < TOLERANCE
+
+
+# -- over the wire: the same tuning against a cloud server ----------------------------
+# Servers bind 127.0.0.1 on a port the OS picks and are stopped by the test that started them.
+
+
+@contextmanager
+def remote_link(bundle, **server_options):
+    """A RemoteTrainLink to a CloudServer serving `bundle` on loopback, in a thread; both closed on exit."""
+    server = CloudServer(CloudModel(bundle / "cloud", threads=1), bind="tcp://127.0.0.1:*", threads=1, **server_options)
+    with running(server) as endpoint, RemoteTrainLink(endpoint, EdgeModel(bundle / "edge").manifest, timeout=10) as link:
+        yield link
+
+
+def test_gradient_over_the_wire_equals_the_local_cloud_and_autograd(bias_all_targets_bundle, data, tmp_path):
+    ckpt, bundle = bias_all_targets_bundle  # four cuts per layer, biases everywhere
+    batch = padded_batch(EdgeModel(bundle / "edge").arch.vocab_size)
+    results = []
+    with remote_link(bundle) as link:
+        for over in ("local", "wire"):
+            tuner = make_tuner(bundle, [data / "train.txt"], tmp_path / over, link=link if over == "wire" else None)
+            m = random_adapter(tuner.edge, seed=1)
+            for key, cut in tuner._cut_targets().items():
+                tuner.m[key][...] = np.stack([m[f"layers.{key[0]}.{t}.M"] for t in cut.targets])
+            grads = {k: np.zeros_like(v) for k, v in tuner.m.items()}
+            results.append((tuner.forward_backward(batch, 1.0, grads), grads))
+            assert tuner.forward_backward(batch, None, None) == results[-1][0]  # an evaluation pass: same loss
+    (local_loss, local), (wire_loss, remote) = results
+    assert wire_loss == local_loss  # float32 crosses unchanged
+    for key in local:  # torch's backward in the server's thread may sum in another order: the last bits may differ
+        np.testing.assert_allclose(remote[key], local[key], rtol=1e-5, atol=1e-6)
+    want_loss, want = reference_loss(ckpt, CloudModel(bundle / "cloud"), m, batch)
+    assert wire_loss == pytest.approx(want_loss, rel=1e-5)
+    for key, cut in tuner._cut_targets().items():
+        for i, t in enumerate(cut.targets):
+            w = want[f"layers.{key[0]}.{t}.M"]
+            assert np.linalg.norm(remote[key][i] - w) / np.linalg.norm(w) < TOLERANCE
+
+
+class RecordingRelay:
+    """A TCP relay on loopback that keeps every byte each way: what really crossed the network."""
+
+    def __init__(self, target: str):
+        host, port = target.removeprefix("tcp://").rsplit(":", 1)
+        self.target = (host, int(port))
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.endpoint = f"tcp://127.0.0.1:{self.listener.getsockname()[1]}"
+        self.up, self.down = bytearray(), bytearray()
+        self.sockets = [self.listener]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        try:
+            edge, _ = self.listener.accept()
+        except OSError:
+            return
+        cloud = socket.create_connection(self.target)
+        self.sockets += [edge, cloud]
+        threading.Thread(target=self._pump, args=(edge, cloud, self.up), daemon=True).start()
+        threading.Thread(target=self._pump, args=(cloud, edge, self.down), daemon=True).start()
+
+    def _pump(self, src, dst, kept: bytearray):
+        try:
+            while data := src.recv(1 << 16):
+                kept += data
+                dst.sendall(data)
+        except OSError:
+            pass
+
+    def close(self):
+        for s in self.sockets:
+            s.close()
+
+
+class FrameLog:
+    """Wraps a link's socket: every multipart message sent and received, frame by frame."""
+
+    def __init__(self, link):
+        self.messages: list[tuple[str, list[bytes]]] = []
+        sock = link._socket
+        send, recv = sock.send_multipart, sock.recv_multipart
+
+        def logged_send(frames, *args, **kwargs):
+            self.messages.append(("up", [bytes(memoryview(f)) for f in frames]))
+            return send(frames, *args, **kwargs)
+
+        def logged_recv(*args, **kwargs):
+            frames = recv(*args, **kwargs)
+            self.messages.append(("down", [bytes(memoryview(f)) for f in frames]))
+            return frames
+
+        sock.send_multipart, sock.recv_multipart = logged_send, logged_recv
+
+
+def test_over_the_wire_only_activations_cross_never_text_ids_labels_or_loss(llama_bundle, data, tmp_path):
+    edge = EdgeModel(llama_bundle / "edge")
+    files = [data / "train.txt", data / "pairs.jsonl"]
+    server = CloudServer(CloudModel(llama_bundle / "cloud", threads=1), bind="tcp://127.0.0.1:*", threads=1)
+    with running(server) as endpoint:
+        relay = RecordingRelay(endpoint)
+        try:
+            link = RemoteTrainLink(relay.endpoint, edge.manifest, timeout=10)
+            log = FrameLog(link)
+            config = TuneConfig(seq_len=16, batch_size=3, warmup=2, lr=3e-2, steps=2, save_every=0)
+            tuner = Tuner(edge, link, files, config, tmp_path / "out", eval_data=[data / "eval.txt"])
+            summary = tuner.run()
+            link.close()
+        finally:
+            relay.close()
+
+    arch, r, hidden = edge.arch, edge.manifest.rank, edge.arch.hidden_size
+    allowed = {"v", "op", "session", "step", "cut", "layer", "stage", "shape", "lengths", "grad", "last"}
+    ops = set()
+    for direction, frames in log.messages:
+        header = json.loads(frames[0])
+        ops.add((direction, header["op"]))
+        assert set(header) <= allowed, header
+        assert all(type(n) is int and 1 <= n <= config.seq_len for n in header.get("lengths", [])), header
+        if len(frames) == 2:
+            x = np.frombuffer(frames[1], np.float32).reshape(header["shape"])
+            b, s = x.shape[:2]
+            assert x.shape in ((b, s, hidden), (b, s, 3, r)), header
+            assert not x.any() or not np.array_equal(x, np.round(x)), header  # activations, not ids cast to float
+        else:
+            assert len(frames) == 1 and header["op"] == "close", header
+    # (The handshake went before the log started: it carries the A/B fingerprint and the wire dtype.)
+    assert ops == {("up", "train_step"), ("down", "ax"), ("up", "madx"), ("down", "hidden"), ("up", "grad_hidden"),
+                   ("down", "grad"), ("up", "grad_ax"), ("up", "close")}
+    # What the relay saw on the TCP stream holds no text, no token ids (as 64- or 32-bit integers), no loss.
+    stream = bytes(relay.up + relay.down)
+    ids = tuner.train.rows[0].ids[:6]
+    for needle in (TEXT[:24].encode(), ids.astype("<i8").tobytes(), ids.astype("<i4").tobytes(),
+                   np.float32(summary.train_loss_first).tobytes(), np.float64(summary.train_loss_first).tobytes()):
+        assert needle not in stream
+    assert len(stream) > 100_000  # the relay did see the training traffic
+
+
+def test_tune_session_refuses_out_of_order_and_oversized_passes(llama_bundle):
+    edge = EdgeModel(llama_bundle / "edge")
+    local = TorchSegments(CloudModel(llama_bundle / "cloud")).new_session()
+    embeds = edge.embed(np.asarray([[3, 4, 5, 6], [7, 8, 9, 9]]))
+    mask = np.asarray([[1, 1, 1, 1], [1, 1, 0, 0]])
+    with remote_link(llama_bundle, max_train_tokens=8) as link:
+        with pytest.raises(CloudError) as refused:
+            link.forward_start(edge.embed(np.ones((3, 4), np.int64)))  # 12 tokens > 8
+        assert refused.value.code == "limit"
+        with pytest.raises(ValueError, match="right-padded"):
+            link.forward_start(embeds, np.asarray([[0, 1, 1, 1], [1, 1, 0, 0]]))
+        out = link.forward_start(embeds, mask)
+        with pytest.raises(CloudError) as refused:
+            link.backward_start(np.zeros((2, 4, edge.arch.hidden_size), np.float32))  # the forward is not done
+        assert refused.value.code == "out_of_order"
+        with pytest.raises(CloudError) as refused:
+            link.forward_resume(out.ax[:, :2])  # not the shape of the A x it answers
+        assert refused.value.code == "bad_tensor"
+        with pytest.raises(CloudError) as refused:
+            link.forward_start(embeds, mask)  # the pass is open
+        assert refused.value.code == "out_of_order"
+        link.abort()
+        # After the refusals and the abort a pass runs exactly like the local cloud's.
+        out, want = link.forward_start(embeds, mask), local.forward_start(embeds, mask)
+        while not out.done:
+            np.testing.assert_array_equal(out.ax, want.ax)
+            madx = edge.apply_adapter(out.layer, out.stage, out.ax)
+            out, want = link.forward_resume(madx), local.forward_resume(madx)
+        np.testing.assert_array_equal(out.hidden, want.hidden)
+        grad, want = link.backward_start(out.hidden), local.backward_start(out.hidden)
+        while True:
+            np.testing.assert_array_equal(grad.grad_madx, want.grad_madx)
+            assert (grad.layer, grad.stage, grad.last) == (want.layer, want.stage, want.last)
+            if grad.last:
+                break
+            grad, want = link.backward_resume(grad.grad_madx), local.backward_resume(grad.grad_madx)
+
+
+def _spawn(*args: str) -> subprocess.Popen:
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return subprocess.Popen([sys.executable, "-m", "plcli.cli", *map(str, args)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
+
+
+def _serve(bundle) -> tuple[subprocess.Popen, str]:
+    server = _spawn("serve-cloud", bundle / "cloud", "--bind", "tcp://127.0.0.1:*", "--threads", "1", "--json")
+    line = server.stdout.readline()  # the first event names the endpoint
+    assert '"listening"' in line, (line, server.stderr.read() if server.poll() is not None else "")
+    return server, json.loads(line)["endpoint"]
+
+
+def test_cli_tune_over_the_network_survives_a_killed_cloud_and_resumes_exactly(llama_checkpoint, llama_bundle, bundle_factory,
+                                                                              data, tmp_path):
+    common = ["--data", data / "train.txt", "--data", data / "pairs.jsonl", "--steps", 24, "--seq-len", 16,
+              "--batch-size", 3, "--lr", 0.03, "--warmup", 2, "--save-every", 4, "--json"]
+    procs: list[subprocess.Popen] = []
+    try:
+        # The uninterrupted run, with the cloud in this process (one thread, as the server's).
+        code, stdout, err = run_cli("tune", llama_bundle / "edge", "--cloud", llama_bundle / "cloud", "--threads", 1,
+                                    "--out", tmp_path / "whole", *common)
+        assert code == 0, err
+        whole = json.loads((tmp_path / "whole" / "training" / "state.json").read_text())["losses"]
+
+        server, endpoint = _serve(llama_bundle)
+        procs.append(server)
+        out = tmp_path / "run"
+        tune = _spawn("tune", llama_bundle / "edge", "--connect", endpoint, "--timeout", 2, "--out", out, *common)
+        procs.append(tune)
+        deadline = time.monotonic() + 120
+        while not (out / "training" / "state.json").is_file():  # the first checkpoint (step 4) is written
+            assert tune.poll() is None and time.monotonic() < deadline, tune.stderr.read() if tune.poll() is not None else ""
+            time.sleep(0.02)
+        server.kill()  # kill -9 in the middle of a later step
+        _, err = tune.communicate(timeout=60)
+        assert tune.returncode == 1 and len(err.strip().splitlines()) == 1, err
+        assert "lost the cloud" in err and "rerun with --resume" in err
+        state = json.loads((out / "training" / "state.json").read_text())
+        assert 4 <= state["step"] < 24 and state["losses"] == pytest.approx(whole[:state["step"]], rel=1e-6)
+
+        server, endpoint = _serve(llama_bundle)  # a new cloud, on another port
+        procs.append(server)
+        resumed = _spawn("tune", llama_bundle / "edge", "--connect", endpoint, "--out", out, "--resume", *common)
+        procs.append(resumed)
+        stdout, err = resumed.communicate(timeout=300)
+        assert resumed.returncode == 0, err
+        assert json.loads(stdout)["resumed_from"] == state["step"]
+        losses = json.loads((out / "training" / "state.json").read_text())["losses"]
+        assert losses == pytest.approx(whole, rel=1e-6)  # the curve of the uninterrupted run
+
+        # A bundle split with other A/B is refused by the cloud, with a reason, exit 2.
+        other = bundle_factory(llama_checkpoint, rank=8, seed=7)
+        code, _, err = run_cli("tune", other / "edge", "--connect", endpoint, "--timeout", 5, "--out", tmp_path / "x",
+                               "--data", data / "train.txt", "--steps", 1)
+        assert code == 2 and "not split together" in err and len(err.strip().splitlines()) == 1, err
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+            p.wait()
