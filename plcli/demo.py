@@ -113,7 +113,7 @@ def serve_and_generate(cloud, edge, prompt_ids: list[int], sampling) -> dict:
             "decode_bytes_up_per_token": up, "decode_bytes_down_per_token": down}
 
 
-def serve_and_tune(cloud, edge, bundles: Path, work: Path, *, say) -> dict:
+def serve_and_tune(cloud, edge, bundles: Path, work: Path, *, config=None, say=console.print) -> dict:
     """Start a cloud server on a free loopback port in a thread and tune M through it; what the tuning showed."""
     from plcli.runtime.client import RemoteTrainLink
     from plcli.runtime.server import CloudServer, running
@@ -122,7 +122,7 @@ def serve_and_tune(cloud, edge, bundles: Path, work: Path, *, say) -> dict:
 
     server = CloudServer(cloud, bind="tcp://127.0.0.1:*", max_sessions=1)
     with running(server) as endpoint, RemoteTrainLink(endpoint, edge.manifest, timeout=30.0) as link:
-        return {"endpoint": endpoint, **tune_demo(bundles, work, link, say=say)}
+        return {"endpoint": endpoint, **tune_demo(bundles, work, link, config=config, say=say)}
 
 
 def _network_table(network: dict, payload: dict) -> Table:

@@ -161,10 +161,11 @@ def export_peft(
         console.print(f"wrote a peft LoRA adapter to [bold]{written}[/]: load it with PeftModel.from_pretrained(base_model, {str(written)!r})")
 
 
-def tune_demo(bundles: Path, work: Path, link, *, say=console.print) -> dict:
+def tune_demo(bundles: Path, work: Path, link, *, config=None, say=console.print) -> dict:
     """`plcli demo`'s tuning act: tune on the synthetic private notes through `link`, then complete one of their facts again.
 
-    `bundles` is a split of the demo model (cloud/ and edge/); notes and adapter go under `work`.
+    `bundles` is a split of the demo model (cloud/ and edge/); notes and adapter go under `work`; `config` defaults
+    to `plcli tune`'s defaults.
     """
     from plcli.recipes.private_notes import demo_fact, write_corpus
     from plcli.recipes.tune_quality import complete
@@ -176,7 +177,7 @@ def tune_demo(bundles: Path, work: Path, link, *, say=console.print) -> dict:
     edge, cloud = EdgeModel(bundles / "edge"), CloudModel(bundles / "cloud")
     prompt, answer = demo_fact()
     before = complete(edge, cloud, prompt, 6)
-    tuner = Tuner(edge, link, [train], TuneConfig(), work / "adapter", eval_data=[held_out])
+    tuner = Tuner(edge, link, [train], config or TuneConfig(), work / "adapter", eval_data=[held_out])
     say(f"   {len(tuner.train.rows)} rows of {tuner.config.seq_len} tokens of one fictional person's notes, "
         f"{tuner.total_steps} steps; text, ids and loss stay on the edge")
     summary = run_tuner(tuner, quiet=True)

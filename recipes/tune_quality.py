@@ -25,6 +25,7 @@ import json
 import math
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -47,7 +48,7 @@ def train_lora(model_dir: Path, tuner, rank: int, lr: float) -> tuple[float, int
     from plcli.runtime.tune import learning_rate
     from plcli.runtime.tune_data import IGNORE, RowOrder, make_batch
 
-    c = tuner.config
+    c = replace(tuner.config, lr=lr)  # the tuner's schedule, peaking at this grid point's rate
     torch.manual_seed(c.seed)
     base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, local_files_only=True)
     model = get_peft_model(base, LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0,

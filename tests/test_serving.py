@@ -429,6 +429,21 @@ def test_the_demo_generates_over_loopback_what_it_generates_in_process(model):
     assert network["decode_bytes_up_per_token"] > per_token_traffic(edge.manifest)["bytes_up"]
 
 
+def test_the_demo_tunes_through_a_loopback_cloud(model, tmp_path):
+    from plcli.demo import serve_and_tune
+    from plcli.runtime.tune import TuneConfig
+
+    _, bundle, cloud = model("llama")
+    edge = edge_of(bundle)
+    said = []
+    config = TuneConfig(steps=3, batch_size=4, seq_len=32, warmup=1, lr=0.05, save_every=0)
+    report = serve_and_tune(cloud, edge, bundle, tmp_path, config=config, say=said.append)
+    assert report["steps"] == 3 and report["endpoint"].startswith("tcp://127.0.0.1:")
+    assert report["eval_loss_after"] < report["eval_loss_before"]
+    assert report["prompt"] and report["expected"] and isinstance(report["learned"], bool)
+    assert EdgeModel(bundle / "edge", adapter=tmp_path / "adapter").adapter_matrices()  # the adapter it saved loads
+
+
 LIGHT_EDGE = """
 import sys, time
 import numpy as np
