@@ -98,8 +98,9 @@ TEMPLATES: dict[str, list[str]] = {
     ],
 }
 
-# The fact `plcli demo` completes before and after tuning: a training phrasing, cut before the answer.
-DEMO_FACT = ("My gym locker code is", "locker")  # (prompt, fact)
+# The fact `plcli demo` completes before and after tuning: a training phrasing, cut before the answer, after the
+# "Note, <date>." opening that every note has (facts never follow the start of a document directly).
+DEMO_FACT = ("Note, March 3. My bike lock combination is", "bike")  # (prompt, fact)
 
 
 def person(seed: int) -> dict[str, str]:
