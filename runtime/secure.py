@@ -15,6 +15,7 @@ A refused handshake is silent by design: the edge only ever sees a timeout.
 from __future__ import annotations
 
 import os
+import struct
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,7 +55,7 @@ def _is_key(key: bytes) -> bool:
         return False
     try:
         z85.decode(key)
-    except (ValueError, KeyError):  # z85 has no such character
+    except (KeyError, struct.error):  # not a z85 character; a group of five beyond 32 bits
         return False
     return True
 

@@ -127,6 +127,9 @@ def test_missing_malformed_or_mixed_up_key_files_are_one_line_errors(keys, llama
     for expected, options in edge_cases.items():
         assert expected in _one_line_error(_invoke("run-edge", edge, "--prompt", PROMPT, *options))
         assert expected in _one_line_error(_invoke("tune", edge, "--data", tmp_path, "--connect", "tcp://127.0.0.1:1", *options))
+    in_process = _invoke("tune", edge, "--data", tmp_path, "--cloud", cloud_dir, "--curve-secret", keys / "edge.key_secret",
+                         "--server-key", keys / "server.key")
+    assert "secure a --connect" in _one_line_error(in_process)
 
 
 # -- the cloud over CURVE -------------------------------------------------------------------
