@@ -7,6 +7,7 @@ from . import bundle_commands, demo  # noqa: F401  (registers commands)
 from . import estimate_commands  # noqa: F401  (registers `plcli estimate`)
 from . import tune_commands  # noqa: F401  (registers `plcli tune`, `plcli export-peft`)
 from . import serve_commands  # noqa: F401  (registers `plcli serve-cloud`, `plcli run-edge`)
+from . import keys_commands  # noqa: F401  (registers `plcli keys generate`)
 from .app import app
 
 

@@ -22,6 +22,17 @@ from .app import UserError, app, console, err_console, print_json, reports_error
 
 DEFAULT_ENDPOINT = "tcp://127.0.0.1:5555"  # loopback: serving beyond this machine is a deliberate choice
 WIRE_DTYPE_HELP = "Activations on the wire: float32 (exact) or float16 (half the bytes); the same on both sides."
+CURVE_SECRET_HELP = "This edge's NAME.key_secret (`plcli keys generate`): encrypt and authenticate; needs --server-key."
+SERVER_KEY_HELP = "The cloud's public NAME.key: only a cloud holding its secret is answered; needs --curve-secret."
+
+
+def client_keys(curve_secret: Path | None, server_key: Path | None):
+    """The edge's CURVE keys from --curve-secret and --server-key (both or neither); None for a plain connection."""
+    from plcli.runtime.secure import ClientKeys
+
+    if (curve_secret is None) != (server_key is None):
+        raise UserError("--curve-secret and --server-key go together: the edge's own secret key and the cloud's public key")
+    return None if curve_secret is None else ClientKeys.load(curve_secret, server_key)
 
 
 # -- serve-cloud ---------------------------------------------------------------------
@@ -38,25 +49,40 @@ def serve_cloud(
     max_batch: int = typer.Option(1, "--max-batch", help="Sequences one session may run side by side."),
     tune: bool = typer.Option(True, "--tune/--no-tune", help="Also serve `plcli tune` (loads torch for the backward)."),
     max_train_tokens: int = typer.Option(16384, "--max-train-tokens", help="Tokens (batch x sequence) one tuning pass may carry."),
+    curve_secret: Optional[Path] = typer.Option(None, "--curve-secret", help="The cloud's NAME.key_secret (`plcli keys generate`): encrypt all traffic; needs --authorized-keys."),
+    authorized_keys: Optional[Path] = typer.Option(None, "--authorized-keys", help="Directory of the public NAME.key of every edge to serve (read at start); needs --curve-secret."),
+    insecure: bool = typer.Option(False, "--insecure", help="Allow a non-loopback --bind without CURVE: anyone who reaches it can use this cloud and read its traffic."),
     as_json: bool = typer.Option(False, "--json", help="Log one JSON object per event on stdout."),
 ):
     """Serve a cloud bundle to edges over ZeroMQ: generation (one KV cache per session) and tuning (`plcli tune`)."""
     from plcli.runtime.cloud import CloudModel
+    from plcli.runtime.secure import ServerKeys
     from plcli.runtime.server import CloudServer, memory_per_session
 
+    if (curve_secret is None) != (authorized_keys is None):
+        raise UserError("--curve-secret and --authorized-keys go together: the cloud's secret key and the directory of the "
+                        "edges' public keys")
+    if curve_secret is not None and insecure:
+        raise UserError("--insecure contradicts --curve-secret: a CURVE server is encrypted and authenticated")
+    # Checked on the endpoint as given, before anything binds it.
+    if curve_secret is None and not insecure and not _is_local(bind):
+        raise UserError(f"{bind} is reachable from other machines: give --curve-secret and --authorized-keys "
+                        "(`plcli keys generate`), or --insecure to serve it unencrypted and open to anyone")
+    curve = ServerKeys.load(curve_secret, authorized_keys) if curve_secret is not None else None
     reporter = _Reporter(as_json)
     try:
         with status("loading the cloud bundle"):
             model = CloudModel(cloud_dir, threads=threads)
             server = CloudServer(model, bind=bind, max_sessions=max_sessions, max_context=max_context,
                                  session_timeout=session_timeout, wire_dtype=wire_dtype, max_batch=max_batch, tune=tune,
-                                 max_train_tokens=max_train_tokens, threads=threads, on_event=reporter.event)
+                                 max_train_tokens=max_train_tokens, threads=threads, on_event=reporter.event, curve=curve)
     except ValueError as e:
         raise UserError(str(e)) from None
     reporter.server = server
-    if not _is_local(server.endpoint):
-        err_console.print(f"[yellow]warning:[/] {server.endpoint} is reachable from other machines and this version neither "
-                          "encrypts nor authenticates: anyone who reaches it can use this cloud", highlight=False)
+    if curve is None and not _is_local(server.endpoint):
+        err_console.print(f"[yellow]warning:[/] {server.endpoint} is reachable from other machines without encryption or "
+                          "authentication (--insecure): anyone who reaches it can use this cloud and read its traffic",
+                          highlight=False, soft_wrap=True)
     if not as_json:
         kv = memory_per_session(model, server.max_context, max_batch)
         reporter.line(f"{model.arch.family} · {model.arch.num_layers} layers · rank {model.manifest.rank} · "
@@ -114,7 +140,8 @@ class _Reporter:
         kind = e["event"]
         if kind == "listening":
             text = (f"serving {e['endpoint']} · up to {e['max_sessions']} sessions of {e['max_context']} tokens · "
-                    f"idle sessions freed after {e['session_timeout']:g} s · {e['wire_dtype']} on the wire")
+                    f"idle sessions freed after {e['session_timeout']:g} s · {e['wire_dtype']} on the wire · "
+                    + (f"CURVE, {e['authorized_keys']} authorized keys" if e["authorized_keys"] else "unencrypted"))
         elif kind == "opened":
             text = f"{e['mode']} session {e['session']} opened ({e['sessions']} open)"
         elif kind == "closed":
@@ -191,6 +218,8 @@ def run_edge(
     adapter: Optional[Path] = typer.Option(None, "--adapter", help="Load M from this adapter directory instead of the bundle's."),
     timeout: float = typer.Option(10.0, "--timeout", help="Seconds to wait for the cloud to connect and for each reply."),
     wire_dtype: str = typer.Option("float32", "--wire-dtype", help=WIRE_DTYPE_HELP),
+    curve_secret: Optional[Path] = typer.Option(None, "--curve-secret", help=CURVE_SECRET_HELP),
+    server_key: Optional[Path] = typer.Option(None, "--server-key", help=SERVER_KEY_HELP),
     threads: Optional[int] = typer.Option(None, "--threads", help="ONNX Runtime threads for the LM head."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object (needs --prompt) instead of streaming text."),
 ):
@@ -211,9 +240,10 @@ def run_edge(
         sampling.validate()
     except ValueError as e:
         raise UserError(str(e)) from None
+    curve = client_keys(curve_secret, server_key)
     edge = EdgeModel(edge_dir, adapter=adapter, threads=threads)
     try:
-        with RemoteCloudSession(connect, edge.manifest, wire_dtype=wire_dtype, timeout=timeout) as session:
+        with RemoteCloudSession(connect, edge.manifest, wire_dtype=wire_dtype, timeout=timeout, curve=curve) as session:
             conversation = Conversation(edge, session, sampling)
             if prompt is not None:
                 _generate_once(conversation, prompt, sampling, as_json)

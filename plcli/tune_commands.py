@@ -11,7 +11,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from .app import UserError, app, console, err_console, fail, print_json, reports_errors
-from .serve_commands import WIRE_DTYPE_HELP
+from .serve_commands import CURVE_SECRET_HELP, SERVER_KEY_HELP, WIRE_DTYPE_HELP, client_keys
 
 
 def tune_progress() -> Progress:
@@ -54,6 +54,8 @@ def tune(
     cloud_dir: Optional[Path] = typer.Option(None, "--cloud", help="Instead of --connect: run this cloud bundle in this process (single machine, tests)."),
     timeout: float = typer.Option(30.0, "--timeout", help="Seconds to wait for the cloud to connect and for each reply."),
     wire_dtype: str = typer.Option("float32", "--wire-dtype", help=WIRE_DTYPE_HELP),
+    curve_secret: Optional[Path] = typer.Option(None, "--curve-secret", help=CURVE_SECRET_HELP),
+    server_key: Optional[Path] = typer.Option(None, "--server-key", help=SERVER_KEY_HELP),
     steps: Optional[int] = typer.Option(None, "--steps", help="Optimizer steps (instead of --epochs)."),
     epochs: Optional[float] = typer.Option(None, "--epochs", help="Passes over the data (default 3)."),
     lr: Optional[float] = typer.Option(None, "--lr", help="Peak learning rate (default 1e-2)."),
@@ -80,6 +82,9 @@ def tune(
         raise UserError("give the cloud's endpoint with --connect URL, or --cloud CLOUD_DIR to run it in this process")
     if threads is not None and threads < 1:
         raise UserError(f"--threads {threads} is out of range: must be at least 1")
+    if connect is None and (curve_secret or server_key):
+        raise UserError("--curve-secret and --server-key secure a --connect; an in-process --cloud needs neither")
+    curve = client_keys(curve_secret, server_key)
     data = [*data, *(more_data or [])]
     out = out or default_adapter_dir(edge_dir)
     given = {k: v for k, v in dict(
@@ -89,7 +94,7 @@ def tune(
     config = resume_config(out, given) if resume else TuneConfig(**given)
     edge = EdgeModel(edge_dir)
     if connect is not None:
-        link = _remote_link(connect, edge, wire_dtype, timeout)
+        link = _remote_link(connect, edge, wire_dtype, timeout, curve)
     else:
         link = _local_link(cloud_dir, edge, threads)
     with contextlib.closing(link) if connect is not None else contextlib.nullcontext():
@@ -120,13 +125,13 @@ def _local_link(cloud_dir: Path, edge, threads: int | None):
     return local_train_link(cloud_dir, threads=threads)
 
 
-def _remote_link(url: str, edge, wire_dtype: str, timeout: float):
+def _remote_link(url: str, edge, wire_dtype: str, timeout: float, curve):
     from plcli.runtime.client import RemoteTrainLink
 
     if not timeout > 0:
         raise UserError(f"--timeout {timeout:g} is out of range: must be positive")
     try:
-        return RemoteTrainLink(url, edge.manifest, wire_dtype=wire_dtype, timeout=timeout)
+        return RemoteTrainLink(url, edge.manifest, wire_dtype=wire_dtype, timeout=timeout, curve=curve)
     except ValueError as e:
         raise UserError(str(e)) from None
 

@@ -19,6 +19,7 @@ import zmq
 from . import wire
 from .bundle import Manifest
 from .cloud import StepOutput
+from .secure import ClientKeys, secure_client
 from .train_link import GradOutput, LinkError
 
 
@@ -30,6 +31,11 @@ class CloudError(LinkError):
         self.code = code
 
 
+# Under CURVE a refused key or a wrong server key fails the handshake without a word: only silence tells.
+_SILENCE_CAUSE = {False: "(is `plcli serve-cloud` running there?)",
+                  True: "(is `plcli serve-cloud` running there, does it authorize this edge's key, and is --server-key its key?)"}
+
+
 class WireConnection:
     """One DEALER connection and the session it opened: handshake, strict request/reply, byte and round-trip counts.
 
@@ -38,7 +44,7 @@ class WireConnection:
     """
 
     def __init__(self, url: str, manifest: Manifest, *, mode: str, wire_dtype: str = "float32", timeout: float = 10.0,
-                 batch: int = 1, context: zmq.Context | None = None):
+                 batch: int = 1, context: zmq.Context | None = None, curve: ClientKeys | None = None):
         if wire_dtype not in wire.WIRE_DTYPES:
             raise ValueError(f"wire dtype must be one of {', '.join(wire.WIRE_DTYPES)}")
         if not timeout > 0:
@@ -49,6 +55,8 @@ class WireConnection:
         self._socket = (context or zmq.Context.instance()).socket(zmq.DEALER)
         self._socket.setsockopt(zmq.LINGER, 0)
         self._socket.setsockopt(zmq.SNDTIMEO, int(timeout * 1000))
+        if curve is not None:
+            secure_client(self._socket, curve)
         try:
             self._socket.connect(url)
         except zmq.ZMQError as e:
@@ -60,7 +68,7 @@ class WireConnection:
                 wire.encode("open", {"ab_fingerprint": manifest.ab_fingerprint, "wire_dtype": wire_dtype, "batch": batch,
                                      "mode": mode}),
                 expect="opened",
-                silence=f"no answer from the cloud at {url} within {timeout:g} s (is `plcli serve-cloud` running there?)",
+                silence=f"no answer from the cloud at {url} within {timeout:g} s " + _SILENCE_CAUSE[curve is not None],
             )
         except CloudError:
             self._socket.close()
@@ -138,14 +146,14 @@ class RemoteCloudSession(WireConnection):
     """A generate session: the local `CloudSession` interface (`start`, `resume`, `position`, `max_context`)."""
 
     def __init__(self, url: str, manifest: Manifest, *, wire_dtype: str = "float32", timeout: float = 10.0,
-                 batch: int = 1, context: zmq.Context | None = None):
+                 batch: int = 1, context: zmq.Context | None = None, curve: ClientKeys | None = None):
         self.position = 0
         self._step = 0
         self._seq = 0  # tokens in the open step
         self._cut: int | None = None  # cut of the last `ax` received, while a step is open
         self._ax_shape: tuple[int, ...] | None = None
         super().__init__(url, manifest, mode="generate", wire_dtype=wire_dtype, timeout=timeout, batch=batch,
-                         context=context)
+                         context=context, curve=curve)
 
     @property
     def in_step(self) -> bool:
@@ -202,11 +210,11 @@ class RemoteTrainLink(WireConnection):
     """
 
     def __init__(self, url: str, manifest: Manifest, *, wire_dtype: str = "float32", timeout: float = 10.0,
-                 context: zmq.Context | None = None):
+                 context: zmq.Context | None = None, curve: ClientKeys | None = None):
         self._passes = 0  # passes started
         self._cut: int | None = None  # cut of the last ax / grad received, while a pass is open
         self._shape: tuple[int, int] = (0, 0)  # batch, seq of the open pass
-        super().__init__(url, manifest, mode="tune", wire_dtype=wire_dtype, timeout=timeout, context=context)
+        super().__init__(url, manifest, mode="tune", wire_dtype=wire_dtype, timeout=timeout, context=context, curve=curve)
         self._cuts = [s for s in self.plan.segments if s.kind.out_cut is not None]
 
     def forward_start(self, embeds: np.ndarray, attention_mask: np.ndarray | None = None, *, train: bool = True) -> StepOutput:
@@ -277,15 +285,17 @@ class RemoteTrainLink(WireConnection):
         return (*self._shape, len(segment.kind.out_cut.targets), self.manifest.rank)
 
 
-def cloud_status(url: str, *, timeout: float = 5.0, context: zmq.Context | None = None) -> dict:
+def cloud_status(url: str, *, timeout: float = 5.0, context: zmq.Context | None = None, curve: ClientKeys | None = None) -> dict:
     """The cloud's counters (sessions, tokens, ...) from a `status` request on a connection of its own."""
     socket = (context or zmq.Context.instance()).socket(zmq.DEALER)
     socket.setsockopt(zmq.LINGER, 0)
+    if curve is not None:
+        secure_client(socket, curve)
     try:
         socket.connect(url)
         socket.send_multipart(wire.encode("status", {}))
         if not socket.poll(int(timeout * 1000)):
-            raise CloudError(f"no answer from the cloud at {url} within {timeout:g} s", "timeout")
+            raise CloudError(f"no answer from the cloud at {url} within {timeout:g} s " + _SILENCE_CAUSE[curve is not None], "timeout")
         header, _ = wire.decode(socket.recv_multipart(), wire.REPLIES, max_message_bytes=wire.MAX_HEADER_BYTES)
     except wire.ProtocolError as e:
         raise CloudError(f"the cloud sent a malformed reply: {e}", "bad_reply") from None

@@ -30,6 +30,7 @@ import zmq
 
 from . import wire
 from .cloud import CloudModel, CloudSession
+from .secure import ServerKeys, peer_key, secure_server
 
 if TYPE_CHECKING:
     from .cloud_tune import CloudTrainSession
@@ -46,6 +47,7 @@ TUNE_OPS = ("train_step", "madx", "grad_hidden", "grad_ax", "abort")
 class Session:
     id: str
     peer: bytes  # ZeroMQ routing id of the connection that opened it; no other connection may use it
+    key: str | None  # under CURVE, the public key that opened it: a routing id can be reused after a disconnect, a key cannot be forged
     mode: str  # "generate" or "tune"
     batch: int
     cloud: CloudSession | None  # generate: the KV cache and position
@@ -93,6 +95,7 @@ class CloudServer:
         threads: int | None = None,
         on_event: Callable[[dict], None] | None = None,
         context: zmq.Context | None = None,
+        curve: ServerKeys | None = None,
     ):
         if max_sessions < 1:
             raise ValueError("--max-sessions must be at least 1")
@@ -129,14 +132,18 @@ class CloudServer:
         self.sessions: dict[str, Session] = {}
         self.counters = _Counters()
         self.tokens_per_s = 0.0
-        self.socket = (context or zmq.Context.instance()).socket(zmq.ROUTER)
+        self.curve = curve
+        # ZAP allows one handler per context: a secured server brings its own unless the caller gives one.
+        self._own_context = zmq.Context() if curve is not None and context is None else None
+        self.socket = (context or self._own_context or zmq.Context.instance()).socket(zmq.ROUTER)
         self.socket.setsockopt(zmq.LINGER, 0)
         # libzmq drops a connection that sends a frame over this; smaller excesses get an `error` reply.
         self.socket.setsockopt(zmq.MAXMSGSIZE, self.max_message_bytes)
+        self._auth = secure_server(self.socket, curve) if curve is not None else None
         try:
             self.socket.bind(bind)
         except zmq.ZMQError as e:
-            self.socket.close()
+            self._close()
             raise OSError(f"cannot bind {bind}: {e}") from None
         self.endpoint = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
 
@@ -145,11 +152,12 @@ class CloudServer:
         """Serve until `stop` is set, then free every session and close the socket."""
         self.on_event({"event": "listening", "endpoint": self.endpoint, "max_sessions": self.max_sessions,
                        "max_context": self.max_context, "session_timeout": self.session_timeout,
-                       "wire_dtype": self.wire_dtype})
+                       "wire_dtype": self.wire_dtype,
+                       "authorized_keys": self.curve.authorized if self.curve is not None else None})
         try:
             while not stop.is_set():
                 if self.socket.poll(int(POLL_S * 1000)):
-                    requests = [r for r in (self._admit(peer, frames) for peer, frames in self._receive()) if r]
+                    requests = [r for r in (self._admit(*message) for message in self._receive()) if r]
                     self._execute(requests)
                 now = time.monotonic()
                 self._expire(now)
@@ -157,18 +165,28 @@ class CloudServer:
         finally:
             count = len(self.sessions)
             self.sessions.clear()
-            self.socket.close()
+            self._close()
             self.on_event({"event": "stopped", "sessions_freed": count, "tokens": self.counters.tokens})
 
-    def _receive(self) -> list[tuple[bytes, list]]:
-        """Every message waiting now (at most one per session slot and a few more), without blocking."""
+    def _close(self) -> None:
+        self.socket.close()
+        if self._auth is not None:
+            self._auth.stop()
+        if self._own_context is not None:
+            self._own_context.term()
+
+    def _receive(self) -> list[tuple[bytes, str | None, list]]:
+        """Every message waiting now (at most one per session slot and a few more), without blocking.
+
+        Each comes with its sender's routing id and, under CURVE, public key.
+        """
         messages = []
         while len(messages) < self.max_sessions + 8:
             try:
                 frames = self.socket.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 break
-            messages.append((frames[0].bytes, frames[1:]))
+            messages.append((frames[0].bytes, peer_key(frames[0]) if self.curve is not None else None, frames[1:]))
         return messages
 
     def _send(self, peer: bytes, frames: list) -> None:
@@ -180,18 +198,18 @@ class CloudServer:
         self._send(peer, wire.encode("error", {"code": code, "message": message}))
 
     # -- admission: decode, validate, answer control ops ------------------------
-    def _admit(self, peer: bytes, frames: list) -> StepRequest | None:
+    def _admit(self, peer: bytes, key: str | None, frames: list) -> StepRequest | None:
         try:
             header, payload = wire.decode(frames, wire.REQUESTS, max_message_bytes=self.max_message_bytes)
             op = header["op"]
             if op == "open":
-                self._open(peer, header)
+                self._open(peer, key, header)
                 return None
             if op == "status":
                 self._send(peer, wire.encode("status", self.stats()))
                 return None
             session = self.sessions.get(header["session"])
-            if session is None or session.peer != peer:
+            if session is None or session.peer != peer or session.key != key:
                 # One answer for both, so that a stranger cannot probe which session ids exist.
                 raise wire.ProtocolError("unknown_session", "no such session on this connection (closed, expired or never opened)")
             if session.busy:
@@ -220,7 +238,7 @@ class CloudServer:
             self._reply_error(peer, "internal", f"{type(e).__name__}: {e}"[:1000])
         return None
 
-    def _open(self, peer: bytes, header: dict) -> None:
+    def _open(self, peer: bytes, key: str | None, header: dict) -> None:
         fp = self.model.manifest.ab_fingerprint
         if header["ab_fingerprint"] != fp:
             raise wire.ProtocolError(
@@ -244,7 +262,7 @@ class CloudServer:
             raise wire.ProtocolError("wrong_mode", "this cloud does not serve tuning (it was started with --no-tune)")
         else:
             cloud, trainer = None, self.segments.new_session(max_context=self.max_context)
-        self.sessions[sid] = Session(sid, peer, header["mode"], header["batch"], cloud, trainer, last_seen=time.monotonic())
+        self.sessions[sid] = Session(sid, peer, key, header["mode"], header["batch"], cloud, trainer, last_seen=time.monotonic())
         self._send(peer, wire.encode("opened", {"session": sid, "max_context": self.max_context,
                                                 "max_message_bytes": self.max_message_bytes, "wire_dtype": self.wire_dtype}))
         self.on_event({"event": "opened", "session": sid[:8], "mode": header["mode"], "sessions": len(self.sessions)})
