@@ -196,3 +196,194 @@ def test_junk_on_the_tcp_port_never_stops_the_cloud(models):
                 if rng.integers(2):  # half end with a reset rather than a clean close
                     s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         assert_still_serves_exactly(server, endpoint, edge, cloud, seed)
+
+
+# -- random and lying messages through ZeroMQ ------------------------------------------------
+WINDOW = 64  # messages in flight per round: the cloud answers each, the test then checks every answer
+EVIL = [-1, -(1 << 63), 1 << 64, 1 << 53, 0.0, 1.5, 1e308, True, False, None, "", "0", "\U0010ffff" * 40, [], {}, [1],
+        {"a": 1}, float("nan"), float("inf"), float("-inf")]
+
+
+def _random_frames(rng: np.random.Generator) -> list[bytes]:
+    """1 to 4 frames of random bytes, sometimes a JSON-looking first frame."""
+    frames = [rng.bytes(int(rng.integers(0, 300))) for _ in range(rng.integers(1, 5))]
+    if rng.integers(3) == 0:
+        frames[0] = b'{"v": 2, "op": ' + frames[0]
+    return frames
+
+
+def _nested(rng: np.random.Generator) -> str:
+    depth = int(rng.integers(100, 2000))
+    return "[" * depth + "]" * depth if rng.integers(2) else '{"a":' * depth + "0" + "}" * depth
+
+
+def _lie(rng: np.random.Generator, valid: dict[str, tuple[dict, tuple[int, ...] | None]], sessions: list[str]) -> list[bytes]:
+    """A well-framed message that starts from a valid request and lies about one to three things."""
+    op = list(valid)[rng.integers(len(valid))]
+    fields, shape = valid[op]
+    header = {"v": wire.PROTOCOL_VERSION, "op": op, **fields}
+    if shape is not None:
+        header["shape"] = list(shape)
+    data = None if shape is None else rng.standard_normal(shape).astype(np.float32).tobytes()
+    extra_frames: list[bytes] = []
+    raw_json = None
+    for _ in range(rng.integers(1, 4)):
+        lie = rng.integers(12)
+        name = list(header)[rng.integers(len(header))] if header else "v"
+        if lie == 0:  # a field of the wrong type or out of range
+            header[name] = EVIL[rng.integers(len(EVIL))]
+        elif lie == 1:
+            header.pop(name)
+        elif lie == 2:  # an extra field
+            header[["pad", "x" * 40, "\U0001f600", "session_", "__class__"][rng.integers(5)]] = EVIL[rng.integers(len(EVIL))]
+        elif lie == 3:  # a shape that does not match the frame, or absurd
+            header["shape"] = [int(d) for d in rng.choice([0, 1, 2, 3, 64, 1 << 20, (1 << 31) - 1, 1 << 31, -1],
+                                                          size=rng.integers(0, 10))]
+        elif lie == 4 and data is not None:  # a frame of another size (other dtype, truncated, one byte more)
+            data = [data[: len(data) // 2], data + data, data[:-1], data + b"\0", b""][rng.integers(5)]
+        elif lie == 5:
+            header["v"] = [0, 1, 3, -2, 2.0, "2", True, None, 1 << 70][rng.integers(9)]
+        elif lie == 6:  # a forged or foreign session (the other mode's session is a mode mismatch)
+            header["session"] = [rng.bytes(16).hex(), rng.bytes(16).hex().upper(), "0" * 31, *sessions][rng.integers(3 + len(sessions))]
+        elif lie == 7:
+            header["step"] = int(rng.integers(-2, 6)) if rng.integers(2) else wire.MAX_STEP
+        elif lie == 8:
+            header["cut"] = int(rng.integers(-1, 8))
+        elif lie == 9:  # the op of another request, or none that exists
+            header["op"] = [*wire.REQUESTS, *wire.REPLIES, "Step", "", "open\0"][rng.integers(len(wire.REQUESTS) + len(wire.REPLIES) + 3)]
+        elif lie == 10:
+            extra_frames.append(rng.bytes(int(rng.integers(0, 64))))
+        else:  # JSON only Python's parser accepts, or nested to blow a recursive one
+            raw_json = json.dumps(header)[:-1] + f', "{name}": ' + ["NaN", "Infinity", "-Infinity", _nested(rng)][rng.integers(4)] + "}"
+    head = (raw_json or json.dumps(header)).encode("utf-8", "surrogatepass")
+    frames = [head] + ([] if data is None or (shape is not None and rng.integers(20) == 0) else [data]) + extra_frames
+    return frames
+
+
+def _valid_requests(edge: EdgeModel, generate: Peer, tune: Peer, seed: int) -> tuple[dict, list[str]]:
+    """Open a generate and a tune session; the valid request of every op, as templates to lie from."""
+    g, _ = generate.ask(_open(edge, "generate"), seed)
+    t, _ = tune.ask(_open(edge, "tune"), seed)
+    gid, tid = g["session"], t["session"]
+    hidden, rank = edge.arch.hidden_size, edge.manifest.rank
+    return {
+        "open": ({"ab_fingerprint": edge.manifest.ab_fingerprint, "wire_dtype": "float32", "batch": 1, "mode": "generate"}, None),
+        "step": ({"session": gid, "step": 0}, (1, 2, hidden)),
+        "madx": ({"session": gid, "step": 0, "cut": 0}, (1, 2, 3, rank)),
+        "train_step": ({"session": tid, "step": 0, "lengths": [2, 1], "grad": True}, (2, 2, hidden)),
+        "grad_hidden": ({"session": tid, "step": 0}, (2, 2, hidden)),
+        "grad_ax": ({"session": tid, "step": 0, "cut": 0}, (2, 2, 3, rank)),
+        "abort": ({"session": tid}, None),
+        "close": ({"session": gid}, None),
+        "status": ({}, None),
+    }, [gid, tid]
+
+
+def test_random_and_lying_messages_get_errors_and_the_cloud_serves_exactly_afterwards(models):
+    seed, rounds = 2, 150  # 9,600 messages
+    rng = np.random.default_rng(seed)
+    _, cloud, edge = models
+    with serve(cloud, max_sessions=4, session_timeout=60.0) as (server, endpoint):
+        peers = [Peer(endpoint) for _ in range(3)]
+        try:
+            valid, sessions = _valid_requests(edge, peers[0], peers[1], seed)
+            replies: list[dict] = []
+            for _ in range(rounds):
+                sent = [0] * len(peers)
+                for _ in range(WINDOW):
+                    i = int(rng.integers(len(peers)))
+                    peers[i].send(_random_frames(rng) if rng.integers(4) == 0 else _lie(rng, valid, sessions))
+                    sent[i] += 1
+                for peer, count in zip(peers, sent):
+                    replies += [header for header, _ in peer.replies(count, seed)]
+        finally:
+            for peer in peers:
+                peer.close()
+        errors = [r["code"] for r in replies if r["op"] == "error"]
+        assert len(replies) == rounds * WINDOW, f"seed {seed}"
+        assert set(errors) <= set(wire.ERROR_CODES), f"seed {seed}: {set(errors) - set(wire.ERROR_CODES)}"
+        assert "internal" not in errors, f"seed {seed}: a message reached the model unvalidated"
+        # A lie can come out true (a step of the right number and shape): then the reply is the real one.
+        assert len(errors) > 0.9 * len(replies), f"seed {seed}"
+        assert {r["op"] for r in replies} <= {"error", "opened", "ax", "hidden", "status", "closed", "aborted"}, f"seed {seed}"
+        assert_still_serves_exactly(server, endpoint, edge, cloud, seed)
+
+
+def _run_step(peer: Peer, edge: EdgeModel, sid: str, step: int, ids: np.ndarray, sent: list[list[bytes]]) -> np.ndarray:
+    """One real step over `peer`, every request kept in `sent`; the logits."""
+    frames = wire.encode("step", {"session": sid, "step": step}, edge.embed(ids))
+    while True:
+        sent.append([bytes(f) for f in frames])
+        header, payload = peer.ask(frames)
+        if header["op"] == "hidden":
+            return edge.logits(wire.tensor(payload, header["shape"], "float32"))
+        assert header["op"] == "ax", header
+        madx = edge.apply_adapter(header["layer"], header["stage"], wire.tensor(payload, header["shape"], "float32"))
+        frames = wire.encode("madx", {"session": sid, "step": step, "cut": header["cut"]}, madx)
+
+
+def test_replayed_steps_are_refused_and_change_nothing(models):
+    seed = 3
+    _, cloud, edge = models
+    ids = [np.asarray([PROMPT_IDS]), np.asarray([[9]]), np.asarray([[10]])]
+    local = cloud.new_session()
+    want = [forward(edge, local, i) for i in ids]
+    with serve(cloud, tune=False) as (server, endpoint):
+        peer, stranger = Peer(endpoint), Peer(endpoint)
+        try:
+            sent: list[list[bytes]] = []
+            sid = peer.ask(_open(edge, "generate"))[0]["session"]
+            np.testing.assert_array_equal(_run_step(peer, edge, sid, 0, ids[0], sent), want[0])
+            np.testing.assert_array_equal(_run_step(peer, edge, sid, 1, ids[1], sent), want[1])
+            replays = [sent[i] for i in np.random.default_rng(seed).permutation(len(sent))]
+            # Old steps on their own connection, mid-step and between steps; on another connection they name no session.
+            codes = {peer.ask(frames)[0].get("code") for frames in replays}
+            codes |= {stranger.ask(frames)[0].get("code") for frames in replays}
+            assert codes == {"out_of_order", "unknown_session"}, f"seed {seed}: {codes}"
+            np.testing.assert_array_equal(_run_step(peer, edge, sid, 2, ids[2], []), want[2])
+            assert peer.ask(wire.encode("close", {"session": sid}))[0]["op"] == "closed"
+            assert {peer.ask(frames)[0].get("code") for frames in replays} == {"unknown_session"}, f"seed {seed}"
+        finally:
+            peer.close()
+            stranger.close()
+        assert_still_serves_exactly(server, endpoint, edge, cloud, seed)
+
+
+class FileMaker:
+    """Unpickling this creates the file `path`: the marker of a reader that unpickles."""
+
+    def __init__(self, path: Path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return open, (self.path, "w")
+
+
+def test_pickles_are_never_unpickled_by_the_cloud(models, tmp_path):
+    _, cloud, edge = models
+    probe = tmp_path / "probe"
+    pickle.loads(pickle.dumps(FileMaker(probe)))
+    assert probe.exists()  # the payload does what it says to whoever unpickles it
+    marker = tmp_path / "unpickled"
+    payload = pickle.dumps(FileMaker(marker), protocol=2)
+    hidden = edge.arch.hidden_size
+    with serve(cloud, tune=False) as (server, endpoint):
+        peer = Peer(endpoint)
+        try:
+            sid = peer.ask(_open(edge, "generate"))[0]["session"]
+            size = 4 * hidden * ((len(payload) + 4 * hidden - 1) // (4 * hidden))
+            as_tensor = payload.ljust(size, b".")
+            messages = [[payload], [payload, payload], [json.dumps({"v": 2, "op": "status"}).encode(), payload],
+                        [json.dumps({"v": 2, "op": payload.decode("latin-1")}).encode()],
+                        [json.dumps({"v": 2, "op": "step", "session": sid, "step": 0, "shape": [1, len(payload), 1]}).encode(), payload]]
+            for frames in messages:
+                assert peer.ask(frames)[0]["op"] == "error"
+            # The right size for a tensor: then it is numbers, whatever they spell.
+            step = json.dumps({"v": 2, "op": "step", "session": sid, "step": 0, "shape": [1, size // (4 * hidden), hidden]})
+            assert peer.ask([step.encode(), as_tensor])[0]["op"] == "ax"
+        finally:
+            peer.close()
+        with socket.create_connection(_tcp_address(endpoint), timeout=TIMEOUT) as s:
+            zmtp_send(s, zmtp_greeting(), zmtp_ready() + zmtp_frame(payload))
+        assert_still_serves_exactly(server, endpoint, edge, cloud, 0)
+    assert not marker.exists()
