@@ -387,3 +387,182 @@ def test_pickles_are_never_unpickled_by_the_cloud(models, tmp_path):
             zmtp_send(s, zmtp_greeting(), zmtp_ready() + zmtp_frame(payload))
         assert_still_serves_exactly(server, endpoint, edge, cloud, 0)
     assert not marker.exists()
+
+
+# -- the edge facing a lying cloud ------------------------------------------------------------
+EDGE_TIMEOUT = 0.5
+
+
+def _frames(header: dict, data: bytes | None) -> list[bytes]:
+    return [json.dumps(header).encode()] + ([] if data is None else [data])
+
+
+def _other(value, choices):
+    return next(c for c in choices if c != value)
+
+
+# Each lie turns the correct reply (header, tensor bytes) into what the cloud sends instead: a list of messages,
+# or None where it does not apply to this reply.
+LIES = {
+    "step": lambda h, d, marker: "step" in h and [_frames({**h, "step": h["step"] + 1}, d)],
+    "older step": lambda h, d, marker: h.get("step", 0) > 0 and [_frames({**h, "step": h["step"] - 1}, d)],
+    "cut": lambda h, d, marker: "cut" in h and [_frames({**h, "cut": h["cut"] + 1}, d)],
+    "layer": lambda h, d, marker: "layer" in h and [_frames({**h, "layer": h["layer"] + 1}, d)],
+    "stage": lambda h, d, marker: "stage" in h and [_frames({**h, "stage": _other(h["stage"], STAGE_TARGETS)}, d)],
+    "last": lambda h, d, marker: "last" in h and [_frames({**h, "last": not h["last"]}, d)],
+    "shape": lambda h, d, marker: "shape" in h and [_frames({**h, "shape": [*h["shape"][:-1], 1, h["shape"][-1]]}, d)],
+    "float64": lambda h, d, marker: d is not None and [_frames(h, np.frombuffer(d, np.float32).astype(np.float64).tobytes())],
+    "truncated": lambda h, d, marker: d is not None and [_frames(h, d[:-1])],
+    "op": lambda h, d, marker: [_frames({**h, "op": _other(h["op"], ["hidden", "ax"])}, d)],
+    "status": lambda h, d, marker: [_frames({"v": 2, "op": "status", "sessions": 1, "max_sessions": 1, "tokens": 0,
+                                     "tokens_per_s": 0.0, "uptime_s": 1.0, "rejected": 0}, None)],
+    "extra field": lambda h, d, marker: [_frames({**h, "token_ids": [1, 2]}, d)],
+    "extra frame": lambda h, d, marker: [_frames(h, d) + [b"\0" * 8]],
+    "missing frame": lambda h, d, marker: d is not None and [_frames(h, None)],
+    "version": lambda h, d, marker: [_frames({**h, "v": 1}, d)],
+    "garbage": lambda h, d, marker: [[b"\x00\xff garbage"]],
+    "pickle": lambda h, d, marker: [[pickle.dumps(FileMaker(marker))]],
+    "oversize": lambda h, d, marker: d is not None and [_frames(h, d * (1 + OPENED_MAX_MESSAGE // len(d)))],
+    "nothing": lambda h, d, marker: [],
+    "error of no known code": lambda h, d, marker: [_frames({"v": 2, "op": "error", "code": "x" * 64, "message": "m"}, None)],
+    "a reply twice": lambda h, d, marker: [_frames(h, d), _frames(h, d)],
+    "stale reply first": lambda h, d, marker: "step" in h and [_frames({**h, "step": h["step"] + 7}, d), _frames(h, d)],
+}
+OPENED_MAX_MESSAGE = 1 << 16
+
+
+class LyingCloud:
+    """A ROUTER in a thread that opens a session as a cloud does, then answers request `lie_at` with a lie.
+
+    Its honest answers have the header the edge's plan expects and random numbers
+    of the right shape: the edge checks structure, it cannot check values.
+    """
+
+    def __init__(self, edge: EdgeModel, lie, lie_at: int, marker: Path):
+        self.edge, self.lie, self.lie_at, self.marker = edge, lie, lie_at, marker
+        self.rng = np.random.default_rng(lie_at)
+        self.requests = 0
+        self.lied = False
+        self.socket = zmq.Context.instance().socket(zmq.ROUTER)
+        self.socket.setsockopt(zmq.LINGER, 0)
+        self.socket.bind("tcp://127.0.0.1:*")
+        self.endpoint = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join()
+        self.socket.close()
+
+    def _serve(self) -> None:
+        while not self.stop.is_set():
+            if not self.socket.poll(20):
+                continue
+            peer, *frames = self.socket.recv_multipart()
+            header = json.loads(frames[0])
+            reply = self._truth(header, frames[1:])
+            lie = self.requests == self.lie_at and self.lie(reply[0], reply[1], self.marker)
+            if lie is not False:
+                self.lied = True
+            for message in ([_frames(*reply)] if lie is False else lie):
+                self.socket.send_multipart([peer, *message])
+            self.requests += 1
+
+    def _tensor(self, *shape: int) -> bytes:
+        return self.rng.standard_normal(shape).astype(np.float32).tobytes()
+
+    def _truth(self, h: dict, frames: list[bytes]) -> tuple[dict, bytes | None]:
+        """The correct reply to request `h`: the header the edge's plan expects, random numbers of the right shape."""
+        op, manifest = h["op"], self.edge.manifest
+        plan, rank, hidden = manifest.plan, manifest.rank, manifest.architecture.hidden_size
+        if op == "open":
+            return {"v": 2, "op": "opened", "session": "ab" * 16, "max_context": 64, "max_message_bytes": OPENED_MAX_MESSAGE,
+                    "wire_dtype": "float32"}, None
+        if op in ("close", "abort"):
+            return {"v": 2, "op": "closed" if op == "close" else "aborted", "session": h["session"]}, None
+        if op == "step":
+            self.step, self.rows, self.seq = h["step"], h["shape"][0], h["shape"][1]
+        elif op == "train_step":
+            self.step, self.rows, self.seq = h["step"], h["shape"][0], h["shape"][1]
+        cuts = [s for s in plan.segments if s.kind.out_cut is not None]
+        if op in ("step", "madx", "train_step"):
+            cut = 0 if op in ("step", "train_step") else h["cut"] + 1
+            if cut == len(cuts):
+                return {"v": 2, "op": "hidden", "step": self.step, "shape": [self.rows, self.seq, hidden]}, \
+                    self._tensor(self.rows, self.seq, hidden)
+            kind = "ax"
+        else:
+            cut = len(cuts) - 1 if op == "grad_hidden" else h["cut"] - 1
+            kind = "grad"
+        seg = cuts[cut]
+        shape = [self.rows, self.seq, len(seg.kind.out_cut.targets), rank]
+        header = {"v": 2, "op": kind, "step": self.step, "cut": cut, "layer": seg.cut_layer, "stage": seg.kind.out_cut.stage,
+                  **({"last": cut == 0} if kind == "grad" else {}), "shape": shape}
+        return header, self._tensor(*shape)
+
+
+def _drive_generate(edge: EdgeModel, endpoint: str) -> None:
+    # Three tokens: a reply sent twice at the second one's last cut still meets a request to confuse.
+    with RemoteCloudSession(endpoint, edge.manifest, timeout=EDGE_TIMEOUT) as session:
+        ids = np.asarray([PROMPT_IDS])
+        for _ in range(3):
+            ids = forward(edge, session, ids)[:, -1:].argmax(-1)
+
+
+def _drive_tune(edge: EdgeModel, endpoint: str) -> None:
+    with RemoteTrainLink(endpoint, edge.manifest, timeout=EDGE_TIMEOUT) as link:
+        out = link.forward_start(edge.embed(np.asarray([[3, 4, 5], [6, 7, 7]])), np.asarray([[1, 1, 1], [1, 1, 0]]))
+        while not out.done:
+            out = link.forward_resume(edge.apply_adapter(out.layer, out.stage, out.ax))
+        grad = link.backward_start(out.hidden)
+        while not grad.last:
+            grad = link.backward_resume(grad.grad_madx)
+        link.abort()
+        link.abort()
+
+
+DRIVES = {"generate": _drive_generate, "tune": _drive_tune}
+
+
+@pytest.mark.parametrize("mode", list(DRIVES))
+def test_an_honest_fake_cloud_is_accepted(models, mode, tmp_path):
+    # Without this, every lie below could be refused for a fault of the fake cloud's own.
+    _, _, edge = models
+    fake = LyingCloud(edge, lambda h, d, marker: False, lie_at=1, marker=tmp_path / "unpickled")
+    try:
+        DRIVES[mode](edge, fake.endpoint)
+    finally:
+        fake.close()
+    assert fake.requests >= 2 * len(edge.plan.segments) and not fake.lied
+
+
+@pytest.mark.parametrize("mode", list(DRIVES))
+def test_every_lie_of_the_cloud_is_a_cloud_error_within_the_timeout(models, mode, tmp_path):
+    seed = 4
+    rng = np.random.default_rng(seed)
+    _, _, edge = models
+    marker = tmp_path / "unpickled"
+    requests = 1 + 2 * len(edge.plan.segments)  # the handshake, then two steps or one pass forward and back
+    caught = 0
+    for name, lie in LIES.items():
+        for lie_at in [0, *rng.choice(np.arange(1, requests), size=3, replace=False)]:
+            fake = LyingCloud(edge, lie, int(lie_at), marker)
+            started = time.monotonic()
+            try:
+                DRIVES[mode](edge, fake.endpoint)
+            except CloudError as e:
+                elapsed = time.monotonic() - started
+                where = f"seed {seed}: {name} at request {lie_at}"
+                assert fake.lied, f"{where}: refused an honest reply: {e}"
+                assert elapsed < EDGE_TIMEOUT + 1.0, f"{where} took {elapsed:.1f} s"
+                assert e.code in ("bad_reply", "timeout", "x" * 64), f"{where}: {e.code}"
+                caught += 1
+            else:
+                # A lie that does not apply to the reply at that request leaves it honest.
+                assert not fake.lied, f"seed {seed}: {name} at request {lie_at} was accepted"
+            finally:
+                fake.close()
+    assert caught > 2 * len(LIES)
+    assert not marker.exists()
