@@ -7,7 +7,8 @@ message:
     frame 0     header: one JSON object, UTF-8, at most MAX_HEADER_BYTES
     frame 1     (ops that carry a tensor) the tensor's raw bytes: C order,
                 little-endian, in the session's wire dtype, exactly
-                prod(shape) * itemsize bytes
+                prod(shape) * itemsize bytes; the edge refuses a reply whose
+                tensor holds NaN or infinity
 
 Nothing is ever pickled; a header is plain JSON and a tensor is raw numbers,
 so a message can describe data but never make its reader run code. Every

@@ -424,8 +424,11 @@ LIES = {
     "pickle": lambda h, d, marker: [[pickle.dumps(FileMaker(marker))]],
     "oversize": lambda h, d, marker: d is not None and [_frames(h, d * (1 + OPENED_MAX_MESSAGE // len(d)))],
     "nothing": lambda h, d, marker: [],
+    "NaN": lambda h, d, marker: d is not None and [_frames(h, np.float32("nan").tobytes() + d[4:])],
+    "infinity": lambda h, d, marker: d is not None and [_frames(h, d[:-4] + np.float32("-inf").tobytes())],
     "error of no known code": lambda h, d, marker: [_frames({"v": 2, "op": "error", "code": "x" * 64, "message": "m"}, None)],
-    "a reply twice": lambda h, d, marker: [_frames(h, d), _frames(h, d)],
+    # (A second `aborted` answers the next abort exactly as the right one would: harmless and undetectable.)
+    "a reply twice": lambda h, d, marker: "step" in h and [_frames(h, d), _frames(h, d)],
     "stale reply first": lambda h, d, marker: "step" in h and [_frames({**h, "step": h["step"] + 7}, d), _frames(h, d)],
 }
 OPENED_MAX_MESSAGE = 1 << 16
