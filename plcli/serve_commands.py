@@ -38,6 +38,8 @@ def serve_cloud(
     max_batch: int = typer.Option(1, "--max-batch", help="Sequences one session may run side by side."),
     tune: bool = typer.Option(True, "--tune/--no-tune", help="Also serve `plcli tune` (loads torch for the backward)."),
     max_train_tokens: int = typer.Option(16384, "--max-train-tokens", help="Tokens (batch x sequence) one tuning pass may carry."),
+    max_memory: Optional[int] = typer.Option(None, "--max-memory", help="MiB all sessions may hold (KV caches, tuning "
+                                              "activations); a session or step over it is refused (default: no limit)."),
     as_json: bool = typer.Option(False, "--json", help="Log one JSON object per event on stdout."),
 ):
     """Serve a cloud bundle to edges over ZeroMQ: generation (one KV cache per session) and tuning (`plcli tune`)."""
@@ -50,7 +52,8 @@ def serve_cloud(
             model = CloudModel(cloud_dir, threads=threads)
             server = CloudServer(model, bind=bind, max_sessions=max_sessions, max_context=max_context,
                                  session_timeout=session_timeout, wire_dtype=wire_dtype, max_batch=max_batch, tune=tune,
-                                 max_train_tokens=max_train_tokens, threads=threads, on_event=reporter.event)
+                                 max_train_tokens=max_train_tokens, threads=threads, on_event=reporter.event,
+                                 max_memory_bytes=None if max_memory is None else max_memory * 2**20)
     except ValueError as e:
         raise UserError(str(e)) from None
     reporter.server = server

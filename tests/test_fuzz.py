@@ -569,3 +569,36 @@ def test_every_lie_of_the_cloud_is_a_cloud_error_within_the_timeout(models, mode
                 fake.close()
     assert caught > 2 * len(LIES)
     assert not marker.exists()
+
+
+# -- limits -----------------------------------------------------------------------------------
+def test_abandoned_sessions_stay_within_the_memory_budget_and_are_all_freed_by_the_timeout(models):
+    from plcli.runtime.server import memory_per_session
+
+    seed, edges, session_timeout = 5, 100, 1.5
+    _, cloud, edge = models
+    per_prefill = memory_per_session(cloud, len(PROMPT_IDS))
+    budget = 60 * per_prefill + per_prefill // 2  # room for 60 abandoned prefills, not for a 61st
+    with serve(cloud, max_sessions=edges + 1, session_timeout=session_timeout, max_memory_bytes=budget) as (server, endpoint):
+        peers = [Peer(endpoint) for _ in range(edges)]
+        try:
+            for peer in peers:
+                sid = peer.ask(_open(edge, "generate"), seed)[0]["session"]
+                peer.send(wire.encode("step", {"session": sid, "step": 0}, edge.embed(np.asarray([PROMPT_IDS]))))
+            answers = [peer.replies(1, seed)[0][0] for peer in peers]
+            held = server.memory_bytes()
+            # What the sessions really hold: each open step's new keys and values, not yet in the cache.
+            actual = sum(a.nbytes for s in server.sessions.values() for kv in s.cloud._state.get("present", {}).values()
+                         for a in kv)
+            silent_since = time.monotonic()
+            assert [a["op"] for a in answers].count("ax") == 60, f"seed {seed}"
+            assert {a["code"] for a in answers if a["op"] == "error"} == {"limit"}, f"seed {seed}"
+            assert actual <= held <= budget
+            while server.stats()["sessions"]:
+                assert time.monotonic() - silent_since < session_timeout + 2.0, "abandoned sessions were not freed"
+                time.sleep(0.05)
+            assert server.memory_bytes() == 0
+        finally:
+            for peer in peers:
+                peer.close()
+        assert_still_serves_exactly(server, endpoint, edge, cloud, seed)
