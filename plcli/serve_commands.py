@@ -102,7 +102,7 @@ class _Reporter:
     def __rich__(self) -> Text:
         s = self.server.stats()
         return Text(f"{self.server.endpoint} · {s['sessions']}/{s['max_sessions']} sessions · {s['tokens_per_s']:.1f} tokens/s · "
-                    f"{s['tokens']:,} tokens · {s['rejected']} refused", style="dim", no_wrap=True, overflow="ellipsis")
+                    f"{s['tokens']:,} tokens · {s['rejected']} refused · {s['memory_bytes'] / 2**20:.1f} MiB held", style="dim", no_wrap=True, overflow="ellipsis")
 
     def line(self, text: str) -> None:
         stamp = datetime.now().strftime("%H:%M:%S")

@@ -424,7 +424,8 @@ class CloudServer:
 
     def memory_bytes(self) -> int:
         """Bytes the sessions hold against --max-memory: KV caches and the activations of open tune passes."""
-        return sum(s.memory for s in self.sessions.values())
+        # A copy first: the live status line reads this from another thread while sessions come and go.
+        return sum(s.memory for s in tuple(self.sessions.values()))
 
     def _reserve(self, session: Session | None, need: int) -> None:
         """Refuse with `limit` unless `session` (None: a new one) may hold `need` bytes within --max-memory."""
@@ -439,7 +440,8 @@ class CloudServer:
         """Counters for the `status` op and the live status line."""
         return {"sessions": len(self.sessions), "max_sessions": self.max_sessions, "tokens": self.counters.tokens,
                 "tokens_per_s": round(self.tokens_per_s, 3),
-                "uptime_s": round(time.monotonic() - self.counters.started, 3), "rejected": self.counters.rejected}
+                "uptime_s": round(time.monotonic() - self.counters.started, 3), "rejected": self.counters.rejected,
+                "memory_bytes": self.memory_bytes()}
 
 
 @contextmanager

@@ -415,7 +415,8 @@ LIES = {
     "truncated": lambda h, d, marker: d is not None and [_frames(h, d[:-1])],
     "op": lambda h, d, marker: [_frames({**h, "op": _other(h["op"], ["hidden", "ax"])}, d)],
     "status": lambda h, d, marker: [_frames({"v": 2, "op": "status", "sessions": 1, "max_sessions": 1, "tokens": 0,
-                                     "tokens_per_s": 0.0, "uptime_s": 1.0, "rejected": 0}, None)],
+                                     "tokens_per_s": 0.0, "uptime_s": 1.0, "rejected": 0,
+                                             "memory_bytes": 0}, None)],
     "extra field": lambda h, d, marker: [_frames({**h, "token_ids": [1, 2]}, d)],
     "extra frame": lambda h, d, marker: [_frames(h, d) + [b"\0" * 8]],
     "missing frame": lambda h, d, marker: d is not None and [_frames(h, None)],
@@ -586,9 +587,9 @@ def test_abandoned_sessions_stay_within_the_memory_budget_and_are_all_freed_by_t
                 sid = peer.ask(_open(edge, "generate"), seed)[0]["session"]
                 peer.send(wire.encode("step", {"session": sid, "step": 0}, edge.embed(np.asarray([PROMPT_IDS]))))
             answers = [peer.replies(1, seed)[0][0] for peer in peers]
-            held = server.memory_bytes()
+            held = cloud_status(endpoint, timeout=TIMEOUT)["memory_bytes"]
             # What the sessions really hold: each open step's new keys and values, not yet in the cache.
-            actual = sum(a.nbytes for s in server.sessions.values() for kv in s.cloud._state.get("present", {}).values()
+            actual = sum(a.nbytes for s in list(server.sessions.values()) for kv in s.cloud._state.get("present", {}).values()
                          for a in kv)
             silent_since = time.monotonic()
             assert [a["op"] for a in answers].count("ax") == 60, f"seed {seed}"
@@ -597,8 +598,37 @@ def test_abandoned_sessions_stay_within_the_memory_budget_and_are_all_freed_by_t
             while server.stats()["sessions"]:
                 assert time.monotonic() - silent_since < session_timeout + 2.0, "abandoned sessions were not freed"
                 time.sleep(0.05)
-            assert server.memory_bytes() == 0
+            assert cloud_status(endpoint, timeout=TIMEOUT)["memory_bytes"] == 0
         finally:
             for peer in peers:
                 peer.close()
         assert_still_serves_exactly(server, endpoint, edge, cloud, seed)
+
+
+def test_a_tune_pass_holds_its_activations_against_the_budget_until_its_backward_ends(models):
+    _, cloud, edge = models
+    embeds, mask = edge.embed(np.asarray([[3, 4, 5], [6, 7, 7]])), np.asarray([[1, 1, 1], [1, 1, 0]])
+    with pytest.raises(ValueError, match="--max-memory"):
+        CloudServer(cloud, bind="tcp://127.0.0.1:*", tune=False, max_memory_bytes=0)
+    probe = CloudServer(cloud, bind="tcp://127.0.0.1:*", threads=1)
+    pass_bytes = embeds.shape[0] * embeds.shape[1] * probe.train_bytes_per_token
+    probe.socket.close()
+    for budget, fits in ((pass_bytes - 1, False), (pass_bytes, True)):
+        with serve(cloud, max_memory_bytes=budget) as (_, endpoint), \
+                RemoteTrainLink(endpoint, edge.manifest, timeout=TIMEOUT) as link:
+            if not fits:
+                with pytest.raises(CloudError) as refused:
+                    link.forward_start(embeds, mask)
+                assert refused.value.code == "limit" and "--max-memory" in str(refused.value)
+                continue
+            out = link.forward_start(embeds, mask)
+            while not out.done:
+                assert cloud_status(endpoint, timeout=TIMEOUT)["memory_bytes"] == pass_bytes
+                out = link.forward_resume(edge.apply_adapter(out.layer, out.stage, out.ax))
+            grad = link.backward_start(out.hidden)
+            while not grad.last:
+                grad = link.backward_resume(grad.grad_madx)
+            assert cloud_status(endpoint, timeout=TIMEOUT)["memory_bytes"] == 0
+            link.forward_start(embeds, mask, train=True)
+            link.abort()
+            assert cloud_status(endpoint, timeout=TIMEOUT)["memory_bytes"] == 0
