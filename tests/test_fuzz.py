@@ -256,8 +256,7 @@ def _lie(rng: np.random.Generator, valid: dict[str, tuple[dict, tuple[int, ...] 
         else:  # JSON only Python's parser accepts, or nested to blow a recursive one
             raw_json = json.dumps(header)[:-1] + f', "{name}": ' + ["NaN", "Infinity", "-Infinity", _nested(rng)][rng.integers(4)] + "}"
     head = (raw_json or json.dumps(header)).encode("utf-8", "surrogatepass")
-    frames = [head] + ([] if data is None or (shape is not None and rng.integers(20) == 0) else [data]) + extra_frames
-    return frames
+    return [head] + ([] if data is None or rng.integers(20) == 0 else [data]) + extra_frames
 
 
 def _valid_requests(edge: EdgeModel, generate: Peer, tune: Peer, seed: int) -> tuple[dict, list[str]]:
@@ -425,6 +424,8 @@ LIES = {
     "pickle": lambda h, d, marker: [[pickle.dumps(FileMaker(marker))]],
     "oversize": lambda h, d, marker: d is not None and [_frames(h, d * (1 + OPENED_MAX_MESSAGE // len(d)))],
     "nothing": lambda h, d, marker: [],
+    "wire dtype": lambda h, d, marker: "wire_dtype" in h and [_frames({**h, "wire_dtype": "float16"}, d)],
+    "tiny message limit": lambda h, d, marker: "max_message_bytes" in h and [_frames({**h, "max_message_bytes": 64}, d)],
     "NaN": lambda h, d, marker: d is not None and [_frames(h, np.float32("nan").tobytes() + d[4:])],
     "infinity": lambda h, d, marker: d is not None and [_frames(h, d[:-4] + np.float32("-inf").tobytes())],
     "error of no known code": lambda h, d, marker: [_frames({"v": 2, "op": "error", "code": "x" * 64, "message": "m"}, None)],
@@ -464,9 +465,9 @@ class LyingCloud:
         while not self.stop.is_set():
             if not self.socket.poll(20):
                 continue
-            peer, *frames = self.socket.recv_multipart()
-            header = json.loads(frames[0])
-            reply = self._truth(header, frames[1:])
+            peer, head, *_ = self.socket.recv_multipart()
+            header = json.loads(head)
+            reply = self._truth(header)
             lie = self.requests == self.lie_at and self.lie(reply[0], reply[1], self.marker)
             if lie is not False:
                 self.lied = True
@@ -477,7 +478,7 @@ class LyingCloud:
     def _tensor(self, *shape: int) -> bytes:
         return self.rng.standard_normal(shape).astype(np.float32).tobytes()
 
-    def _truth(self, h: dict, frames: list[bytes]) -> tuple[dict, bytes | None]:
+    def _truth(self, h: dict) -> tuple[dict, bytes | None]:
         """The correct reply to request `h`: the header the edge's plan expects, random numbers of the right shape."""
         op, manifest = h["op"], self.edge.manifest
         plan, rank, hidden = manifest.plan, manifest.rank, manifest.architecture.hidden_size
@@ -486,9 +487,7 @@ class LyingCloud:
                     "wire_dtype": "float32"}, None
         if op in ("close", "abort"):
             return {"v": 2, "op": "closed" if op == "close" else "aborted", "session": h["session"]}, None
-        if op == "step":
-            self.step, self.rows, self.seq = h["step"], h["shape"][0], h["shape"][1]
-        elif op == "train_step":
+        if op in ("step", "train_step"):
             self.step, self.rows, self.seq = h["step"], h["shape"][0], h["shape"][1]
         cuts = [s for s in plan.segments if s.kind.out_cut is not None]
         if op in ("step", "madx", "train_step"):
@@ -632,3 +631,14 @@ def test_a_tune_pass_holds_its_activations_against_the_budget_until_its_backward
             link.forward_start(embeds, mask, train=True)
             link.abort()
             assert cloud_status(endpoint, timeout=TIMEOUT)["memory_bytes"] == 0
+
+
+def test_serve_cloud_refuses_a_memory_budget_of_zero(models):
+    from typer.testing import CliRunner
+
+    from plcli.cli import app
+
+    bundle, _, _ = models
+    result = CliRunner().invoke(app, ["serve-cloud", str(bundle / "cloud"), "--bind", "tcp://127.0.0.1:*", "--no-tune",
+                                      "--max-memory", "0"])
+    assert result.exit_code == 2 and "--max-memory must be positive" in result.output
