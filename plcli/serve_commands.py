@@ -52,6 +52,8 @@ def serve_cloud(
     curve_secret: Optional[Path] = typer.Option(None, "--curve-secret", help="The cloud's NAME.key_secret (`plcli keys generate`): encrypt all traffic; needs --authorized-keys."),
     authorized_keys: Optional[Path] = typer.Option(None, "--authorized-keys", help="Directory of the public NAME.key of every edge to serve (read at start); needs --curve-secret."),
     insecure: bool = typer.Option(False, "--insecure", help="Allow a non-loopback --bind without CURVE: anyone who reaches it can use this cloud and read its traffic."),
+    max_memory: Optional[int] = typer.Option(None, "--max-memory", help="MiB all sessions may hold (KV caches, tuning "
+                                              "activations); a session or step over it is refused (default: no limit)."),
     as_json: bool = typer.Option(False, "--json", help="Log one JSON object per event on stdout."),
 ):
     """Serve a cloud bundle to edges over ZeroMQ: generation (one KV cache per session) and tuning (`plcli tune`)."""
@@ -75,7 +77,8 @@ def serve_cloud(
             model = CloudModel(cloud_dir, threads=threads)
             server = CloudServer(model, bind=bind, max_sessions=max_sessions, max_context=max_context,
                                  session_timeout=session_timeout, wire_dtype=wire_dtype, max_batch=max_batch, tune=tune,
-                                 max_train_tokens=max_train_tokens, threads=threads, on_event=reporter.event, curve=curve)
+                                 max_train_tokens=max_train_tokens, threads=threads, on_event=reporter.event, curve=curve,
+                                 max_memory_bytes=None if max_memory is None else max_memory * 2**20)
     except ValueError as e:
         raise UserError(str(e)) from None
     reporter.server = server
@@ -125,7 +128,7 @@ class _Reporter:
     def __rich__(self) -> Text:
         s = self.server.stats()
         return Text(f"{self.server.endpoint} · {s['sessions']}/{s['max_sessions']} sessions · {s['tokens_per_s']:.1f} tokens/s · "
-                    f"{s['tokens']:,} tokens · {s['rejected']} refused", style="dim", no_wrap=True, overflow="ellipsis")
+                    f"{s['tokens']:,} tokens · {s['rejected']} refused · {s['memory_bytes'] / 2**20:.1f} MiB held", style="dim", no_wrap=True, overflow="ellipsis")
 
     def line(self, text: str) -> None:
         stamp = datetime.now().strftime("%H:%M:%S")

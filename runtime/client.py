@@ -39,8 +39,9 @@ _SILENCE_CAUSE = {False: "(is `plcli serve-cloud` running there?)",
 class WireConnection:
     """One DEALER connection and the session it opened: handshake, strict request/reply, byte and round-trip counts.
 
-    A silence or a malformed reply closes the connection (the stream can no
-    longer be trusted); an `error` reply raises CloudError and changes nothing.
+    A silence or a malformed reply (a tensor holding NaN or infinity included)
+    closes the connection (the stream can no longer be trusted); an `error`
+    reply raises CloudError and changes nothing.
     """
 
     def __init__(self, url: str, manifest: Manifest, *, mode: str, wire_dtype: str = "float32", timeout: float = 10.0,
@@ -125,9 +126,13 @@ class WireConnection:
         if header["step"] != step or tuple(header["shape"]) != shape:
             self._broken(f"the cloud answered step {header['step']} with shape {header['shape']}; expected step {step}, shape {list(shape)}")
         try:
-            return wire.tensor(payload, shape, self.wire_dtype)
+            array = wire.tensor(payload, shape, self.wire_dtype)
         except wire.ProtocolError as e:
             self._broken(f"the cloud sent a malformed tensor: {e}")
+        # A NaN or infinity would reach the logits or, when tuning, M and every checkpoint after it, silently.
+        if not np.isfinite(array).all():
+            self._broken(f"the cloud sent NaN or infinity in step {step}'s {header['op']}")
+        return array
 
     def _check_cut(self, header: dict, cut: int, segment) -> None:
         """The reply names cut `cut` at the layer and stage this edge's plan puts it."""

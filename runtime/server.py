@@ -13,6 +13,12 @@ never sees an unvalidated message, so a scheduler that groups the steps of
 concurrent sessions into one call can replace `_execute` without touching the
 rest. A message that fails validation is answered with an `error` and changes
 nothing; no input can stop the loop.
+
+Memory: with `max_memory_bytes` each session holds, against that budget, the
+KV cache its tokens need once the open step is in (reserved when the step is
+admitted) or the activations its open tune pass keeps; a session or step that
+would go over it is refused with `limit`, and a session's bytes go with it when
+it is closed or expires.
 """
 
 from __future__ import annotations
@@ -58,6 +64,7 @@ class Session:
     ax_shape: tuple[int, ...] | None = None
     tokens: int = 0
     busy: bool = False  # a message of this session is admitted and not yet executed
+    memory: int = 0  # bytes held against --max-memory: the KV cache with the open step's tokens, or the open pass's activations
 
 
 @dataclass
@@ -92,6 +99,7 @@ class CloudServer:
         max_batch: int = 1,
         tune: bool = True,
         max_train_tokens: int = 16384,
+        max_memory_bytes: int | None = None,
         threads: int | None = None,
         on_event: Callable[[dict], None] | None = None,
         context: zmq.Context | None = None,
@@ -109,6 +117,8 @@ class CloudServer:
             raise ValueError("--max-batch must be at least 1")
         if max_train_tokens < 1:
             raise ValueError("--max-train-tokens must be at least 1")
+        if max_memory_bytes is not None and max_memory_bytes < 1:
+            raise ValueError("--max-memory must be positive")
         self.model = model
         self.max_sessions = max_sessions
         self.max_context = max_context or model.arch.max_position_embeddings
@@ -116,6 +126,7 @@ class CloudServer:
         self.wire_dtype = wire_dtype
         self.max_batch = max_batch
         self.max_train_tokens = max_train_tokens
+        self.max_memory_bytes = max_memory_bytes
         self.segments = None  # torch segments shared by tune sessions
         if tune:
             from .cloud_tune import TorchSegments, set_threads
@@ -129,6 +140,8 @@ class CloudServer:
         # The largest legitimate message: a full-context prefill or a full tune pass of the widest tensor, in float32.
         tokens = max(max_batch * self.max_context, max_train_tokens)
         self.max_message_bytes = wire.MAX_HEADER_BYTES + tokens * widest * 4
+        # What a tune pass keeps per token until its backward: each segment's inputs (resid, x) and its cut's M A x.
+        self.train_bytes_per_token = len(plan.segments) * (2 * arch.hidden_size + widest) * 4
         self.sessions: dict[str, Session] = {}
         self.counters = _Counters()
         self.tokens_per_s = 0.0
@@ -226,6 +239,7 @@ class CloudServer:
             if op == "abort":
                 session.trainer.abort()
                 session.cut = None
+                session.memory = 0
                 self._send(peer, wire.encode("aborted", {"session": session.id}))
                 return None
             admit = self._admit_step if session.mode == "generate" else self._admit_tune
@@ -255,6 +269,7 @@ class CloudServer:
             raise wire.ProtocolError("limit", "this connection already has a session open: one session per connection")
         if len(self.sessions) >= self.max_sessions:
             raise wire.ProtocolError("busy", f"the cloud serves its maximum of {self.max_sessions} sessions; try again later")
+        self._reserve(None, memory_per_session(self.model, 1, header["batch"]))
         sid = secrets.token_hex(16)
         if header["mode"] == "generate":
             cloud, trainer = self.model.new_session(max_context=self.max_context), None
@@ -281,6 +296,11 @@ class CloudServer:
             if shape[1] > room:
                 raise wire.ProtocolError("limit", f"{shape[1]} tokens do not fit: the session has room for {room} more "
                                                   f"(max context {session.cloud.max_context})")
+            need = memory_per_session(self.model, session.cloud.position + shape[1], session.batch)
+            self._reserve(session, need)
+            request = StepRequest(session, op, wire.tensor(payload, shape, self.wire_dtype), header)
+            session.memory = need
+            return request
         else:
             if session.cut is None:
                 raise wire.ProtocolError("out_of_order", "no step is open")
@@ -309,6 +329,11 @@ class CloudServer:
                                                   f"({self.max_context} per row, {self.max_train_tokens} per pass)")
             if max(lengths) > shape[1]:
                 raise wire.ProtocolError("bad_message", f"a row length exceeds the sequence length {shape[1]}")
+            need = shape[0] * shape[1] * self.train_bytes_per_token
+            self._reserve(session, need)
+            request = StepRequest(session, op, wire.tensor(payload, shape, self.wire_dtype), header)
+            session.memory = need
+            return request
         else:
             if header["step"] != session.steps - 1 or phase == "idle":
                 raise wire.ProtocolError("out_of_order", f"{op} for pass {header['step']}, but the open pass is "
@@ -337,6 +362,7 @@ class CloudServer:
             except Exception as e:  # the model itself failed: refuse the step, keep serving
                 session.cloud.abort()
                 session.cut = session.ax_shape = None
+                session.memory = memory_per_session(self.model, session.cloud.position, session.batch)
                 self._reply_error(session.peer, "internal", f"the cloud failed to run the step: {type(e).__name__}: {e}"[:1000])
                 continue
             step = session.steps
@@ -370,6 +396,7 @@ class CloudServer:
         except Exception as e:  # the model itself failed: drop the pass, keep serving
             trainer.abort()
             session.cut = None
+            session.memory = 0
             self._reply_error(session.peer, "internal", f"the cloud failed to run {op}: {type(e).__name__}: {e}"[:1000])
             return
         step = session.steps - 1
@@ -379,6 +406,8 @@ class CloudServer:
                 session.tokens += seq
                 self._count_tokens(seq)
                 session.cut = None
+                if trainer.phase == "idle":  # an evaluation pass keeps nothing
+                    session.memory = 0
                 self._send(session.peer, wire.encode("hidden", {"step": step}, out.hidden, self.wire_dtype))
             else:
                 session.cut = 0 if op == "train_step" else session.cut + 1
@@ -390,6 +419,7 @@ class CloudServer:
                                                       "last": out.last}, out.grad_madx, self.wire_dtype))
         if out.last:
             session.cut = None
+            session.memory = 0
 
     # -- housekeeping --------------------------------------------------------------
     def _expire(self, now: float) -> None:
@@ -410,11 +440,26 @@ class CloudServer:
             c.recent_tokens -= c.recent.popleft()[1]
         self.tokens_per_s = c.recent_tokens / min(RATE_WINDOW_S, max(now - c.started, POLL_S))
 
+    def memory_bytes(self) -> int:
+        """Bytes the sessions hold against --max-memory: KV caches and the activations of open tune passes."""
+        # A copy first: the live status line reads this from another thread while sessions come and go.
+        return sum(s.memory for s in tuple(self.sessions.values()))
+
+    def _reserve(self, session: Session | None, need: int) -> None:
+        """Refuse with `limit` unless `session` (None: a new one) may hold `need` bytes within --max-memory."""
+        if self.max_memory_bytes is None:
+            return
+        others = self.memory_bytes() - (session.memory if session else 0)
+        if others + need > self.max_memory_bytes:
+            raise wire.ProtocolError("limit", f"{need} bytes for this session do not fit: the cloud's sessions hold {others} "
+                                              f"of its {self.max_memory_bytes} bytes (--max-memory)")
+
     def stats(self) -> dict:
         """Counters for the `status` op and the live status line."""
         return {"sessions": len(self.sessions), "max_sessions": self.max_sessions, "tokens": self.counters.tokens,
                 "tokens_per_s": round(self.tokens_per_s, 3),
-                "uptime_s": round(time.monotonic() - self.counters.started, 3), "rejected": self.counters.rejected}
+                "uptime_s": round(time.monotonic() - self.counters.started, 3), "rejected": self.counters.rejected,
+                "memory_bytes": self.memory_bytes()}
 
 
 @contextmanager

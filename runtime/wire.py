@@ -7,7 +7,8 @@ message:
     frame 0     header: one JSON object, UTF-8, at most MAX_HEADER_BYTES
     frame 1     (ops that carry a tensor) the tensor's raw bytes: C order,
                 little-endian, in the session's wire dtype, exactly
-                prod(shape) * itemsize bytes
+                prod(shape) * itemsize bytes; the edge refuses a reply whose
+                tensor holds NaN or infinity
 
 Nothing is ever pickled; a header is plain JSON and a tensor is raw numbers,
 so a message can describe data but never make its reader run code. Every
@@ -77,7 +78,9 @@ Cloud -> edge (replies; exactly one per request)
             over; below cut 0 lies only the frozen embedding).
     aborted session
     closed  session
-    status  sessions, max_sessions, tokens, tokens_per_s, uptime_s, rejected
+    status  sessions, max_sessions, tokens, tokens_per_s, uptime_s, rejected, memory_bytes
+            `memory_bytes`: what the sessions hold against the cloud's memory
+            budget (KV caches, activations of open tune passes).
     error   code, message
             The request was refused and changed nothing (see ERROR_CODES).
 
@@ -203,7 +206,7 @@ REPLIES: dict[str, dict[str, Check]] = {
     "aborted": {"session": _session},
     "closed": {"session": _session},
     "status": {"sessions": _COUNT, "max_sessions": _COUNT, "tokens": _COUNT, "tokens_per_s": _number,
-               "uptime_s": _number, "rejected": _COUNT},
+               "uptime_s": _number, "rejected": _COUNT, "memory_bytes": _COUNT},
     "error": {"code": _text(64), "message": _text(1000)},
 }
 

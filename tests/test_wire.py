@@ -35,7 +35,8 @@ VALID_REPLIES = {
     "grad": ({"step": 2, "cut": 1, "layer": 0, "stage": "mlp_in", "last": False}, np.ones((2, 3, 2, 2), np.float32)),
     "aborted": ({"session": SID}, None),
     "closed": ({"session": SID}, None),
-    "status": ({"sessions": 1, "max_sessions": 16, "tokens": 10, "tokens_per_s": 2.5, "uptime_s": 1, "rejected": 0}, None),
+    "status": ({"sessions": 1, "max_sessions": 16, "tokens": 10, "tokens_per_s": 2.5, "uptime_s": 1, "rejected": 0,
+                "memory_bytes": 4096}, None),
     "error": ({"code": "busy", "message": "try later"}, None),
 }
 
