@@ -26,6 +26,33 @@ CURVE_SECRET_HELP = "This edge's NAME.key_secret (`plcli keys generate`): encryp
 SERVER_KEY_HELP = "The cloud's public NAME.key: only a cloud holding its secret is answered; needs --curve-secret."
 
 
+CONNECT_HELP = ("The cloud's ZeroMQ endpoint; repeat it (or separate with commas) to name clouds to fail over to, "
+                "in order. Default " + DEFAULT_ENDPOINT + ".")
+RECONNECT_HELP = "Seconds to spend reopening a lost session on the clouds of --connect (0: no failover)."
+
+
+def make_failover(connect: list[str] | None, open_session, *, timeout: float, reconnect_timeout: float):
+    """A `Failover` over the --connect URLs, reporting losses and reconnects on stderr."""
+    from plcli.runtime.failover import Failover
+
+    urls = [u.strip() for value in (connect or [DEFAULT_ENDPOINT]) for u in value.split(",") if u.strip()]
+    if not urls:
+        raise UserError("--connect names no endpoint")
+    if not reconnect_timeout >= 0:
+        raise UserError(f"--reconnect-timeout {reconnect_timeout:g} is out of range: must be >= 0")
+
+    def report(e: dict) -> None:
+        if e["event"] == "lost":
+            err_console.print(f"[yellow]lost the cloud at {e['url']}[/] ({e['message']}); reconnecting for up to "
+                              f"{reconnect_timeout:g} s", highlight=False, soft_wrap=True)
+        elif e["event"] == "reconnected":
+            err_console.print(f"reconnected to {e['url']}; replaying this session's tokens", highlight=False, soft_wrap=True)
+        elif e["event"] == "unreachable":
+            err_console.print(f"[yellow]{e['url']}[/]: {e['message']}; trying the next cloud", highlight=False, soft_wrap=True)
+
+    return Failover(urls, open_session, timeout=timeout, reconnect_timeout=reconnect_timeout, on_event=report)
+
+
 def client_keys(curve_secret: Path | None, server_key: Path | None):
     """The edge's CURVE keys from --curve-secret and --server-key (both or neither); None for a plain connection."""
     from plcli.runtime.secure import ClientKeys
@@ -174,16 +201,15 @@ def timed_turn(conversation, prompt_ids: list[int], on_text: Callable[[str], Non
     """One turn of `conversation` over a remote session, with its timings and the traffic its socket counted."""
     from plcli.runtime.generate import TextStream
 
-    session = conversation.session
     stream = TextStream(conversation.edge.tokenizer, stop)
-    start_counts = (session.bytes_up, session.bytes_down, session.round_trips)
+    start_counts = conversation.traffic
     first_counts = None
     started = time.perf_counter()
     times: list[float] = []
     for token in conversation.turn(prompt_ids):
         times.append(time.perf_counter())
         if first_counts is None:
-            first_counts = (session.bytes_up, session.bytes_down)
+            first_counts = conversation.traffic
         new = stream.push(token)
         if on_text and new:
             on_text(new)
@@ -191,17 +217,18 @@ def timed_turn(conversation, prompt_ids: list[int], on_text: Callable[[str], Non
     if on_text and rest:
         on_text(rest)
     n = len(times)
+    counts = conversation.traffic
     stats = {
         "ttft_s": round(times[0] - started, 6) if n else None,
         "decode_tokens_per_s": round((n - 1) / (times[-1] - times[0]), 3) if n > 1 and times[-1] > times[0] else None,
-        "bytes_up": session.bytes_up - start_counts[0],
-        "bytes_down": session.bytes_down - start_counts[1],
-        "round_trips": session.round_trips - start_counts[2],
+        "bytes_up": counts[0] - start_counts[0],
+        "bytes_down": counts[1] - start_counts[1],
+        "round_trips": counts[2] - start_counts[2],
         "new_tokens": n,
     }
     per_token = None
     if n > 1:
-        per_token = ((session.bytes_up - first_counts[0]) / (n - 1), (session.bytes_down - first_counts[1]) / (n - 1))
+        per_token = ((counts[0] - first_counts[0]) / (n - 1), (counts[1] - first_counts[1]) / (n - 1))
     return TurnResult(stream.ids, stream.text, stats, per_token)
 
 
@@ -209,7 +236,8 @@ def timed_turn(conversation, prompt_ids: list[int], on_text: Callable[[str], Non
 @reports_errors
 def run_edge(
     edge_dir: Path = typer.Argument(..., help="The edge bundle (OUT_DIR/edge from `plcli split`)."),
-    connect: str = typer.Option(DEFAULT_ENDPOINT, "--connect", help="The cloud's ZeroMQ endpoint."),
+    connect: Optional[list[str]] = typer.Option(None, "--connect", help=CONNECT_HELP),
+    reconnect_timeout: float = typer.Option(30.0, "--reconnect-timeout", help=RECONNECT_HELP),
     prompt: Optional[str] = typer.Option(None, "--prompt", help="Generate once from this text; without it, chat on stdin."),
     max_new_tokens: int = typer.Option(64, "--max-new-tokens", help="Tokens to generate (per chat turn)."),
     temperature: float = typer.Option(0.0, "--temperature", help="0 is greedy."),
@@ -245,15 +273,19 @@ def run_edge(
         raise UserError(str(e)) from None
     curve = client_keys(curve_secret, server_key)
     edge = EdgeModel(edge_dir, adapter=adapter, threads=threads)
+    failover = make_failover(
+        connect, lambda url, t: RemoteCloudSession(url, edge.manifest, wire_dtype=wire_dtype, timeout=t, curve=curve),
+        timeout=timeout, reconnect_timeout=reconnect_timeout)
+    conversation = Conversation(edge, failover.open(), sampling, failover=failover)
     try:
-        with RemoteCloudSession(connect, edge.manifest, wire_dtype=wire_dtype, timeout=timeout, curve=curve) as session:
-            conversation = Conversation(edge, session, sampling)
-            if prompt is not None:
-                _generate_once(conversation, prompt, sampling, as_json)
-            else:
-                _chat(conversation, sampling)
+        if prompt is not None:
+            _generate_once(conversation, prompt, sampling, as_json)
+        else:
+            _chat(conversation, sampling)
     except ValueError as e:  # a prompt the model cannot take: token ids out of range, context full
         raise UserError(str(e)) from None
+    finally:
+        conversation.session.close()
 
 
 def _write(text: str) -> None:

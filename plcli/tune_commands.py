@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
 from typing import Optional
 
@@ -11,7 +10,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from .app import UserError, app, console, err_console, fail, print_json, reports_errors
-from .serve_commands import CURVE_SECRET_HELP, SERVER_KEY_HELP, WIRE_DTYPE_HELP, client_keys
+from .serve_commands import CURVE_SECRET_HELP, RECONNECT_HELP, SERVER_KEY_HELP, WIRE_DTYPE_HELP, client_keys, make_failover
 
 
 def tune_progress() -> Progress:
@@ -50,7 +49,9 @@ def tune(
     more_data: Optional[list[Path]] = typer.Argument(None, metavar="[PATH ...]", show_default=False,
                                                      help="More training files: `--data a.txt b.jsonl` reads both."),
     data: list[Path] = typer.Option(..., "--data", help="Training text: .txt files, or .jsonl with {\"text\"} or {\"prompt\", \"response\"} lines."),
-    connect: Optional[str] = typer.Option(None, "--connect", help="The cloud's endpoint (`plcli serve-cloud`), e.g. tcp://127.0.0.1:5555."),
+    connect: Optional[list[str]] = typer.Option(None, "--connect", help="The cloud's endpoint (`plcli serve-cloud`), e.g. "
+                                                "tcp://127.0.0.1:5555; repeat it (or separate with commas) to name clouds to fail over to."),
+    reconnect_timeout: float = typer.Option(30.0, "--reconnect-timeout", help=RECONNECT_HELP),
     cloud_dir: Optional[Path] = typer.Option(None, "--cloud", help="Instead of --connect: run this cloud bundle in this process (single machine, tests)."),
     timeout: float = typer.Option(30.0, "--timeout", help="Seconds to wait for the cloud to connect and for each reply."),
     wire_dtype: str = typer.Option("float32", "--wire-dtype", help=WIRE_DTYPE_HELP),
@@ -82,6 +83,8 @@ def tune(
         raise UserError("give the cloud's endpoint with --connect URL, or --cloud CLOUD_DIR to run it in this process")
     if threads is not None and threads < 1:
         raise UserError(f"--threads {threads} is out of range: must be at least 1")
+    if not timeout > 0:
+        raise UserError(f"--timeout {timeout:g} is out of range: must be positive")
     if connect is None and (curve_secret or server_key):
         raise UserError("--curve-secret and --server-key secure a --connect; an in-process --cloud needs neither")
     curve = client_keys(curve_secret, server_key)
@@ -93,13 +96,20 @@ def tune(
     ).items() if v is not None}
     config = resume_config(out, given) if resume else TuneConfig(**given)
     edge = EdgeModel(edge_dir)
+    failover = None
     if connect is not None:
-        link = _remote_link(connect, edge, wire_dtype, timeout, curve)
+        failover = make_failover(connect, lambda url, t: _remote_link(url, edge, wire_dtype, t, curve),
+                                 timeout=timeout, reconnect_timeout=reconnect_timeout)
+        link = failover.open()
     else:
         link = _local_link(cloud_dir, edge, threads)
-    with contextlib.closing(link) if connect is not None else contextlib.nullcontext():
-        tuner = Tuner(edge, link, data, config, out, eval_data=eval_data or None, resume=resume)
+    tuner = None
+    try:
+        tuner = Tuner(edge, link, data, config, out, eval_data=eval_data or None, resume=resume, failover=failover)
         summary = run_tuner(tuner, quiet=as_json)
+    finally:
+        if connect is not None:
+            (tuner.link if tuner else link).close()
     if as_json:
         print_json(summary.to_json())
         return
@@ -128,8 +138,6 @@ def _local_link(cloud_dir: Path, edge, threads: int | None):
 def _remote_link(url: str, edge, wire_dtype: str, timeout: float, curve):
     from plcli.runtime.client import RemoteTrainLink
 
-    if not timeout > 0:
-        raise UserError(f"--timeout {timeout:g} is out of range: must be positive")
     try:
         return RemoteTrainLink(url, edge.manifest, wire_dtype=wire_dtype, timeout=timeout, curve=curve)
     except ValueError as e:

@@ -12,6 +12,8 @@ from typing import Iterator
 import numpy as np
 
 from .edge import EdgeModel, forward
+from .failover import is_loss
+from .train_link import LinkError
 
 
 @dataclass
@@ -69,14 +71,53 @@ class Conversation:
     A turn ends right after sampling a token, so that token (an EOS too) has not
     been through the model yet: the next turn feeds it first, then its prompt.
     `session` is anything with `start`/`resume`, `position` and `max_context`.
+
+    The conversation keeps the ids it has fed (`fed`), so with a `failover`
+    (failover.py) a lost session is replaced: the new one gets all of them as
+    one prefill, which rebuilds the cloud's KV cache at the same position, and
+    the interrupted step is done there.
     """
 
-    def __init__(self, edge: EdgeModel, session, sampling: Sampling):
-        self.edge, self.session, self.sampling = edge, session, sampling
+    def __init__(self, edge: EdgeModel, session, sampling: Sampling, failover=None):
+        self.edge, self.session, self.sampling, self.failover = edge, session, sampling, failover
         self.sampler = Sampler(sampling, vocab_limit=min(edge.arch.vocab_size, len(edge.tokenizer)))
         self.eos = set() if sampling.ignore_eos else set(edge.eos_token_ids)
         self.unfed: list[int] = []
+        self.fed: list[int] = []
         self.stop_reason: str | None = None  # why the last turn ended: eos, stop, length or context
+        self._retired = (0, 0, 0)  # bytes up, bytes down, round trips of sessions lost so far
+
+    @property
+    def traffic(self) -> tuple[int, int, int]:
+        """Bytes up, bytes down and round trips of every session this conversation used."""
+        s = self.session
+        return (self._retired[0] + s.bytes_up, self._retired[1] + s.bytes_down, self._retired[2] + s.round_trips)
+
+    def _feed(self, ids: list[int]) -> np.ndarray:
+        """Feed `ids` through the split; the last position's logits."""
+        try:
+            logits = forward(self.edge, self.session, np.asarray([ids], np.int64))
+        except LinkError as lost:
+            if self.failover is None:
+                raise
+            logits = self._replay(lost, ids)
+        self.fed += ids
+        return logits[0, -1]
+
+    def _replay(self, error: LinkError, ids: list[int]) -> np.ndarray:
+        while True:
+            if not is_loss(error):
+                raise error
+            self._retire()
+            self.session = self.failover.recover(error)
+            try:
+                return forward(self.edge, self.session, np.asarray([self.fed + ids], np.int64))
+            except LinkError as e:
+                error = e
+
+    def _retire(self) -> None:
+        self._retired = self.traffic
+        self.session.close()
 
     def turn(self, prompt_ids: list[int]) -> Iterator[int]:
         """Yield this turn's new token ids one at a time."""
@@ -86,7 +127,7 @@ class Conversation:
             raise ValueError("nothing to generate from: the prompt is empty")
         if len(ids) > room:
             raise ValueError(f"the context is full: {len(ids)} new tokens, room for {room} (max context {self.session.max_context})")
-        logits = forward(self.edge, self.session, np.asarray([ids], np.int64))[0, -1]
+        logits = self._feed(ids)
         self.unfed = []
         generated: list[int] = []
         for i in range(self.sampling.max_new_tokens):
@@ -106,7 +147,7 @@ class Conversation:
             if self.session.position >= self.session.max_context:
                 self.stop_reason = "context"
                 return
-            logits = forward(self.edge, self.session, np.asarray([[token]], np.int64))[0, -1]
+            logits = self._feed([token])
             self.unfed = []
 
 

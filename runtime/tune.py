@@ -23,17 +23,19 @@ import math
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Callable
+from typing import Callable, TypeVar
 
 import numpy as np
 
 from .bundle import atomic_directory
 from .edge import ADAPTER_CONFIG, ADAPTER_WEIGHTS, EdgeModel, load_adapter
 from .errors import PlcliError
+from .failover import is_loss
 from .ort import read_weights
 from .train_link import LinkError, TrainLink
 from .tune_data import IGNORE, Batch, Dataset, RowOrder, eval_batches, load_dataset, make_batch
 
+T = TypeVar("T")
 TRAINING = "training"
 STATE_JSON = "state.json"
 STATE_WEIGHTS = "state.safetensors"
@@ -238,8 +240,9 @@ class Tuner:
     """One tuning run: data on the edge, a cloud behind `link`, checkpoints in `out`."""
 
     def __init__(self, edge: EdgeModel, link: TrainLink, data: list[Path], config: TuneConfig, out: Path,
-                 *, eval_data: list[Path] | None = None, resume: bool = False):
-        self.edge, self.link, self.config, self.out = edge, link, config, Path(out)
+                 *, eval_data: list[Path] | None = None, resume: bool = False, failover=None):
+        # With a `failover` (failover.py), a lost cloud is replaced and the interrupted step or evaluation done again.
+        self.edge, self.link, self.config, self.out, self.failover = edge, link, config, Path(out), failover
         manifest = edge.manifest
         check_config(config, edge.arch.max_position_embeddings)
         self.bos, self.eos, self.pad = special_ids(edge)
@@ -338,6 +341,21 @@ class Tuner:
         total = sum(self.forward_backward(b, None, None) for b in self.eval_set)
         return total / sum(b.target_count for b in self.eval_set)
 
+    def _surviving(self, work: Callable[[], T]) -> T:
+        """`work()`, done again on a new cloud each time the failover replaces a lost one.
+
+        A step that failed changed nothing (its rows come again, M was not
+        touched), so doing it again applies it exactly once.
+        """
+        while True:
+            try:
+                return work()
+            except LinkError as e:
+                if self.failover is None or not is_loss(e):
+                    raise
+                self.link.close()
+                self.link = self.failover.recover(e)
+
     # -- the run -------------------------------------------------------------
     def run(self, on_step: Callable[[StepReport], None] | None = None,
             on_eval: Callable[[int, float], None] | None = None) -> TuneSummary:
@@ -346,16 +364,16 @@ class Tuner:
         self.tokens, train_seconds = 0, 0.0
         saved = self.step_count if self.resumed_from is not None else None
         if self.resumed_from is None:
-            self.eval_before = self.evaluate()
+            self.eval_before = self._surviving(self.evaluate)
         try:
             while self.step_count < self.total_steps:
                 t0 = time.perf_counter()
-                report = self.step()
+                report = self._surviving(self.step)
                 train_seconds += time.perf_counter() - t0
                 if on_step:
                     on_step(report)
                 if c.eval_every and self.step_count % c.eval_every == 0 and self.step_count < self.total_steps:
-                    loss = self.evaluate()
+                    loss = self._surviving(self.evaluate)
                     self.evals.append({"step": self.step_count, "loss": loss})
                     if on_eval:
                         on_eval(self.step_count, loss)
@@ -371,7 +389,7 @@ class Tuner:
             raise TuneInterrupted(reason, self.step_count + 1, saved, self.out) from None
         self.save()
         try:
-            eval_after = self.evaluate()
+            eval_after = self._surviving(self.evaluate)
         except LinkError as e:
             raise LinkError(f"{e}, during the final evaluation; the tuned adapter is saved in {self.out}") from None
         ppl = lambda x: None if x is None else math.exp(min(x, 700.0))  # noqa: E731
