@@ -15,7 +15,7 @@ Reported: held-out perplexity, and PrivateLoRA's share of LoRA's perplexity
 reduction (target: at least 80%). Also the demo fact, completed greedily
 through the split before and after tuning.
 
-    python -m plcli.recipes.tune_quality [--json]
+    python -m plcli.recipes.tune_quality [--targets q_proj,...] [--json]
 """
 
 from __future__ import annotations
@@ -29,6 +29,8 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+
+from plcli.runtime.plan import DEFAULT_TARGETS
 
 LORA_LRS = (1e-3, 3e-3, 1e-2, 3e-2)
 TARGET_SHARE = 0.8
@@ -100,7 +102,7 @@ def complete(edge, cloud, prompt: str, tokens: int) -> str:
 
 
 def run(model_dir: Path, work: Path, *, rank: int, steps: int | None, pl_lr: float | None, lora_lrs: tuple[float, ...],
-        seed: int, threads: int, progress=print) -> dict:
+        seed: int, threads: int, targets: tuple[str, ...] = DEFAULT_TARGETS, progress=print) -> dict:
     import torch
 
     from plcli.exporters.split import split_checkpoint
@@ -113,7 +115,7 @@ def run(model_dir: Path, work: Path, *, rank: int, steps: int | None, pl_lr: flo
 
     torch.set_num_threads(threads)
     train_path, held_path = write_corpus(work / "notes", seed)
-    split_checkpoint(model_dir, work / "split", rank=rank, seed=seed, force=True)
+    split_checkpoint(model_dir, work / "split", rank=rank, seed=seed, targets=targets, force=True)
     edge = EdgeModel(work / "split" / "edge")
     config = TuneConfig(seed=seed, save_every=0, **({"steps": steps} if steps else {}), **({"lr": pl_lr} if pl_lr else {}))
     tuner = Tuner(edge, local_train_link(work / "split" / "cloud", threads=threads), [train_path], config,
@@ -189,6 +191,8 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", type=Path, default=None, help="checkpoint (default: the demo model)")
     p.add_argument("--rank", type=int, default=64)
+    p.add_argument("--targets", type=lambda s: tuple(s.split(",")), default=DEFAULT_TARGETS,
+                   help="adapted projections, as `plcli split --targets` (default q_proj,k_proj,v_proj)")
     p.add_argument("--steps", type=int, default=None, help="default: plcli tune's default epochs")
     p.add_argument("--lr", type=float, default=None, help="PrivateLoRA learning rate (default: plcli tune's)")
     p.add_argument("--lora-lrs", type=lambda s: tuple(float(x) for x in s.split(",")), default=LORA_LRS)
@@ -198,7 +202,7 @@ def main(argv: list[str] | None = None) -> None:
     a = p.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="plcli-tune-quality-") as work:
         result = run(a.model or demo_model_dir(), Path(work), rank=a.rank, steps=a.steps, pl_lr=a.lr,
-                     lora_lrs=a.lora_lrs, seed=a.seed, threads=a.threads, progress=(lambda *_: None) if a.json else print)
+                     lora_lrs=a.lora_lrs, seed=a.seed, threads=a.threads, targets=a.targets, progress=(lambda *_: None) if a.json else print)
     if a.json:
         print(json.dumps(result, indent=2))
     else:
