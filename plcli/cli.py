@@ -8,6 +8,7 @@ from . import estimate_commands  # noqa: F401  (registers `plcli estimate`)
 from . import tune_commands  # noqa: F401  (registers `plcli tune`, `plcli export-peft`)
 from . import serve_commands  # noqa: F401  (registers `plcli serve-cloud`, `plcli run-edge`)
 from . import keys_commands  # noqa: F401  (registers `plcli keys generate`)
+from . import bench_commands  # noqa: F401  (registers `plcli bench decode`, `plcli bench tune`)
 from .app import app
 
 

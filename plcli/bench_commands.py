@@ -1,0 +1,167 @@
+"""`plcli bench decode` and `plcli bench tune`: speed measured side by side in one run, as ratios."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.table import Table
+
+from .app import UserError, app, console, print_json, progress_bar, reports_errors
+
+bench_app = typer.Typer(no_args_is_help=True, help="Measure speed: every method side by side in one run, as ratios.")
+app.add_typer(bench_app, name="bench")
+
+
+def _ranks(text: str, bundles: Path | None) -> list[int]:
+    try:
+        ranks = [int(r) for r in text.split(",") if r.strip()]
+    except ValueError:
+        raise UserError(f"--rank {text!r}: give one rank or a comma-separated list, e.g. 16,32,64") from None
+    if not ranks:
+        raise UserError("--rank names no rank")
+    if bundles is not None and len(ranks) > 1:
+        raise UserError("--bundles fixes the rank: give one bundle and no --rank list")
+    return ranks
+
+
+def _positive(name: str, value: int) -> int:
+    if value < 1:
+        raise UserError(f"{name} {value} is out of range: must be at least 1")
+    return value
+
+
+@bench_app.command("decode")
+@reports_errors
+def bench_decode(
+    model_dir: Path = typer.Argument(..., help="A Hugging Face checkpoint (the transformers baseline, and what is split)."),
+    bundles: Optional[Path] = typer.Option(None, "--bundles", help="Its split (OUT_DIR of `plcli split`), instead of splitting it here."),
+    rank: str = typer.Option("64", "--rank", help="Rank to split at; a comma-separated list measures each (tok/s against rank)."),
+    prompt_len: int = typer.Option(32, "--prompt-len", help="Prompt tokens."),
+    new_tokens: int = typer.Option(64, "--new-tokens", help="Tokens to generate, greedily."),
+    rounds: int = typer.Option(3, "--rounds", help="Interleaved rounds; the median is reported."),
+    link: str = typer.Option("5g", "--link", help="Emulated link: 5g (60 Mbit/s up, 100 down, 20 ms RTT) or up=MBIT,down=MBIT,rtt=MS."),
+    threads: int = typer.Option(1, "--threads", help="Compute threads of the cloud and of transformers (the edge uses one)."),
+    float16: bool = typer.Option(False, "--float16", help="Also the split with --wire-dtype float16: bytes, speed, same tokens?"),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="Write decode tok/s against rank, per method, to this PNG."),
+    as_json: bool = typer.Option(False, "--json", help="Print the results as JSON."),
+):
+    """Decode speed: transformers, the ONNX graphs in one process, the split over loopback and over an emulated link."""
+    from plcli.recipes.bench_decode import bench_decode as run, parse_link
+
+    try:
+        emulated = parse_link(link)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    for name, value in (("--prompt-len", prompt_len), ("--new-tokens", new_tokens), ("--rounds", rounds), ("--threads", threads)):
+        _positive(name, value)
+    if new_tokens < 2:
+        raise UserError("--new-tokens must be at least 2: decode speed is measured after the first token")
+    if not model_dir.is_dir():
+        raise UserError(f"{model_dir}: no such checkpoint directory")
+    ranks = _ranks(rank, bundles)
+    results = []
+    with progress_bar() as progress:
+        task = progress.add_task("benchmarking", total=len(ranks) * rounds)
+        for r in ranks:
+            results.append(run(model_dir, bundles=bundles, rank=r, prompt_len=prompt_len, new_tokens=new_tokens,
+                               rounds=rounds, link=emulated, threads=threads, float16=float16,
+                               progress=lambda msg: progress.advance(task) if msg.startswith("round") else None))
+    if plot is not None:
+        _plot(results, plot)
+    if as_json:
+        print_json(results[0] if len(results) == 1 else {"runs": results})
+        return
+    for result in results:
+        console.print(_decode_table(result))
+    if plot is not None:
+        console.print(f"plot: [bold]{plot}[/]")
+
+
+def _decode_table(r: dict) -> Table:
+    m, link = r["model"], r["link"]
+    table = Table(title=f"decode · hidden {m['hidden']} · {m['layers']} layers · vocab {m['vocab']} · rank {m['rank']} · "
+                        f"{r['prompt_tokens']}-token prompt · {r['new_tokens']} new tokens · median of {r['rounds']}")
+    for col in ("method", "tok/s", "x HF", "TTFT ms", "B up/tok", "B down/tok", "RT/tok", "ids = HF"):
+        table.add_column(col, justify="left" if col == "method" else "right", no_wrap=True)
+    base = next(row for row in r["rows"] if row["method"] == "transformers")["decode_tokens_per_s"]
+    for row in r["rows"]:
+        def opt(key, fmt="{:,.0f}"):
+            return fmt.format(row[key]) if key in row else "-"
+
+        table.add_row(row["method"], f"{row['decode_tokens_per_s']:.1f}",
+                      f"{row['decode_tokens_per_s'] / base:.2f}", f"{row['ttft_s'] * 1e3:.1f}", opt("bytes_up_per_token"),
+                      opt("bytes_down_per_token"), opt("round_trips_per_token", "{:g}"),
+                      "yes" if row["greedy_ids_identical"] else "no")
+    ratios = r["ratios"]
+    table.caption = (f"HF = transformers generate, one process · onnx = the same graphs, one process · split = cloud process "
+                     f"over loopback · split-link = the split over {link['up_mbps']:g} Mbit/s up, {link['down_mbps']:g} down, "
+                     f"{link['rtt_ms']:g} ms RTT (emulated)\nsplit / transformers {ratios['split_vs_transformers']:.2f} · "
+                     f"split / onnx {ratios['split_vs_onnx']:.2f} · split-link / transformers {ratios['split_link_vs_transformers']:.2f}")
+    return table
+
+
+def _plot(results: list[dict], path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise UserError("--plot needs matplotlib: pip install matplotlib") from None
+    ranks = [r["model"]["rank"] for r in results]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for method in [row["method"] for row in results[0]["rows"]]:
+        rates = [next(row for row in r["rows"] if row["method"] == method)["decode_tokens_per_s"] for r in results]
+        ax.plot(ranks, rates, marker="o", label=method)
+    m = results[0]["model"]
+    ax.set(xlabel="rank", ylabel="decode tokens/s", xticks=ranks,
+           title=f"hidden {m['hidden']}, {m['layers']} layers, {results[0]['new_tokens']} new tokens")
+    ax.legend()
+    fig.tight_layout()
+    tmp = path.with_name(path.name + ".part.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+@bench_app.command("tune")
+@reports_errors
+def bench_tune(
+    model_dir: Path = typer.Argument(..., help="A Hugging Face checkpoint, split here unless --bundles is given."),
+    bundles: Optional[Path] = typer.Option(None, "--bundles", help="Its split (OUT_DIR of `plcli split`)."),
+    rank: int = typer.Option(64, "--rank", help="Rank to split at."),
+    steps: int = typer.Option(4, "--steps", help="Optimizer steps per run."),
+    batch_size: int = typer.Option(8, "--batch-size", help="Rows per step."),
+    seq_len: int = typer.Option(128, "--seq-len", help="Tokens per row."),
+    rounds: int = typer.Option(3, "--rounds", help="Interleaved rounds; the median is reported."),
+    threads: int = typer.Option(1, "--threads", help="Compute threads of the cloud, in either place."),
+    as_json: bool = typer.Option(False, "--json", help="Print the results as JSON."),
+):
+    """Training tokens/s of `plcli tune`: the split over loopback against the cloud in the same process."""
+    from plcli.recipes.bench_tune import bench_tune as run
+
+    for name, value in (("--steps", steps), ("--batch-size", batch_size), ("--seq-len", seq_len), ("--rounds", rounds),
+                        ("--threads", threads)):
+        _positive(name, value)
+    if not model_dir.is_dir():
+        raise UserError(f"{model_dir}: no such checkpoint directory")
+    with progress_bar() as progress:
+        task = progress.add_task("benchmarking", total=rounds)
+        r = run(model_dir, bundles=bundles, rank=rank, steps=steps, batch_size=batch_size, seq_len=seq_len, rounds=rounds,
+                threads=threads, progress=lambda msg: progress.advance(task) if msg.startswith("round") else None)
+    if as_json:
+        print_json(r)
+        return
+    m = r["model"]
+    table = Table(title=f"tune · hidden {m['hidden']} · {m['layers']} layers · rank {m['rank']} · {r['steps']} steps of "
+                        f"{r['batch_size']} x {r['seq_len']} tokens · median of {r['rounds']}")
+    for col in ("method", "training tok/s", "x one process", "last loss"):
+        table.add_column(col, justify="left" if col == "method" else "right")
+    base = r["rows"][0]["tokens_per_s"]
+    for row in r["rows"]:
+        table.add_row(row["method"], f"{row['tokens_per_s']:,.0f}", f"{row['tokens_per_s'] / base:.2f}",
+                      f"{row['train_loss_last']:.4f}")
+    table.caption = "losses agree" if r["losses_agree"] else "[red]losses differ[/]"
+    console.print(table)

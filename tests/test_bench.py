@@ -1,0 +1,66 @@
+"""`plcli bench`: it runs on a tiny model and reports every field. Speed itself is never asserted here."""
+
+from __future__ import annotations
+
+import json
+
+from typer.testing import CliRunner
+
+from plcli.cli import app
+from plcli.recipes.bench_decode import LINK_PRESETS, parse_link
+from plcli.runtime.estimate import Link
+
+DECODE_ROW = {"method", "decode_tokens_per_s", "ttft_s", "greedy_ids_identical"}
+SPLIT_ROW = DECODE_ROW | {"bytes_up_per_token", "bytes_down_per_token", "round_trips_per_token"}
+
+
+def run_cli(*args):
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    return result.exit_code, result.stdout, result.stderr
+
+
+def test_bench_decode_reports_every_method_and_ratio(llama_checkpoint, llama_bundle, tmp_path):
+    code, out, err = run_cli("bench", "decode", llama_checkpoint, "--bundles", llama_bundle, "--new-tokens", 4,
+                             "--prompt-len", 8, "--rounds", 1, "--float16", "--link", "up=50,down=80,rtt=1",
+                             "--plot", tmp_path / "rank.png", "--json")
+    assert code == 0, err
+    r = json.loads(out)
+    rows = {row["method"]: row for row in r["rows"]}
+    assert set(rows) == {"transformers", "onnx", "split", "split-link", "split-fp16"}
+    for name, row in rows.items():
+        assert set(row) == (SPLIT_ROW if name.startswith("split") else DECODE_ROW), name
+        assert row["decode_tokens_per_s"] > 0 and row["ttft_s"] > 0
+    # With M = 0 the split is the checkpoint: same greedy ids as transformers, in every place.
+    assert all(row["greedy_ids_identical"] for row in rows.values())
+    assert rows["split"]["round_trips_per_token"] == 3  # two layers, one cut each, and the last hidden state
+    assert rows["split-fp16"]["bytes_up_per_token"] < rows["split"]["bytes_up_per_token"]
+    assert set(r["ratios"]) == {"split_vs_transformers", "split_vs_onnx", "split_link_vs_transformers"}
+    assert r["link"] == {"up_mbps": 50, "down_mbps": 80, "rtt_ms": 1} and r["model"]["rank"] == 8
+    assert (tmp_path / "rank.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_tune_reports_both_methods_and_their_losses_agree(llama_checkpoint, llama_bundle):
+    code, out, err = run_cli("bench", "tune", llama_checkpoint, "--bundles", llama_bundle, "--steps", 2, "--batch-size", 2,
+                             "--seq-len", 16, "--rounds", 1, "--json")
+    assert code == 0, err
+    r = json.loads(out)
+    assert [row["method"] for row in r["rows"]] == ["one-process", "split"]
+    assert all(row["tokens_per_s"] > 0 and row["steps"] == 2 for row in r["rows"])
+    assert r["losses_agree"] and r["ratios"]["split_vs_one_process"] > 0
+
+
+def test_links_parse_and_bad_input_is_one_line_exit_2(llama_checkpoint, tmp_path):
+    assert parse_link("5g") == LINK_PRESETS["5g"] == Link(up_mbps=60, down_mbps=100, rtt_ms=20)
+    assert parse_link("up=1.5,down=3,rtt=40") == Link(1.5, 3, 40)
+    for args, message in [
+        (["--link", "up=1"], "--link"),
+        (["--link", "up=1,down=0"], "must be positive"),
+        (["--rank", "8,x"], "--rank"),
+        (["--bundles", tmp_path, "--rank", "8,16"], "--bundles fixes the rank"),
+        (["--new-tokens", 1], "at least 2"),
+    ]:
+        code, _, err = run_cli("bench", "decode", llama_checkpoint, *args)
+        assert code == 2 and message in err and len(err.strip().splitlines()) == 1, (args, err)
+    code, _, err = run_cli("bench", "tune", tmp_path / "nothing")
+    assert code == 2 and "no such checkpoint" in err
+
