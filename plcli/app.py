@@ -10,13 +10,10 @@ import functools
 import json
 import os
 import sys
-from pathlib import Path
-from typing import Optional
 
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
 
 from plcli.runtime.errors import PlcliError
 

@@ -28,8 +28,6 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
-
 from plcli.runtime.plan import DEFAULT_TARGETS
 
 LORA_LRS = (1e-3, 3e-3, 1e-2, 3e-2)

@@ -33,7 +33,7 @@ from .errors import PlcliError
 from .failover import is_loss
 from .ort import read_weights
 from .train_link import LinkError, TrainLink
-from .tune_data import IGNORE, Batch, Dataset, RowOrder, eval_batches, load_dataset, make_batch
+from .tune_data import IGNORE, Batch, RowOrder, eval_batches, load_dataset, make_batch
 
 T = TypeVar("T")
 TRAINING = "training"

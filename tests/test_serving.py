@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -29,6 +28,7 @@ from plcli.runtime.edge import EdgeModel, forward
 from plcli.runtime.generate import Conversation, Sampling, TextStream, generate
 from plcli.runtime.server import CloudServer, running
 from plcli.runtime.summary import per_token_traffic
+from tcp_relay import TcpRelay
 
 PROMPT = "The cloud runs the decoder layers"
 TIMEOUT = 5.0
@@ -171,41 +171,6 @@ def test_eight_edges_at_once_each_get_what_they_get_alone(model):
 
 
 # -- bytes on the socket ---------------------------------------------------------------
-class CountingProxy:
-    """A TCP relay on loopback that counts the bytes each way: what the sockets really carried."""
-
-    def __init__(self, target: str):
-        host, port = target.removeprefix("tcp://").rsplit(":", 1)
-        self.target = (host, int(port))
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.endpoint = f"tcp://127.0.0.1:{self.listener.getsockname()[1]}"
-        self.up = self.down = 0
-        self.sockets = [self.listener]
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self):
-        try:
-            edge, _ = self.listener.accept()
-        except OSError:
-            return
-        cloud = socket.create_connection(self.target)
-        self.sockets += [edge, cloud]
-        threading.Thread(target=self._pump, args=(edge, cloud, "up"), daemon=True).start()
-        threading.Thread(target=self._pump, args=(cloud, edge, "down"), daemon=True).start()
-
-    def _pump(self, src, dst, direction):
-        try:
-            while data := src.recv(1 << 16):
-                setattr(self, direction, getattr(self, direction) + len(data))  # counted before it is passed on
-                dst.sendall(data)
-        except OSError:
-            pass
-
-    def close(self):
-        for s in self.sockets:
-            s.close()
-
-
 @pytest.mark.parametrize("wire_dtype", ["float32", "float16"])
 def test_bytes_on_the_socket_per_decoded_token_are_within_ten_percent_of_the_payload(model, wire_dtype):
     _, bundle, cloud = model("qwen2-wide")
@@ -213,14 +178,14 @@ def test_bytes_on_the_socket_per_decoded_token_are_within_ten_percent_of_the_pay
     payload = per_token_traffic(edge.manifest, wire_dtype)
     steps = 16
     with serve(cloud, wire_dtype=wire_dtype) as (_, endpoint, _):
-        proxy = CountingProxy(endpoint)
+        proxy = TcpRelay(endpoint)
         try:
             with RemoteCloudSession(proxy.endpoint, edge.manifest, wire_dtype=wire_dtype, timeout=TIMEOUT) as session:
                 logits = forward(edge, session, np.asarray([edge.tokenizer(PROMPT)["input_ids"]]))
-                socket_before, counted_before = (proxy.up, proxy.down), (session.bytes_up, session.bytes_down)
+                socket_before, counted_before = (len(proxy.up), len(proxy.down)), (session.bytes_up, session.bytes_down)
                 for _ in range(steps):
                     logits = forward(edge, session, logits[:, -1:].argmax(-1))
-                on_socket = (proxy.up - socket_before[0], proxy.down - socket_before[1])
+                on_socket = (len(proxy.up) - socket_before[0], len(proxy.down) - socket_before[1])
                 counted = (session.bytes_up - counted_before[0], session.bytes_down - counted_before[1])
                 assert session.round_trips == 1 + (steps + 1) * payload["round_trips"]  # handshake, prefill, decode steps
         finally:

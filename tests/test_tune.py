@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
-import threading
 import time
 from contextlib import contextmanager
 
@@ -34,7 +32,8 @@ from plcli.runtime.plan import ALL_TARGETS
 from plcli.runtime.server import CloudServer, running
 from plcli.runtime.train_link import LinkError
 from plcli.runtime.tune import AdamW, Tuner, TuneConfig, TuneError, TuneInterrupted, write_adapter
-from plcli.runtime.tune_data import IGNORE, Batch, DataError, load_dataset
+from plcli.runtime.tune_data import IGNORE, Batch, load_dataset
+from tcp_relay import TcpRelay
 
 TOLERANCE = 1e-4
 TEXT = ("Private notes stay on the edge. The cloud only sees activations of the frozen layers. " * 30).strip()
@@ -435,41 +434,6 @@ def test_gradient_over_the_wire_equals_the_local_cloud_and_autograd(bias_all_tar
             assert np.linalg.norm(remote[key][i] - w) / np.linalg.norm(w) < TOLERANCE
 
 
-class RecordingRelay:
-    """A TCP relay on loopback that keeps every byte each way: what really crossed the network."""
-
-    def __init__(self, target: str):
-        host, port = target.removeprefix("tcp://").rsplit(":", 1)
-        self.target = (host, int(port))
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.endpoint = f"tcp://127.0.0.1:{self.listener.getsockname()[1]}"
-        self.up, self.down = bytearray(), bytearray()
-        self.sockets = [self.listener]
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self):
-        try:
-            edge, _ = self.listener.accept()
-        except OSError:
-            return
-        cloud = socket.create_connection(self.target)
-        self.sockets += [edge, cloud]
-        threading.Thread(target=self._pump, args=(edge, cloud, self.up), daemon=True).start()
-        threading.Thread(target=self._pump, args=(cloud, edge, self.down), daemon=True).start()
-
-    def _pump(self, src, dst, kept: bytearray):
-        try:
-            while data := src.recv(1 << 16):
-                kept += data
-                dst.sendall(data)
-        except OSError:
-            pass
-
-    def close(self):
-        for s in self.sockets:
-            s.close()
-
-
 class FrameLog:
     """Wraps a link's socket: every multipart message sent and received, frame by frame."""
 
@@ -495,7 +459,7 @@ def test_over_the_wire_only_activations_cross_never_text_ids_labels_or_loss(llam
     files = [data / "train.txt", data / "pairs.jsonl"]
     server = CloudServer(CloudModel(llama_bundle / "cloud", threads=1), bind="tcp://127.0.0.1:*", threads=1)
     with running(server) as endpoint:
-        relay = RecordingRelay(endpoint)
+        relay = TcpRelay(endpoint)
         try:
             link = RemoteTrainLink(relay.endpoint, edge.manifest, timeout=10)
             log = FrameLog(link)
@@ -506,7 +470,7 @@ def test_over_the_wire_only_activations_cross_never_text_ids_labels_or_loss(llam
         finally:
             relay.close()
 
-    arch, r, hidden = edge.arch, edge.manifest.rank, edge.arch.hidden_size
+    r, hidden = edge.manifest.rank, edge.arch.hidden_size
     allowed = {"v", "op", "session", "step", "cut", "layer", "stage", "shape", "lengths", "grad", "last"}
     ops = set()
     for direction, frames in log.messages:
