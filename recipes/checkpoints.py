@@ -68,3 +68,29 @@ def make_random_checkpoint(out_dir: str | Path, family: str = "llama", *, seed: 
     tokenizer = train_tokenizer(min(tokenizer_vocab or config.vocab_size, config.vocab_size))
     tokenizer.save_pretrained(out_dir)
     return out_dir
+
+
+# The two shapes `plcli bench decode` is held to (README, Performance): random weights, fp32.
+BENCH_SHAPES = {
+    "bench-512": dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=8, num_attention_heads=8,
+                      num_key_value_heads=8, vocab_size=8000, max_position_embeddings=1024),
+    "bench-1024": dict(hidden_size=1024, intermediate_size=2752, num_hidden_layers=16, num_attention_heads=16,
+                       num_key_value_heads=16, vocab_size=16000, max_position_embeddings=1024),
+}
+
+
+def main(argv: list[str] | None = None) -> None:
+    """python -m plcli.recipes.checkpoints OUT_DIR --shape bench-512 [--family llama] [--seed 0]"""
+    import argparse
+
+    p = argparse.ArgumentParser(description="Write a random-weight checkpoint of a named shape in the Hugging Face layout.")
+    p.add_argument("out", type=Path)
+    p.add_argument("--shape", choices=sorted(BENCH_SHAPES), required=True)
+    p.add_argument("--family", default="llama", choices=["llama", "mistral", "qwen2"])
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args(argv)
+    print(make_random_checkpoint(a.out, a.family, seed=a.seed, **BENCH_SHAPES[a.shape]))
+
+
+if __name__ == "__main__":
+    main()
