@@ -4,6 +4,11 @@ A `CloudSession` is a small state machine driven by the edge. `start` takes
 input embeddings and runs until the first cut, returning the stacked `A x`;
 each `resume` takes the edge's `M A x` and runs to the next cut; the last one
 returns the final hidden state. The cloud never sees token ids or text.
+
+Each of those runs one segment, in three parts a server can take apart:
+`start_call`/`resume_call` build the segment's feed, `CloudModel.run_group`
+runs the feeds of several sessions at the same segment as one ONNX Runtime
+call, and `complete` takes a session's share of the outputs into its state.
 """
 
 from __future__ import annotations
@@ -19,6 +24,8 @@ from .ort import make_session, read_weights
 
 # Full-attention layers get a window longer than any context.
 NO_WINDOW = np.array(1 << 62, np.int64)
+# Inputs and outputs that run along the key axis: a group pads them on the left to its longest past.
+KEY_AXIS = {"past_key": 2, "past_value": 2, "attention_mask": 1, "present_key": 2, "present_value": 2}
 
 
 @dataclass
@@ -33,6 +40,31 @@ class StepOutput:
     @property
     def done(self) -> bool:
         return self.hidden is not None
+
+
+@dataclass
+class SegmentCall:
+    """A segment an open step is due to run, with its feed: activations, positions, mask and the session's past."""
+
+    index: int
+    feed: dict[str, np.ndarray]
+
+    @property
+    def _activations(self) -> np.ndarray:
+        return self.feed["inputs_embeds"] if "inputs_embeds" in self.feed else self.feed["resid"]
+
+    @property
+    def rows(self) -> int:
+        return self._activations.shape[0]
+
+    @property
+    def tokens_per_row(self) -> int:
+        return self._activations.shape[1]
+
+    @property
+    def keys(self) -> int:
+        """Keys each row attends over once its new tokens are in: past and new (0 without attention)."""
+        return self.feed["attention_mask"].shape[1] if "attention_mask" in self.feed else 0
 
 
 class CloudModel:
@@ -80,6 +112,60 @@ class CloudModel:
         values = self.sessions[seg.kind.name].run(outputs, {**feed, **self.segment_weights[index]})
         return dict(zip(outputs, values))
 
+    def run_group(self, calls: list[SegmentCall]) -> list[dict[str, np.ndarray]]:
+        """Run the calls of several sessions at one segment as one call: their rows stacked on the batch axis.
+
+        Every call must carry the same number of new tokens per row. Pasts of
+        different lengths are padded on the left with zeros that the attention
+        mask hides, so every row's new tokens sit at the same, last, key
+        indices: the causal and sliding-window masks compare key and query
+        indices, and left padding shifts both by the same amount. Rotary
+        positions come from `position_ids`, which stay each session's own.
+        Each call gets back its own rows, its present keys and values without
+        the padding: what `run_segment` gives it alone, up to float rounding.
+        """
+        if len({c.index for c in calls}) != 1 or len({c.tokens_per_row for c in calls}) != 1:
+            raise ValueError("a group runs one segment with one number of new tokens per row")
+        if len(calls) == 1:
+            return [self.run_segment(calls[0].index, calls[0].feed)]
+        feeds = [c.feed for c in calls]
+        batched = {}
+        for name, value in feeds[0].items():
+            if name == "window":  # one segment, one layer, one window
+                batched[name] = value
+            elif name in KEY_AXIS:
+                batched[name] = _stack_left_padded([f[name] for f in feeds], KEY_AXIS[name])
+            else:
+                batched[name] = np.concatenate([f[name] for f in feeds])
+        out = self.run_segment(calls[0].index, batched)
+        rows = np.cumsum([0] + [c.rows for c in calls])
+        results = []
+        for call, lo, hi in zip(calls, rows[:-1], rows[1:]):
+            mine = {}
+            for name, value in out.items():
+                if name in KEY_AXIS:
+                    # Its own keys are the last `past + new` of the padded ones; copied, so that a
+                    # session's cache does not keep the whole group's buffer alive.
+                    mine[name] = np.ascontiguousarray(value[lo:hi, :, value.shape[2] - call.keys:])
+                else:
+                    mine[name] = value[lo:hi]
+            results.append(mine)
+        return results
+
+
+def _stack_left_padded(parts: list[np.ndarray], axis: int) -> np.ndarray:
+    """`parts` stacked on axis 0, each padded with zeros on the left of `axis` to the longest part's length."""
+    shape = list(parts[0].shape)
+    shape[0], shape[axis] = sum(p.shape[0] for p in parts), max(p.shape[axis] for p in parts)
+    stacked = np.zeros(shape, parts[0].dtype)
+    row = 0
+    for part in parts:
+        where = [slice(row, row + part.shape[0])] + [slice(None)] * (part.ndim - 1)
+        where[axis] = slice(shape[axis] - part.shape[axis], None)
+        stacked[tuple(where)] = part
+        row += part.shape[0]
+    return stacked
+
 
 class CloudSession:
     """One edge's state on the cloud: KV cache per layer, position, and where the current step stands."""
@@ -98,6 +184,18 @@ class CloudSession:
 
     def start(self, embeds: np.ndarray) -> StepOutput:
         """Begin a step with `embeds` [batch, seq, hidden] for the tokens after the cached ones."""
+        return self._run(self.start_call(embeds))
+
+    def resume(self, madx: np.ndarray) -> StepOutput:
+        """Continue the open step with the edge's `M A x` for the cut it was last given."""
+        return self._run(self.resume_call(madx))
+
+    def abort(self) -> None:
+        """Drop an unfinished step; the cache keeps only completed tokens."""
+        self._segment, self._state = None, {}
+
+    def start_call(self, embeds: np.ndarray) -> SegmentCall:
+        """Open a step with `embeds` (as `start`) and return its first segment's call, not yet run."""
         if self.in_step:
             raise RuntimeError("a step is already open in this session")
         arch = self.model.arch
@@ -114,32 +212,25 @@ class CloudSession:
             "attention_mask": np.ones((bsz, self.position + seq), np.int64),
         }
         self._segment = 0
-        return self._run(None)
+        return self._call(None)
 
-    def resume(self, madx: np.ndarray) -> StepOutput:
-        """Continue the open step with the edge's `M A x` for the cut it was last given."""
+    def resume_call(self, madx: np.ndarray) -> SegmentCall:
+        """The call that continues the open step with `madx` (as `resume`), not yet run; the session is unchanged."""
         if not self.in_step:
             raise RuntimeError("no step is open in this session")
         expected = self._state["ax_shape"]
         if tuple(madx.shape) != expected:
             raise ValueError(f"M A x must have shape {list(expected)}, got {list(madx.shape)}")
-        return self._run(madx)
+        return self._call(madx)
 
-    def abort(self) -> None:
-        """Drop an unfinished step; the cache keeps only completed tokens."""
-        self._segment, self._state = None, {}
-
-    def _run(self, madx: np.ndarray | None) -> StepOutput:
+    def _call(self, madx: np.ndarray | None) -> SegmentCall:
         model, st = self.model, self._state
-        index = self._segment
-        seg = model.plan.segments[index]
-        inputs, _ = kind_io(model.arch, seg.kind)
         feed = {}
         if madx is not None:
             feed.update(resid=st["resid"], x=st["x"], madx=madx)
         else:
             feed["inputs_embeds"] = st["inputs_embeds"]
-        layer = seg.attention_layer
+        layer = model.plan.segments[self._segment].attention_layer
         if layer is not None:
             past = self.kv[layer]
             if past is None:
@@ -148,7 +239,14 @@ class CloudSession:
                 past = (empty, empty)
             feed.update(position_ids=st["position_ids"], attention_mask=st["attention_mask"],
                         window=model.windows[layer], past_key=past[0], past_value=past[1])
-        out = model.run_segment(index, feed)
+        return SegmentCall(self._segment, feed)
+
+    def complete(self, out: dict[str, np.ndarray]) -> StepOutput:
+        """Take the outputs of the open step's current segment call; at the step's last segment, commit the cache."""
+        model, st = self.model, self._state
+        index = self._segment
+        seg = model.plan.segments[index]
+        layer = seg.attention_layer
         if layer is not None:
             st.setdefault("present", {})[layer] = (out["present_key"], out["present_value"])
         if seg.kind.out_cut is None:
@@ -161,3 +259,6 @@ class CloudSession:
         st.update(resid=out["resid_out"], x=out["x_out"], ax_shape=out["ax"].shape)
         self._segment = index + 1
         return StepOutput(ax=out["ax"], layer=seg.cut_layer, stage=seg.kind.out_cut.stage)
+
+    def _run(self, call: SegmentCall) -> StepOutput:
+        return self.complete(self.model.run_segment(call.index, call.feed))

@@ -1,0 +1,99 @@
+"""One ONNX Runtime call for the steps of several sessions: each gets what it gets alone.
+
+`CloudModel.run_group` stacks the sessions' rows, left-pads the shorter pasts
+and hides the padding with the attention mask; these tests run the same steps
+for twin sessions, one set alone and one set grouped, and compare every
+segment's outputs and the KV caches they leave, on full attention and on a
+sliding window shorter than some of the pasts.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from plcli.runtime.cloud import CloudModel, CloudSession, StepOutput
+
+# name -> (family, config overrides); the names and options match test_serving's, so the builds are shared.
+MODELS = {
+    "llama": ("llama", {}),
+    "mistral-window": ("mistral", {"sliding_window": 8}),
+}
+PASTS = [0, 3, 11, 20]  # around and beyond the sliding window of 8
+RTOL, ATOL = 1e-5, 1e-6
+
+
+@pytest.fixture(scope="module")
+def cloud_dir(checkpoint_factory, bundle_factory):
+    def get(name: str):
+        family, overrides = MODELS[name]
+        return bundle_factory(checkpoint_factory(name, family, **overrides), rank=8) / "cloud"
+
+    return get
+
+
+def madx_for(out: StepOutput) -> np.ndarray:
+    """A stand-in edge: M = 0.5 on every cut, so each answer depends on the `A x` it answers."""
+    return 0.5 * out.ax
+
+
+def step_alone(session: CloudSession, embeds: np.ndarray) -> list[np.ndarray]:
+    """One step through every segment; what each segment handed back (every `A x`, then the hidden state)."""
+    out = session.start(embeds)
+    seen = [out.ax]
+    while not out.done:
+        out = session.resume(madx_for(out))
+        seen.append(out.hidden if out.done else out.ax)
+    return seen
+
+
+def step_grouped(cloud: CloudModel, sessions: list[CloudSession], embeds: list[np.ndarray]) -> list[list[np.ndarray]]:
+    """The same step for every session, each segment as one call for all of them."""
+    calls = [s.start_call(e) for s, e in zip(sessions, embeds)]
+    seen: list[list[np.ndarray]] = [[] for _ in sessions]
+    while True:
+        outs = [s.complete(o) for s, o in zip(sessions, cloud.run_group(calls))]
+        for mine, out in zip(seen, outs):
+            mine.append(out.hidden if out.done else out.ax)
+        if outs[0].done:
+            assert all(o.done for o in outs)
+            return seen
+        calls = [s.resume_call(madx_for(o)) for s, o in zip(sessions, outs)]
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_a_group_of_sessions_with_different_pasts_gets_what_each_gets_alone(cloud_dir, name):
+    cloud = CloudModel(cloud_dir(name), threads=1)
+    hidden = cloud.arch.hidden_size
+    rng = np.random.default_rng(0)
+    alone = [cloud.new_session() for _ in PASTS]
+    grouped = [cloud.new_session() for _ in PASTS]
+    for a, g, past in zip(alone, grouped, PASTS):
+        if past:
+            prompt = rng.standard_normal((1, past, hidden)).astype(np.float32)
+            step_alone(a, prompt)
+            step_alone(g, prompt)
+    # Three decode steps, then a three-token step (a chat turn's prompt after a cached conversation).
+    for seq in (1, 1, 1, 3):
+        embeds = [rng.standard_normal((1, seq, hidden)).astype(np.float32) for _ in PASTS]
+        want = [step_alone(a, e) for a, e in zip(alone, embeds)]
+        got = step_grouped(cloud, grouped, embeds)
+        for past, w, g in zip(PASTS, want, got):
+            assert len(w) == len(g) == len(cloud.plan.segments)
+            for segment, (w_out, g_out) in enumerate(zip(w, g)):
+                np.testing.assert_allclose(g_out, w_out, rtol=RTOL, atol=ATOL, err_msg=f"past {past}, segment {segment}")
+    for a, g, past in zip(alone, grouped, PASTS):
+        assert g.position == a.position == past + 6 and not g.in_step
+        for layer, ((wk, wv), (gk, gv)) in enumerate(zip(a.kv, g.kv)):
+            assert gk.shape == wk.shape == (1, cloud.arch.num_kv_heads, past + 6, cloud.arch.head_dim), f"layer {layer}"
+            np.testing.assert_allclose(gk, wk, rtol=RTOL, atol=ATOL)
+            np.testing.assert_allclose(gv, wv, rtol=RTOL, atol=ATOL)
+
+
+def test_a_group_runs_one_segment_with_one_number_of_new_tokens(cloud_dir):
+    cloud = CloudModel(cloud_dir("llama"), threads=1)
+    hidden = cloud.arch.hidden_size
+    one, three = cloud.new_session(), cloud.new_session()
+    calls = [one.start_call(np.zeros((1, 1, hidden), np.float32)), three.start_call(np.zeros((1, 3, hidden), np.float32))]
+    with pytest.raises(ValueError, match="one number of new tokens"):
+        cloud.run_group(calls)
