@@ -20,7 +20,7 @@ import numpy as np
 
 from .arch import kind_io, kind_weight_names, layer_weight_shapes
 from .bundle import GRAPHS, WEIGHTS, BundleError, Manifest, read_manifest
-from .ort import make_session, read_weights
+from .ort import BoundSession, make_session, read_weights
 
 # Full-attention layers get a window longer than any context.
 NO_WINDOW = np.array(1 << 62, np.int64)
@@ -68,19 +68,18 @@ class SegmentCall:
 
 
 class CloudModel:
-    """A loaded cloud bundle: one ORT session per segment kind, weights bound per segment."""
+    """A loaded cloud bundle: one ORT session per segment kind fed each segment's weights, or, with `prepack`,
+    one session per segment with its weights bound (see ort.BoundSession): what runs groups of sessions fast,
+    at the cost of a second, packed copy of the weights in memory."""
 
-    def __init__(self, bundle_dir: str | Path, *, threads: int | None = None):
+    def __init__(self, bundle_dir: str | Path, *, threads: int | None = None, prepack: bool = False):
         self.dir = Path(bundle_dir)
         self.manifest: Manifest = read_manifest(self.dir, side="cloud")
         self.arch = self.manifest.architecture
         self.plan = self.manifest.plan
         self.weights = weights = read_weights(self.dir / WEIGHTS)
         self._check_weights(weights)
-        self.sessions = {
-            name: make_session(self.dir / GRAPHS / file, threads=threads) for name, file in self.manifest.graphs.items()
-        }
-        missing = set(self.plan.kinds) - set(self.sessions)
+        missing = set(self.plan.kinds) - set(self.manifest.graphs)
         if missing:
             raise BundleError(f"{self.dir}: manifest lacks graphs for {', '.join(sorted(missing))}")
         # Per segment: the feed of its weights, prepared once so a call only adds activations.
@@ -92,6 +91,13 @@ class CloudModel:
                 feed[name] = weights[f"layers.{seg.layer + int(rel[1:])}.{rest}"]
             self.segment_weights.append(feed)
         self.windows = [NO_WINDOW if w is None else np.array(w, np.int64) for w in self.arch.sliding_windows]
+        self.prepacked = prepack
+        graphs = [self.dir / GRAPHS / self.manifest.graphs[seg.kind.name] for seg in self.plan.segments]
+        if prepack:
+            self._bound = [BoundSession(path, feed, threads=threads) for path, feed in zip(graphs, self.segment_weights)]
+        else:
+            kinds = {seg.kind.name: path for seg, path in zip(self.plan.segments, graphs)}
+            self._kinds = {name: make_session(path, threads=threads) for name, path in kinds.items()}
 
     def _check_weights(self, weights: dict[str, np.ndarray]) -> None:
         shapes = layer_weight_shapes(self.arch, self.manifest.rank, self.plan.cuts)
@@ -109,7 +115,10 @@ class CloudModel:
     def run_segment(self, index: int, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         seg = self.plan.segments[index]
         _, outputs = kind_io(self.arch, seg.kind)
-        values = self.sessions[seg.kind.name].run(outputs, {**feed, **self.segment_weights[index]})
+        if self.prepacked:
+            values = self._bound[index].run(outputs, feed)
+        else:
+            values = self._kinds[seg.kind.name].run(outputs, {**feed, **self.segment_weights[index]})
         return dict(zip(outputs, values))
 
     def run_group(self, calls: list[SegmentCall]) -> list[dict[str, np.ndarray]]:

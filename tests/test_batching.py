@@ -61,9 +61,10 @@ def step_grouped(cloud: CloudModel, sessions: list[CloudSession], embeds: list[n
         calls = [s.resume_call(madx_for(o)) for s, o in zip(sessions, outs)]
 
 
+@pytest.mark.parametrize("prepack", [False, True], ids=["weights-fed", "weights-prepacked"])
 @pytest.mark.parametrize("name", list(MODELS))
-def test_a_group_of_sessions_with_different_pasts_gets_what_each_gets_alone(cloud_dir, name):
-    cloud = CloudModel(cloud_dir(name), threads=1)
+def test_a_group_of_sessions_with_different_pasts_gets_what_each_gets_alone(cloud_dir, name, prepack):
+    cloud = CloudModel(cloud_dir(name), threads=1, prepack=prepack)
     hidden = cloud.arch.hidden_size
     rng = np.random.default_rng(0)
     alone = [cloud.new_session() for _ in PASTS]
