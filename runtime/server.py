@@ -7,12 +7,17 @@ loaded when the server is made, not on the first tune session, so that no
 edge's step waits on it; `tune=False` leaves it out (and torch unimported).
 
 The loop drains whatever messages are waiting, *admits* each one (decode and
-validate it against the session it names, answer control ops at once) and then
-*executes* the admitted steps. Admission never touches the model and execution
-never sees an unvalidated message, so a scheduler that groups the steps of
-concurrent sessions into one call can replace `_execute` without touching the
-rest. A message that fails validation is answered with an `error` and changes
-nothing; no input can stop the loop.
+validate it against the session it names, answer control ops at once) and
+queues the admitted steps; then it *executes* one group of them and goes round
+again. Tune ops run alone; the generate steps of sessions at the same segment
+(with as many new tokens per row) run as one ONNX Runtime call of up to
+`max_group` sessions (`CloudModel.run_group`), which is what lets many edges
+share the cost of reading the weights. Admission never touches the model and
+execution never sees an unvalidated message: grouping changes how steps are
+computed, not what is accepted or answered, and a step that fails in a group
+is retried alone, so it fails only its own session. A message that fails
+validation is answered with an `error` and changes nothing; no input can stop
+the loop.
 
 Memory: with `max_memory_bytes` each session holds, against that budget, the
 KV cache its tokens need once the open step is in (reserved when the step is
@@ -24,6 +29,7 @@ it is closed or expires.
 from __future__ import annotations
 
 import collections
+import math
 import secrets
 import threading
 import time
@@ -35,7 +41,7 @@ import numpy as np
 import zmq
 
 from . import wire
-from .cloud import CloudModel, CloudSession
+from .cloud import CloudModel, CloudSession, SegmentCall, StepOutput
 from .secure import ServerKeys, peer_key, secure_server
 
 if TYPE_CHECKING:
@@ -78,12 +84,28 @@ class StepRequest:
 
 
 @dataclass
+class QueuedCall:
+    """An admitted generate step's next segment call, waiting to run in a group."""
+
+    request: StepRequest
+    call: SegmentCall
+    queued: float  # monotonic time it was queued
+    passed: int = 0  # groups that ran before it since
+
+    @property
+    def key(self) -> tuple[int, int]:
+        return (self.call.index, self.call.tokens_per_row)
+
+
+@dataclass
 class _Counters:
     started: float = field(default_factory=time.monotonic)
     tokens: int = 0
     rejected: int = 0
     recent: collections.deque = field(default_factory=collections.deque)  # (time, tokens) of completed steps
     recent_tokens: int = 0
+    grouped_calls: int = 0  # segment calls that ran the steps of more than one session
+    largest_group: int = 0
 
 
 class CloudServer:
@@ -100,6 +122,8 @@ class CloudServer:
         tune: bool = True,
         max_train_tokens: int = 16384,
         max_memory_bytes: int | None = None,
+        max_group: int | None = None,
+        batch_wait_s: float = 0.0,
         threads: int | None = None,
         on_event: Callable[[dict], None] | None = None,
         context: zmq.Context | None = None,
@@ -119,6 +143,10 @@ class CloudServer:
             raise ValueError("--max-train-tokens must be at least 1")
         if max_memory_bytes is not None and max_memory_bytes < 1:
             raise ValueError("--max-memory must be positive")
+        if max_group is not None and max_group < 1:
+            raise ValueError("--max-group must be at least 1")
+        if not batch_wait_s >= 0:
+            raise ValueError("--batch-wait-us must be >= 0")
         self.model = model
         self.max_sessions = max_sessions
         self.max_context = max_context or model.arch.max_position_embeddings
@@ -127,6 +155,9 @@ class CloudServer:
         self.max_batch = max_batch
         self.max_train_tokens = max_train_tokens
         self.max_memory_bytes = max_memory_bytes
+        self.max_group = max_group or max_sessions
+        self.batch_wait_s = batch_wait_s
+        self._queue: list[QueuedCall] = []
         self.segments = None  # torch segments shared by tune sessions
         if tune:
             from .cloud_tune import TorchSegments, set_threads
@@ -168,10 +199,11 @@ class CloudServer:
                        "wire_dtype": self.wire_dtype,
                        "authorized_keys": self.curve.authorized if self.curve is not None else None})
         try:
+            idle_s = POLL_S
             while not stop.is_set():
-                if self.socket.poll(int(POLL_S * 1000)):
-                    requests = [r for r in (self._admit(*message) for message in self._receive()) if r]
-                    self._execute(requests)
+                if self.socket.poll(math.ceil(idle_s * 1000)):
+                    self._take([r for r in (self._admit(*message) for message in self._receive()) if r])
+                idle_s = self._run_next()
                 now = time.monotonic()
                 self._expire(now)
                 self._update_rate(now)
@@ -348,36 +380,121 @@ class CloudServer:
         return StepRequest(session, op, wire.tensor(payload, shape, self.wire_dtype), header)
 
     # -- execution ---------------------------------------------------------------
-    def _execute(self, requests: list[StepRequest]) -> None:
+    # Admitted generate steps wait in `_queue` as segment calls; each turn of the loop takes in whatever
+    # arrived and runs one group, so steps that arrive while a group runs can still join the next one.
+    def _take(self, requests: list[StepRequest]) -> None:
+        """Run tune ops at once; open the generate steps' segment calls and queue them for grouping."""
+        now = time.monotonic()
         for request in requests:
             session = request.session
-            session.busy = False
-            if self.sessions.get(session.id) is not session:
-                continue  # expired while waiting in this batch
             if session.mode == "tune":
+                session.busy = False
                 self._execute_tune(request)
                 continue
+            cloud = session.cloud
             try:
-                out = session.cloud.start(request.tensor) if request.op == "step" else session.cloud.resume(request.tensor)
-            except Exception as e:  # the model itself failed: refuse the step, keep serving
-                session.cloud.abort()
-                session.cut = session.ax_shape = None
-                session.memory = memory_per_session(self.model, session.cloud.position, session.batch)
-                self._reply_error(session.peer, "internal", f"the cloud failed to run the step: {type(e).__name__}: {e}"[:1000])
+                call = cloud.start_call(request.tensor) if request.op == "step" else cloud.resume_call(request.tensor)
+            except Exception as e:
+                session.busy = False
+                self._fail_step(session, e)
                 continue
-            step = session.steps
-            if out.done:
-                seq = out.hidden.shape[1]
-                session.steps += 1
-                session.cut = session.ax_shape = None
-                session.tokens += seq * session.batch
-                self._count_tokens(seq * session.batch)
-                self._send(session.peer, wire.encode("hidden", {"step": step}, out.hidden, self.wire_dtype))
-            else:
-                session.cut = 0 if request.op == "step" else session.cut + 1
-                session.ax_shape = tuple(out.ax.shape)
-                self._send(session.peer, wire.encode("ax", {"step": step, "cut": session.cut, "layer": out.layer,
-                                                            "stage": out.stage}, out.ax, self.wire_dtype))
+            self._queue.append(QueuedCall(request, call, now))
+
+    def _run_next(self) -> float:
+        """Run the group `_choose` picks; return how long the loop may then wait for messages."""
+        self._queue = [r for r in self._queue if self.sessions.get(r.request.session.id) is r.request.session]
+        if not self._queue:
+            return POLL_S
+        key, wait_s = self._choose()
+        if key is None:
+            return wait_s
+        members = [r for r in self._queue if r.key == key][:self.max_group]
+        self._queue = [r for r in self._queue if r not in members]
+        for r in self._queue:
+            r.passed += 1
+        for r in members:
+            r.request.session.busy = False
+        self._run_group([(r.request, r.call) for r in members])
+        return 0.0
+
+    def _choose(self) -> tuple[tuple[int, int] | None, float]:
+        """The (segment, tokens per row) of the group to run next, or None and how long to wait for more.
+
+        Steps group only at the same segment, so sessions spread over the
+        segments have to come together: the group furthest behind runs first
+        (the first after the widest gap between the segments that steps are
+        at, queued or owed by an edge), and groups ahead of it wait while it
+        catches up with them. A call passed over as many times as there are
+        segments runs next, whatever its place. With `batch_wait_s`, a group at
+        a segment that other sessions owe (their edge is computing its
+        `M A x`) waits up to that long for them, while other groups run.
+        """
+        groups: dict[tuple[int, int], list[QueuedCall]] = {}
+        for r in self._queue:
+            groups.setdefault(r.key, []).append(r)
+        segments = len(self.model.plan.segments)
+        starved = [k for k, rs in groups.items() if max(r.passed for r in rs) >= segments]
+        if starved:
+            return starved[0], 0.0
+        owed = collections.Counter((s.cut + 1, s.ax_shape[1]) for s in self.sessions.values()
+                                   if s.mode == "generate" and not s.busy and s.cut is not None)
+        positions = sorted({k[0] for k in groups} | {k[0] for k in owed})
+        if self.batch_wait_s > 0:
+            now = time.monotonic()
+            due = {k: min(r.queued for r in rs) + self.batch_wait_s for k, rs in groups.items()
+                   if owed[k] and len(rs) < self.max_group}
+            groups = {k: rs for k, rs in groups.items() if due.get(k, now) <= now}
+            if not groups:
+                return None, min(due.values()) - now
+        # The gap after each position, and the position after the widest: the tail.
+        gaps = [((after - at - 1) % segments, after) for at, after in zip(positions, positions[1:] + positions[:1])]
+        tail = max(gaps)[1]
+        return min(groups, key=lambda k: ((k[0] - tail) % segments, -len(groups[k]))), 0.0
+
+    def _run_group(self, members: list[tuple[StepRequest, SegmentCall]]) -> None:
+        try:
+            outputs = self.model.run_group([call for _, call in members])
+        except Exception as e:
+            if len(members) == 1:
+                self._fail_step(members[0][0].session, e)
+                return
+            # Whatever failed, it must fail only the session it belongs to: run each alone.
+            for member in members:
+                self._run_group([member])
+            return
+        if len(members) > 1:
+            self.counters.grouped_calls += 1
+            self.counters.largest_group = max(self.counters.largest_group, len(members))
+        for (request, _), out in zip(members, outputs):
+            session = request.session
+            try:
+                result = session.cloud.complete(out)
+            except Exception as e:
+                self._fail_step(session, e)
+                continue
+            self._reply_step(session, request.op, result)
+
+    def _fail_step(self, session: Session, error: Exception) -> None:
+        """The model itself failed: refuse the step, drop what it had done, keep serving."""
+        session.cloud.abort()
+        session.cut = session.ax_shape = None
+        session.memory = memory_per_session(self.model, session.cloud.position, session.batch)
+        self._reply_error(session.peer, "internal", f"the cloud failed to run the step: {type(error).__name__}: {error}"[:1000])
+
+    def _reply_step(self, session: Session, op: str, out: StepOutput) -> None:
+        step = session.steps
+        if out.done:
+            seq = out.hidden.shape[1]
+            session.steps += 1
+            session.cut = session.ax_shape = None
+            session.tokens += seq * session.batch
+            self._count_tokens(seq * session.batch)
+            self._send(session.peer, wire.encode("hidden", {"step": step}, out.hidden, self.wire_dtype))
+        else:
+            session.cut = 0 if op == "step" else session.cut + 1
+            session.ax_shape = tuple(out.ax.shape)
+            self._send(session.peer, wire.encode("ax", {"step": step, "cut": session.cut, "layer": out.layer,
+                                                        "stage": out.stage}, out.ax, self.wire_dtype))
 
     def _execute_tune(self, request: StepRequest) -> None:
         session, op, h, trainer = request.session, request.op, request.header, request.session.trainer
@@ -459,7 +576,8 @@ class CloudServer:
         return {"sessions": len(self.sessions), "max_sessions": self.max_sessions, "tokens": self.counters.tokens,
                 "tokens_per_s": round(self.tokens_per_s, 3),
                 "uptime_s": round(time.monotonic() - self.counters.started, 3), "rejected": self.counters.rejected,
-                "memory_bytes": self.memory_bytes()}
+                "memory_bytes": self.memory_bytes(), "grouped_calls": self.counters.grouped_calls,
+                "largest_group": self.counters.largest_group}
 
 
 @contextmanager

@@ -78,9 +78,12 @@ Cloud -> edge (replies; exactly one per request)
             over; below cut 0 lies only the frozen embedding).
     aborted session
     closed  session
-    status  sessions, max_sessions, tokens, tokens_per_s, uptime_s, rejected, memory_bytes
+    status  sessions, max_sessions, tokens, tokens_per_s, uptime_s, rejected, memory_bytes,
+            grouped_calls, largest_group
             `memory_bytes`: what the sessions hold against the cloud's memory
             budget (KV caches, activations of open tune passes).
+            `grouped_calls`: segment calls that ran the steps of more than one
+            session at once; `largest_group`: the most sessions one call ran.
     error   code, message
             The request was refused and changed nothing (see ERROR_CODES).
 
@@ -206,7 +209,8 @@ REPLIES: dict[str, dict[str, Check]] = {
     "aborted": {"session": _session},
     "closed": {"session": _session},
     "status": {"sessions": _COUNT, "max_sessions": _COUNT, "tokens": _COUNT, "tokens_per_s": _number,
-               "uptime_s": _number, "rejected": _COUNT, "memory_bytes": _COUNT},
+               "uptime_s": _number, "rejected": _COUNT, "memory_bytes": _COUNT, "grouped_calls": _COUNT,
+               "largest_group": _COUNT},
     "error": {"code": _text(64), "message": _text(1000)},
 }
 

@@ -170,6 +170,102 @@ def test_eight_edges_at_once_each_get_what_they_get_alone(model):
     assert [results[i] for i in range(len(prompts))] == alone
 
 
+def run_edges_at_once(endpoint: str, edge: EdgeModel, prompts: list[list[int]], sampling: Sampling) -> list[list[int]]:
+    """Each prompt on its own connection, all generating at once; every edge's ids, in prompt order."""
+    results: dict[int, list[int] | BaseException] = {}
+    barrier = threading.Barrier(len(prompts))
+
+    def run(i: int):
+        try:
+            with RemoteCloudSession(endpoint, edge.manifest, timeout=TIMEOUT) as session:
+                barrier.wait(timeout=TIMEOUT)
+                results[i] = list(generate(edge, session, prompts[i], sampling))
+        except BaseException as e:  # reported by the caller's assertion
+            results[i] = e
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return [results[i] for i in range(len(prompts))]
+
+
+@pytest.mark.parametrize("m", ["zero", "random"])
+@pytest.mark.parametrize("name", ["llama", "mistral-window"])
+def test_steps_of_concurrent_edges_run_grouped_and_each_edge_gets_its_solo_ids(model, name, m):
+    _, bundle, cloud = model(name)
+    edge = edge_of(bundle, m)
+    rng = np.random.default_rng(1)
+    lengths = rng.permutation(np.arange(3, 19, 2))  # 8 distinct prompt lengths: pasts differ in every group
+    prompts = [rng.integers(1, len(edge.tokenizer), size=int(n)).tolist() for n in lengths]
+    sampling = Sampling(max_new_tokens=40, ignore_eos=True)
+    alone = [local_ids(edge, cloud, p, sampling) for p in prompts]
+    with serve(cloud) as (server, endpoint, _):
+        got = run_edges_at_once(endpoint, edge, prompts, sampling)
+        status = cloud_status(endpoint, timeout=TIMEOUT)
+    assert got == alone
+    assert status["grouped_calls"] > 0 and 2 <= status["largest_group"] <= len(prompts)  # grouping did happen
+    assert status["tokens"] == sum(lengths) + len(prompts) * 39
+
+
+def test_a_step_that_fails_in_a_group_fails_only_its_own_session(model, monkeypatch):
+    _, bundle, cloud = model("llama")
+    edge = edge_of(bundle, "random")
+    poison = 12345.0  # an embedding value the model below refuses, standing in for any failure of one row
+    run_segment, rows_run = cloud.run_segment, []
+
+    def failing(index, feed):
+        if "inputs_embeds" in feed:
+            rows_run.append(feed["inputs_embeds"].shape[0])
+            if np.any(feed["inputs_embeds"] == poison):
+                raise FloatingPointError("poisoned row")
+        return run_segment(index, feed)
+
+    monkeypatch.setattr(cloud, "run_segment", failing)
+    ids = np.asarray([[1, 2, 3]])
+    good, bad = edge.embed(ids), edge.embed(ids).copy()
+    bad[0, 0, 0] = poison
+    with serve(cloud) as (server, endpoint, events):
+        # The loop runs nothing until both steps are queued, so that they meet in one group.
+        both_queued = threading.Event()
+        take, run_next = server._take, server._run_next
+
+        def take_and_count(requests):
+            take(requests)
+            if len(server._queue) == 2:
+                both_queued.set()
+
+        monkeypatch.setattr(server, "_take", take_and_count)
+        monkeypatch.setattr(server, "_run_next", lambda: run_next() if both_queued.is_set() else 0.001)
+        with RemoteCloudSession(endpoint, edge.manifest, timeout=TIMEOUT) as first, \
+                RemoteCloudSession(endpoint, edge.manifest, timeout=TIMEOUT) as second:
+            outcome: dict[str, object] = {}
+
+            def step(name, session, embeds):
+                try:
+                    outcome[name] = session.start(embeds)
+                except CloudError as e:
+                    outcome[name] = e
+
+            threads = [threading.Thread(target=step, args=("good", first, good)),
+                       threading.Thread(target=step, args=("bad", second, bad))]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            assert rows_run[:3] == [2, 1, 1]  # one call for both, then each alone
+            assert isinstance(outcome["bad"], CloudError) and outcome["bad"].code == "internal"
+            assert "poisoned row" in str(outcome["bad"])
+            out = outcome["good"]
+            while not out.done:  # the good session carries on as if alone
+                out = first.resume(edge.apply_adapter(out.layer, out.stage, out.ax))
+            np.testing.assert_array_equal(edge.logits(out.hidden), forward(edge, cloud.new_session(), ids))
+            # The failed session lost only that step: it can take it again.
+            assert forward(edge, second, ids).shape == (1, 3, edge.arch.vocab_size)
+    assert any(e["event"] == "rejected" and "poisoned row" in e["message"] for e in events)
+
+
 # -- bytes on the socket ---------------------------------------------------------------
 @pytest.mark.parametrize("wire_dtype", ["float32", "float16"])
 def test_bytes_on_the_socket_per_decoded_token_are_within_ten_percent_of_the_payload(model, wire_dtype):

@@ -36,7 +36,7 @@ VALID_REPLIES = {
     "aborted": ({"session": SID}, None),
     "closed": ({"session": SID}, None),
     "status": ({"sessions": 1, "max_sessions": 16, "tokens": 10, "tokens_per_s": 2.5, "uptime_s": 1, "rejected": 0,
-                "memory_bytes": 4096}, None),
+                "memory_bytes": 4096, "grouped_calls": 3, "largest_group": 2}, None),
     "error": ({"code": "busy", "message": "try later"}, None),
 }
 
