@@ -81,6 +81,11 @@ def serve_cloud(
     insecure: bool = typer.Option(False, "--insecure", help="Allow a non-loopback --bind without CURVE: anyone who reaches it can use this cloud and read its traffic."),
     max_memory: Optional[int] = typer.Option(None, "--max-memory", help="MiB all sessions may hold (KV caches, tuning "
                                               "activations); a session or step over it is refused (default: no limit)."),
+    max_group: Optional[int] = typer.Option(None, "--max-group", help="Sessions whose steps at the same layer run as one "
+                                             "call (default: --max-sessions). Above 1 the weights are also held packed "
+                                             "for it (about as much memory again); 1 runs every step alone."),
+    batch_wait_us: int = typer.Option(0, "--batch-wait-us", help="Microseconds a group may wait for sessions whose edge "
+                                       "still owes an answer at that layer, while other groups run (default 0: never)."),
     as_json: bool = typer.Option(False, "--json", help="Log one JSON object per event on stdout."),
 ):
     """Serve a cloud bundle to edges over ZeroMQ: generation (one KV cache per session) and tuning (`plcli tune`)."""
@@ -101,11 +106,12 @@ def serve_cloud(
     reporter = _Reporter(as_json)
     try:
         with status("loading the cloud bundle"):
-            model = CloudModel(cloud_dir, threads=threads)
+            model = CloudModel(cloud_dir, threads=threads, prepack=(max_group or max_sessions) > 1)
             server = CloudServer(model, bind=bind, max_sessions=max_sessions, max_context=max_context,
                                  session_timeout=session_timeout, wire_dtype=wire_dtype, max_batch=max_batch, tune=tune,
                                  max_train_tokens=max_train_tokens, threads=threads, on_event=reporter.event, curve=curve,
-                                 max_memory_bytes=None if max_memory is None else max_memory * 2**20)
+                                 max_memory_bytes=None if max_memory is None else max_memory * 2**20,
+                                 max_group=max_group, batch_wait_s=batch_wait_us / 1e6)
     except ValueError as e:
         raise UserError(str(e)) from None
     reporter.server = server
@@ -115,8 +121,9 @@ def serve_cloud(
                           highlight=False, soft_wrap=True)
     if not as_json:
         kv = memory_per_session(model, server.max_context, max_batch)
+        grouping = f"steps of up to {server.max_group} sessions per call" if server.max_group > 1 else "every step alone"
         reporter.line(f"{model.arch.family} · {model.arch.num_layers} layers · rank {model.manifest.rank} · "
-                      f"KV cache up to {kv / 2**20:.1f} MiB per session")
+                      f"KV cache up to {kv / 2**20:.1f} MiB per session · {grouping}")
     stop = threading.Event()
     previous = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
@@ -155,7 +162,8 @@ class _Reporter:
     def __rich__(self) -> Text:
         s = self.server.stats()
         return Text(f"{self.server.endpoint} · {s['sessions']}/{s['max_sessions']} sessions · {s['tokens_per_s']:.1f} tokens/s · "
-                    f"{s['tokens']:,} tokens · {s['rejected']} refused · {s['memory_bytes'] / 2**20:.1f} MiB held", style="dim", no_wrap=True, overflow="ellipsis")
+                    f"{s['tokens']:,} tokens · {s['rejected']} refused · {s['memory_bytes'] / 2**20:.1f} MiB held · "
+                    f"largest group {s['largest_group']}", style="dim", no_wrap=True, overflow="ellipsis")
 
     def line(self, text: str) -> None:
         stamp = datetime.now().strftime("%H:%M:%S")

@@ -45,7 +45,7 @@ MODELS = {
 
 @pytest.fixture(scope="module")
 def model(checkpoint_factory, bundle_factory):
-    """name -> (checkpoint dir, bundle dir, CloudModel), built once per module."""
+    """name -> (checkpoint dir, bundle dir, CloudModel), built once per module; prepacked, as serve-cloud loads it."""
     loaded = {}
 
     def get(name: str):
@@ -53,7 +53,7 @@ def model(checkpoint_factory, bundle_factory):
             ckpt_name, family, overrides, options = MODELS[name]
             ckpt = checkpoint_factory(ckpt_name, family, **overrides)
             bundle = bundle_factory(ckpt, **options)
-            loaded[name] = (ckpt, bundle, CloudModel(bundle / "cloud", threads=1))
+            loaded[name] = (ckpt, bundle, CloudModel(bundle / "cloud", threads=1, prepack=True))
         return loaded[name]
 
     return get
@@ -430,6 +430,14 @@ def _invoke(*args: str, input: str | None = None):
     from plcli.cli import app
 
     return CliRunner().invoke(app, list(args), input=input)
+
+
+def test_serve_cloud_refuses_a_group_limit_of_zero_and_a_negative_wait(model):
+    _, bundle, _ = model("llama")
+    for options, message in [(["--max-group", "0"], "--max-group must be at least 1"),
+                             (["--batch-wait-us", "-1"], "--batch-wait-us must be >= 0")]:
+        result = _invoke("serve-cloud", str(bundle / "cloud"), "--bind", "tcp://127.0.0.1:*", "--no-tune", *options)
+        assert result.exit_code == 2 and message in result.output
 
 
 def test_run_edge_json_chat_and_adapter_through_a_cloud(model, bundle_factory, checkpoint_factory, tmp_path):
