@@ -1,0 +1,199 @@
+"""Aggregate decode speed of many edges on one cloud, next to one edge alone.
+
+    python -m plcli.recipes.bench_sessions [--edges 8] [--new-tokens 40] [--prompt-len 16] [--out DIR] [--json]
+                                           [--max-group N] [--batch-wait-us N]
+
+Builds a random-weight Llama (hidden 512, 8 layers, 8 heads, intermediate
+1376, vocab 8000; rank 64, q/k/v adapted) unless `--out` already holds one,
+starts `plcli serve-cloud --threads 1` as a child process and runs the edges
+as child processes of their own, each with its own prompt of random token ids
+and a random M, greedy. First each edge runs alone, one after the other: its
+ids are the reference and its decode rate the single-edge speed. Then all of
+them run at once, starting together; their aggregate rate is every edge's
+decoded tokens (all but the first, which the prefill gives) over the time
+from the first edge's first token to the last edge's last token. The edges and
+the cloud share this machine's cores, so the ratio also says how much CPU the
+edges leave to the cloud. `--max-group` and `--batch-wait-us` go to
+serve-cloud, to compare without grouping or with a wait.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+BENCH_SHAPE = dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=8, num_attention_heads=8,
+                   num_key_value_heads=8, vocab_size=8000, max_position_embeddings=512)
+RANK = 64
+TIMEOUT_S = 60.0
+
+
+def build_bundles(work: Path) -> tuple[Path, Path]:
+    """(cloud dir, edge dir) of the bench model under `work`, built on first use."""
+    out = work / "split"
+    if not (out / "cloud").is_dir():
+        from plcli.exporters.split import split_checkpoint
+        from plcli.recipes.checkpoints import make_random_checkpoint
+
+        checkpoint = make_random_checkpoint(work / "checkpoint", "llama", **BENCH_SHAPE)
+        split_checkpoint(checkpoint, out, rank=RANK)
+    return out / "cloud", out / "edge"
+
+
+def _edge(edge_dir: str, endpoint: str, prompt_ids: list[int], new_tokens: int, seed: int, go, results) -> None:
+    """One edge process: open a session, wait for `go`, generate greedily with M from `seed`, report ids and token times."""
+    from plcli.exporters.verify import random_adapter
+    from plcli.runtime.client import RemoteCloudSession
+    from plcli.runtime.edge import EdgeModel
+    from plcli.runtime.generate import Conversation, Sampling
+
+    try:
+        edge = EdgeModel(edge_dir, threads=1)
+        edge.set_adapter(random_adapter(edge, seed=seed))
+        sampling = Sampling(max_new_tokens=new_tokens, ignore_eos=True)
+        with RemoteCloudSession(endpoint, edge.manifest, timeout=TIMEOUT_S) as session:
+            conversation = Conversation(edge, session, sampling)  # loads the tokenizer: not while others decode
+            go.wait()
+            cpu = time.process_time()
+            ids, times = [], []
+            for token in conversation.turn(prompt_ids):
+                ids.append(token)
+                times.append(time.monotonic())  # system-wide on Linux: comparable between processes
+        results.put({"seed": seed, "ids": ids, "first": times[0], "last": times[-1], "cpu_s": time.process_time() - cpu})
+    except BaseException as e:  # reported by the parent
+        results.put({"seed": seed, "error": f"{type(e).__name__}: {e}"})
+        raise SystemExit(1) from None
+
+
+def _run_edges(ctx, edge_dir: Path, endpoint: str, prompts: dict[int, list[int]], new_tokens: int) -> list[dict]:
+    """One edge process per (M seed, prompt), released together once all are connected; results in seed order."""
+    go, results = ctx.Event(), ctx.Queue()
+    procs = [ctx.Process(target=_edge, args=(str(edge_dir), endpoint, p, new_tokens, seed, go, results))
+             for seed, p in prompts.items()]
+    for proc in procs:
+        proc.start()
+    try:
+        _wait_for_sessions(endpoint, len(prompts))
+        go.set()
+        got = [results.get(timeout=TIMEOUT_S * 4) for _ in procs]
+    finally:
+        for proc in procs:
+            proc.join(timeout=TIMEOUT_S)
+            if proc.is_alive():
+                proc.kill()
+    errors = [r["error"] for r in got if "error" in r]
+    if errors:
+        raise RuntimeError(f"an edge failed: {errors[0]}")
+    return sorted(got, key=lambda r: r["seed"])
+
+
+def _wait_for_sessions(endpoint: str, count: int) -> None:
+    from plcli.runtime.client import cloud_status
+
+    deadline = time.monotonic() + TIMEOUT_S * 2  # each edge process imports and loads its bundle first
+    while cloud_status(endpoint)["sessions"] < count:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"fewer than {count} edges opened a session within {TIMEOUT_S * 2:g} s")
+        time.sleep(0.1)
+
+
+def _serve(cloud_dir: Path, max_sessions: int, options: list[str]) -> tuple[subprocess.Popen, str]:
+    """`plcli serve-cloud` in a child process on a free loopback port; the child and its endpoint."""
+    cmd = [sys.executable, "-m", "plcli.cli", "serve-cloud", str(cloud_dir), "--bind", "tcp://127.0.0.1:*",
+           "--threads", "1", "--no-tune", "--max-sessions", str(max_sessions), "--json", *options]
+    server = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    line = server.stdout.readline()
+    try:
+        event = json.loads(line)
+    except ValueError:
+        event = {}
+    if event.get("event") != "listening":
+        server.kill()
+        server.wait()
+        raise RuntimeError(f"plcli serve-cloud did not start (exit {server.poll()}): {line.strip()}")
+    return server, event["endpoint"]
+
+
+def _rate(result: dict) -> float:
+    return (len(result["ids"]) - 1) / (result["last"] - result["first"])
+
+
+def aggregate_decode(cloud_dir, edge_dir, edges: int, new_tokens: int, prompt_len: int, *,
+                     serve_options: list[str] | None = None) -> dict:
+    """Decode tokens/s of `edges` edges at once on one cloud, next to one edge alone, and whether every edge got its solo ids.
+
+    `serve_options` are extra `plcli serve-cloud` options (say ["--max-group", "1"]).
+    """
+    import numpy as np
+
+    if edges < 1 or new_tokens < 2 or prompt_len < 1:
+        raise ValueError("need at least 1 edge, 2 new tokens and 1 prompt token")
+    from plcli.runtime.bundle import read_manifest
+    from plcli.runtime.client import cloud_status
+
+    vocab = read_manifest(Path(edge_dir), side="edge").architecture.vocab_size
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(1, vocab, size=prompt_len).tolist() for _ in range(edges)]
+    ctx = multiprocessing.get_context("spawn")  # no ONNX Runtime or ZeroMQ state inherited by a fork
+    server, endpoint = _serve(Path(cloud_dir), max(edges, 16), list(serve_options or []))
+    try:
+        alone = [_run_edges(ctx, Path(edge_dir), endpoint, {i: p}, new_tokens)[0] for i, p in enumerate(prompts)]
+        before = cloud_status(endpoint)
+        together = _run_edges(ctx, Path(edge_dir), endpoint, dict(enumerate(prompts)), new_tokens)
+        after = cloud_status(endpoint)
+    finally:
+        server.terminate()
+        server.wait()
+    single = statistics.median(_rate(r) for r in alone)
+    decoded = sum(len(r["ids"]) - 1 for r in together)
+    aggregate = decoded / (max(r["last"] for r in together) - min(r["first"] for r in together))
+    return {"edges": edges, "single_tokens_per_s": round(single, 2), "aggregate_tokens_per_s": round(aggregate, 2),
+            "ratio": round(aggregate / single, 2),
+            "identical": all(a["ids"] == t["ids"] for a, t in zip(alone, together)),
+            "grouped_calls": after["grouped_calls"] - before["grouped_calls"], "largest_group": after["largest_group"],
+            "edge_cpu_ms_per_token": round(1000 * sum(r["cpu_s"] for r in together) / sum(len(r["ids"]) for r in together), 2)}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--edges", type=int, default=8)
+    parser.add_argument("--new-tokens", type=int, default=40)
+    parser.add_argument("--prompt-len", type=int, default=16)
+    parser.add_argument("--out", type=Path, help="Keep the checkpoint and bundles here and reuse them (default: a temporary "
+                                                 "directory, removed).")
+    parser.add_argument("--json", action="store_true", help="Print the result as JSON.")
+    parser.add_argument("--max-group", type=int, help="serve-cloud --max-group (default: its own).")
+    parser.add_argument("--batch-wait-us", type=int, help="serve-cloud --batch-wait-us (default: its own).")
+    args = parser.parse_args(argv)
+    serve_options = [opt for flag, value in (("--max-group", args.max_group), ("--batch-wait-us", args.batch_wait_us))
+                     if value is not None for opt in (flag, str(value))]
+
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    work = args.out or Path(tempfile.mkdtemp(prefix="plcli-bench-sessions-"))
+    try:
+        cloud_dir, edge_dir = build_bundles(work)
+        result = aggregate_decode(cloud_dir, edge_dir, args.edges, args.new_tokens, args.prompt_len,
+                                  serve_options=serve_options)
+    finally:
+        if args.out is None:
+            shutil.rmtree(work, ignore_errors=True)
+    if args.json:
+        print(json.dumps(result))
+        return
+    print(f"{result['edges']} edges at once: {result['aggregate_tokens_per_s']:.1f} decode tokens/s in all; one edge alone: "
+          f"{result['single_tokens_per_s']:.1f} tokens/s; ratio {result['ratio']:.2f}; every edge got its solo ids: "
+          f"{'yes' if result['identical'] else 'NO'}; {result['grouped_calls']} grouped calls, largest group "
+          f"{result['largest_group']}; the edges used {result['edge_cpu_ms_per_token']:.1f} ms of CPU per token")
+
+
+if __name__ == "__main__":
+    main()
