@@ -31,8 +31,7 @@ import tempfile
 import time
 from pathlib import Path
 
-BENCH_SHAPE = dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=8, num_attention_heads=8,
-                   num_key_value_heads=8, vocab_size=8000, max_position_embeddings=512)
+SHAPE = "bench-512"  # of recipes.checkpoints.BENCH_SHAPES, the shapes `plcli bench decode` is held to
 RANK = 64
 TIMEOUT_S = 60.0
 
@@ -42,9 +41,9 @@ def build_bundles(work: Path) -> tuple[Path, Path]:
     out = work / "split"
     if not (out / "cloud").is_dir():
         from plcli.exporters.split import split_checkpoint
-        from plcli.recipes.checkpoints import make_random_checkpoint
+        from plcli.recipes.checkpoints import BENCH_SHAPES, make_random_checkpoint
 
-        checkpoint = make_random_checkpoint(work / "checkpoint", "llama", **BENCH_SHAPE)
+        checkpoint = make_random_checkpoint(work / "checkpoint", "llama", **BENCH_SHAPES[SHAPE])
         split_checkpoint(checkpoint, out, rank=RANK)
     return out / "cloud", out / "edge"
 
