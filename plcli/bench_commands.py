@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from .app import UserError, app, console, print_json, progress_bar, reports_errors
+from .app import UserError, app, console, print_json, progress_bar, reports_errors, status
 
 bench_app = typer.Typer(no_args_is_help=True, help="Measure speed: every method side by side in one run, as ratios.")
 app.add_typer(bench_app, name="bench")
@@ -44,6 +44,7 @@ def bench_decode(
     link: str = typer.Option("5g", "--link", help="Emulated link: 5g (60 Mbit/s up, 100 down, 20 ms RTT) or up=MBIT,down=MBIT,rtt=MS."),
     threads: int = typer.Option(1, "--threads", help="Compute threads of the cloud and of transformers (the edge uses one)."),
     float16: bool = typer.Option(False, "--float16", help="Also the split with --wire-dtype float16: bytes, speed, same tokens?"),
+    edges: int = typer.Option(0, "--edges", help="Also N edges at once on one cloud (separate processes): aggregate tok/s against one alone."),
     plot: Optional[Path] = typer.Option(None, "--plot", help="Write decode tok/s against rank, per method, to this PNG."),
     as_json: bool = typer.Option(False, "--json", help="Print the results as JSON."),
 ):
@@ -61,6 +62,8 @@ def bench_decode(
     if not model_dir.is_dir():
         raise UserError(f"{model_dir}: no such checkpoint directory")
     ranks = _ranks(rank, bundles)
+    if edges < 0 or edges == 1:
+        raise UserError(f"--edges {edges} is out of range: 0 (off) or at least 2")
     results = []
     with progress_bar() as progress:
         task = progress.add_task("benchmarking", total=len(ranks) * rounds)
@@ -68,6 +71,8 @@ def bench_decode(
             results.append(run(model_dir, bundles=bundles, rank=r, prompt_len=prompt_len, new_tokens=new_tokens,
                                rounds=rounds, link=emulated, threads=threads, float16=float16,
                                progress=lambda msg: progress.advance(task) if msg.startswith("round") else None))
+    if edges:
+        results[-1]["edges"] = _edges(model_dir, bundles, ranks[-1], edges, prompt_len, new_tokens)
     if plot is not None:
         _plot(results, plot)
     if as_json:
@@ -75,8 +80,27 @@ def bench_decode(
         return
     for result in results:
         console.print(_decode_table(result))
+        if "edges" in result:
+            e = result["edges"]
+            console.print(f"{e['edges']} edges at once: {e['aggregate_tokens_per_s']:.1f} tok/s together, "
+                          f"{e['single_tokens_per_s']:.1f} alone: {e['ratio']:.2f}x; each edge's ids as alone: "
+                          f"{'yes' if e['identical'] else 'no'}; largest group {e['largest_group']}")
     if plot is not None:
         console.print(f"plot: [bold]{plot}[/]")
+
+
+def _edges(model_dir: Path, bundles: Path | None, rank: int, edges: int, prompt_len: int, new_tokens: int) -> dict:
+    """Aggregate decode of `edges` edges on one cloud (cross-session batching), against one edge alone."""
+    import tempfile
+
+    from plcli.exporters.split import split_checkpoint
+    from plcli.recipes.bench_sessions import aggregate_decode
+
+    with status(f"{edges} edges at once on one cloud"), tempfile.TemporaryDirectory(prefix="plcli-bench-edges-") as work:
+        if bundles is None:
+            bundles = Path(work) / "split"
+            split_checkpoint(model_dir, bundles, rank=rank)
+        return aggregate_decode(bundles / "cloud", bundles / "edge", edges, new_tokens, prompt_len)
 
 
 def _decode_table(r: dict) -> Table:

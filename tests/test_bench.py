@@ -22,7 +22,7 @@ def run_cli(*args):
 def test_bench_decode_reports_every_method_and_ratio(llama_checkpoint, llama_bundle, tmp_path):
     code, out, err = run_cli("bench", "decode", llama_checkpoint, "--bundles", llama_bundle, "--new-tokens", 4,
                              "--prompt-len", 8, "--rounds", 1, "--float16", "--link", "up=50,down=80,rtt=1",
-                             "--plot", tmp_path / "rank.png", "--json")
+                             "--plot", tmp_path / "rank.png", "--edges", 2, "--json")
     assert code == 0, err
     r = json.loads(out)
     rows = {row["method"]: row for row in r["rows"]}
@@ -37,6 +37,8 @@ def test_bench_decode_reports_every_method_and_ratio(llama_checkpoint, llama_bun
     assert set(r["ratios"]) == {"split_vs_transformers", "split_vs_onnx", "split_link_vs_transformers"}
     assert r["link"] == {"up_mbps": 50, "down_mbps": 80, "rtt_ms": 1} and r["model"]["rank"] == 8
     assert (tmp_path / "rank.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    edges = r["edges"]  # two edges at once on one cloud, each with its solo ids
+    assert edges["edges"] == 2 and edges["identical"] and edges["aggregate_tokens_per_s"] > 0 and edges["ratio"] > 0
 
 
 def test_bench_tune_reports_both_methods_and_their_losses_agree(llama_checkpoint, llama_bundle):
@@ -58,6 +60,7 @@ def test_links_parse_and_bad_input_is_one_line_exit_2(llama_checkpoint, tmp_path
         (["--rank", "8,x"], "--rank"),
         (["--bundles", tmp_path, "--rank", "8,16"], "--bundles fixes the rank"),
         (["--new-tokens", 1], "at least 2"),
+        (["--edges", 1], "--edges 1"),
     ]:
         code, _, err = run_cli("bench", "decode", llama_checkpoint, *args)
         assert code == 2 and message in err and len(err.strip().splitlines()) == 1, (args, err)
