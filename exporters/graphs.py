@@ -22,9 +22,9 @@ from pathlib import Path
 import torch
 
 from plcli.runtime import decoder
-from plcli.runtime.arch import Architecture, layer_weight_shapes
+from plcli.runtime.arch import Architecture, layer_weight_shapes, projection_name, projection_widths
 from plcli.runtime.bundle import cache_root
-from plcli.runtime.plan import SegmentKind, SplitPlan
+from plcli.runtime.plan import Cut, SegmentKind, SplitPlan
 
 OPSET = 18
 # Sample sizes for tracing; every one is >= 2 so that no axis specialises to 1.
@@ -49,6 +49,8 @@ def _sample(arch: Architecture, name: str, kind: SegmentKind, rank: int) -> torc
         return torch.randn(b, s, arch.hidden_size)
     if name == "x":
         return torch.randn(b, s, arch.target_dims(kind.in_cut.targets[0])[0])
+    if name == "xw":
+        return torch.randn(b, s, sum(projection_widths(arch, kind.in_cut.stage)))
     if name == "madx":
         return torch.randn(b, s, len(kind.in_cut.targets), rank)
     if name == "position_ids":
@@ -71,7 +73,7 @@ def _dynamic(name: str):
     past, total = Dim("past", min=0, max=1 << 20), Dim("total", min=1, max=1 << 20)
     return {
         "inputs_embeds": {0: batch, 1: seq}, "resid": {0: batch, 1: seq}, "x": {0: batch, 1: seq},
-        "madx": {0: batch, 1: seq}, "position_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: total},
+        "xw": {0: batch, 1: seq}, "madx": {0: batch, 1: seq}, "position_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: total},
         "window": {}, "past_key": {0: batch, 2: past}, "past_value": {0: batch, 2: past}, "hidden": {0: batch, 1: seq},
     }[name]
 
@@ -116,6 +118,17 @@ def export_segment_kind(arch: Architecture, kind: SegmentKind, rank: int, inv_fr
     _cached_export(key, build, path)
 
 
+def export_projection(arch: Architecture, cut: Cut, rank: int, path: Path) -> None:
+    def build(dest: Path):
+        module = decoder.ProjectionModule(arch, cut.stage)
+        shapes = layer_weight_shapes(arch, rank, [cut])
+        x = torch.randn(_BATCH, _SEQ, arch.target_dims(cut.targets[0])[0])
+        weights = [torch.randn(*shapes[n.split(".", 1)[1]]) * 0.02 for n in module.weight_names]
+        _export(module, [x], weights, dest)
+
+    _cached_export({"what": "projection", "arch": _shape_key(arch), "stage": cut.stage}, build, path)
+
+
 def export_head(arch: Architecture, path: Path) -> None:
     def build(dest: Path):
         module = decoder.HeadModule(arch)
@@ -135,16 +148,27 @@ def _shape_key(arch: Architecture) -> dict:
 
 
 def export_all(arch: Architecture, plan: SplitPlan, rank: int, inv_freq: torch.Tensor, cloud_graphs: Path, edge_graphs: Path, progress=None) -> tuple[dict, dict]:
-    """Write every kind's graph and the head graph; return (cloud, edge) kind -> file name maps."""
+    """Write every kind's graph, each cut's projection graph and the head graph; return (cloud, edge) name -> file maps.
+
+    `progress(done)` counts graphs up to `graph_count(plan)`.
+    """
     cloud_graphs.mkdir(parents=True, exist_ok=True)
     edge_graphs.mkdir(parents=True, exist_ok=True)
+    exports = [(kind.name, lambda path, kind=kind: export_segment_kind(arch, kind, rank, inv_freq, path))
+               for kind in plan.kinds.values()]
+    exports += [(projection_name(cut.stage), lambda path, cut=cut: export_projection(arch, cut, rank, path))
+                for cut in plan.cuts]
     cloud = {}
-    for i, kind in enumerate(plan.kinds.values()):
-        cloud[kind.name] = f"{kind.name}.onnx"
-        export_segment_kind(arch, kind, rank, inv_freq, cloud_graphs / cloud[kind.name])
+    for done, (name, export) in enumerate(exports, 1):
+        cloud[name] = f"{name}.onnx"
+        export(cloud_graphs / cloud[name])
         if progress:
-            progress(i + 1)
+            progress(done)
     export_head(arch, edge_graphs / "head.onnx")
     if progress:
-        progress(len(plan.kinds) + 1)
+        progress(len(exports) + 1)
     return cloud, {"head": "head.onnx"}
+
+
+def graph_count(plan: SplitPlan) -> int:
+    return len(plan.kinds) + len(plan.cuts) + 1

@@ -24,7 +24,7 @@ from plcli.runtime.bundle import GRAPHS, MANIFEST, WEIGHTS, Manifest, atomic_dir
 from plcli.runtime.plan import ALL_TARGETS, DEFAULT_TARGETS, SplitPlan, normalize_targets
 
 from .checkpoint import CheckpointError, CheckpointTensors, load_config, tokenizer_files
-from .graphs import export_all
+from .graphs import export_all, graph_count
 
 Progress = Callable[[str, int, int], None]  # (phase, done, total)
 
@@ -127,7 +127,7 @@ def split_checkpoint(
         ab_fp = fingerprint(ab)
         cloud_graphs, edge_graphs = export_all(
             arch, plan, rank, inv_freq, cloud_dir / GRAPHS, edge_dir / GRAPHS,
-            progress=lambda done: notify("graphs", done, len(plan.kinds) + 1),
+            progress=lambda done: notify("graphs", done, graph_count(plan)),
         )
         common = dict(architecture=arch, rank=rank, targets=targets, dtype="float32", ab_fingerprint=ab_fp,
                       source_hash=source_hash, seed=seed)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .plan import SegmentKind
+from .plan import STAGE_INDEX, SegmentKind
 
 
 @dataclass(frozen=True)
@@ -76,10 +76,16 @@ def layer_weight_names(arch: Architecture, piece: int) -> list[str]:
 
 
 def kind_weight_names(arch: Architecture, kind: SegmentKind) -> list[str]:
-    """Graph weight inputs of a kind, named `l{relative layer}.{name}`."""
+    """Graph weight inputs of a kind, named `l{relative layer}.{name}`.
+
+    A kind that starts at a cut gets the base projections of its first piece
+    precomputed (`xw`, see `projection_weight_names`), so it reads none of
+    their weights.
+    """
     names = []
-    for rel, piece in kind.pieces:
-        names += [f"l{rel}.{n}" for n in layer_weight_names(arch, piece)]
+    for i, (rel, piece) in enumerate(kind.pieces):
+        projected = PIECE_LINEARS[piece] if i == 0 and kind.in_cut is not None else ()
+        names += [f"l{rel}.{n}" for n in layer_weight_names(arch, piece) if n.split(".")[0] not in projected]
     if kind.in_cut is not None:
         names += [f"l0.B.{t}" for t in kind.in_cut.targets]
     if kind.out_cut is not None:
@@ -90,13 +96,39 @@ def kind_weight_names(arch: Architecture, kind: SegmentKind) -> list[str]:
 
 def kind_io(arch: Architecture, kind: SegmentKind) -> tuple[list[str], list[str]]:
     """(non-weight input names, output names) of a kind's graph, in call order."""
-    inputs = ["inputs_embeds"] if kind.in_cut is None else ["resid", "x", "madx"]
+    inputs = ["inputs_embeds"] if kind.in_cut is None else ["resid", "xw", "madx"]
     if kind.attention_layer is not None:
         inputs += ["position_ids", "attention_mask", "window", "past_key", "past_value"]
     outputs = ["resid_out", "x_out", "ax"] if kind.out_cut is not None else ["hidden"]
     if kind.attention_layer is not None:
         outputs += ["present_key", "present_value"]
     return inputs, outputs
+
+
+# -- projections ---------------------------------------------------------------
+# At a cut the cloud waits for the edge's `M A x`, but the base projections that
+# read the cut's input (`x @ W` of every linear at that stage, adapted or not)
+# do not depend on it. A projection graph computes them, stacked on the last
+# axis as `xw`, while the edge answers; the kind after the cut takes `xw`
+# instead of `x`. So the round trip to the edge overlaps with compute.
+def projection_name(stage: str) -> str:
+    return f"project_{stage}"
+
+
+def projection_linears(stage: str) -> tuple[str, ...]:
+    """Every projection that reads the input of the cut at `stage`, in `xw` order."""
+    return PIECE_LINEARS[STAGE_INDEX[stage]]
+
+
+def projection_weight_names(arch: Architecture, stage: str) -> list[str]:
+    """Graph weight inputs of a projection, named like those of the kind after the cut (`l0.{name}`)."""
+    linears = projection_linears(stage)
+    return [f"l0.{n}" for n in layer_weight_names(arch, STAGE_INDEX[stage]) if n.split(".")[0] in linears]
+
+
+def projection_widths(arch: Architecture, stage: str) -> list[int]:
+    """Width of each projection's slice of `xw`."""
+    return [arch.target_dims(t)[1] for t in projection_linears(stage)]
 
 
 def layer_weight_shapes(arch: Architecture, rank: int, cuts) -> dict[str, tuple[int, ...]]:

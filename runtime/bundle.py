@@ -22,7 +22,8 @@ from .arch import Architecture
 from .errors import PlcliError
 from .plan import SplitPlan, normalize_targets
 
-FORMAT_VERSION = 1
+# 2: the cloud bundle has a projection graph per cut (see arch.projection_name).
+FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
 WEIGHTS = "weights.safetensors"
 GRAPHS = "graphs"
@@ -82,7 +83,8 @@ def read_manifest(bundle_dir: str | Path, side: str | None = None) -> Manifest:
         raise BundleError(f"{path}: unreadable manifest ({e})") from None
     version = raw.get("format_version") if isinstance(raw, dict) else None
     if version != FORMAT_VERSION:
-        raise BundleError(f"{path}: bundle format version {version!r}, this plcli reads version {FORMAT_VERSION}")
+        raise BundleError(f"{path}: bundle format version {version!r}, this plcli reads version {FORMAT_VERSION}: "
+                          f"split the checkpoint again with this plcli")
     try:
         manifest = Manifest.from_dict(raw)
     except (TypeError, KeyError, ValueError) as e:

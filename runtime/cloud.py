@@ -9,6 +9,11 @@ Each of those runs one segment, in three parts a server can take apart:
 `start_call`/`resume_call` build the segment's feed, `CloudModel.run_group`
 runs the feeds of several sessions at the same segment as one ONNX Runtime
 call, and `complete` takes a session's share of the outputs into its state.
+
+After a cut, the base projections of the next segment's first piece need only
+the cut's input, not the edge's answer: `projection_call`/`complete_projection`
+let a server compute them while the edge computes `M A x` (see
+arch.projection_name); `resume_call` computes them itself when nobody has.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .arch import kind_io, kind_weight_names, layer_weight_shapes
+from .arch import kind_io, kind_weight_names, layer_weight_shapes, projection_name, projection_weight_names
 from .bundle import GRAPHS, WEIGHTS, BundleError, Manifest, read_manifest
 from .ort import BoundSession, make_session, read_weights
 
@@ -44,14 +49,21 @@ class StepOutput:
 
 @dataclass
 class SegmentCall:
-    """A segment an open step is due to run, with its feed: activations, positions, mask and the session's past."""
+    """A segment an open step is due to run, with its feed: activations, positions, mask and the session's past.
+
+    With `projection`, the call is the base projections before segment `index` (feed: the cut's `x`).
+    """
 
     index: int
     feed: dict[str, np.ndarray]
+    projection: bool = False
 
     @property
     def _activations(self) -> np.ndarray:
-        return self.feed["inputs_embeds"] if "inputs_embeds" in self.feed else self.feed["resid"]
+        for name in ("inputs_embeds", "resid", "x"):
+            if name in self.feed:
+                return self.feed[name]
+        raise KeyError("a call without activations")
 
     @property
     def rows(self) -> int:
@@ -79,25 +91,36 @@ class CloudModel:
         self.plan = self.manifest.plan
         self.weights = weights = read_weights(self.dir / WEIGHTS)
         self._check_weights(weights)
-        missing = set(self.plan.kinds) - set(self.manifest.graphs)
+        missing = set(self.plan.kinds) | {projection_name(c.stage) for c in self.plan.cuts}
+        missing -= set(self.manifest.graphs)
         if missing:
             raise BundleError(f"{self.dir}: manifest lacks graphs for {', '.join(sorted(missing))}")
-        # Per segment: the feed of its weights, prepared once so a call only adds activations.
-        self.segment_weights = []
-        for seg in self.plan.segments:
-            feed = {}
-            for name in kind_weight_names(self.arch, seg.kind):
-                rel, rest = name.split(".", 1)
-                feed[name] = weights[f"layers.{seg.layer + int(rel[1:])}.{rest}"]
-            self.segment_weights.append(feed)
+
+        def feed(seg, names):  # a graph's weight inputs (`l{relative layer}.{name}`) for the layers of `seg`
+            return {n: weights[f"layers.{seg.layer + int(n.split('.', 1)[0][1:])}.{n.split('.', 1)[1]}"] for n in names}
+
+        # Per segment: the feeds of its weights (and of its projection's, after a cut), prepared once so
+        # that a call only adds activations.
+        self.segment_weights = [feed(seg, kind_weight_names(self.arch, seg.kind)) for seg in self.plan.segments]
+        self.projection_weights = [None if seg.kind.in_cut is None else
+                                   feed(seg, projection_weight_names(self.arch, seg.kind.in_cut.stage))
+                                   for seg in self.plan.segments]
         self.windows = [NO_WINDOW if w is None else np.array(w, np.int64) for w in self.arch.sliding_windows]
         self.prepacked = prepack
-        graphs = [self.dir / GRAPHS / self.manifest.graphs[seg.kind.name] for seg in self.plan.segments]
+        names = [(seg.kind.name, None if seg.kind.in_cut is None else projection_name(seg.kind.in_cut.stage))
+                 for seg in self.plan.segments]
+
+        def graph(name):
+            return self.dir / GRAPHS / self.manifest.graphs[name]
+
+        # Per segment: (its session, its projection's session or None); unbound ones are shared by kind.
         if prepack:
-            self._bound = [BoundSession(path, feed, threads=threads) for path, feed in zip(graphs, self.segment_weights)]
+            self._sessions = [(BoundSession(graph(kind), self.segment_weights[i], threads=threads),
+                               proj and BoundSession(graph(proj), self.projection_weights[i], threads=threads))
+                              for i, (kind, proj) in enumerate(names)]
         else:
-            kinds = {seg.kind.name: path for seg, path in zip(self.plan.segments, graphs)}
-            self._kinds = {name: make_session(path, threads=threads) for name, path in kinds.items()}
+            shared = {name: make_session(graph(name), threads=threads) for pair in names for name in pair if name}
+            self._sessions = [(shared[kind], proj and shared[proj]) for kind, proj in names]
 
     def _check_weights(self, weights: dict[str, np.ndarray]) -> None:
         shapes = layer_weight_shapes(self.arch, self.manifest.rank, self.plan.cuts)
@@ -112,14 +135,19 @@ class CloudModel:
     def new_session(self, *, max_context: int | None = None) -> "CloudSession":
         return CloudSession(self, max_context=max_context or self.arch.max_position_embeddings)
 
-    def run_segment(self, index: int, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        seg = self.plan.segments[index]
-        _, outputs = kind_io(self.arch, seg.kind)
+    def run_segment(self, index: int, feed: dict[str, np.ndarray], *, projection: bool = False) -> dict[str, np.ndarray]:
+        """Segment `index` (or, with `projection`, the projections before it) on the activations in `feed`."""
+        outputs = ["xw"] if projection else kind_io(self.arch, self.plan.segments[index].kind)[1]
+        session = self._sessions[index][projection]
         if self.prepacked:
-            values = self._bound[index].run(outputs, feed)
+            values = session.run(outputs, feed)
         else:
-            values = self._kinds[seg.kind.name].run(outputs, {**feed, **self.segment_weights[index]})
+            weights = (self.projection_weights if projection else self.segment_weights)[index]
+            values = session.run(outputs, {**feed, **weights})
         return dict(zip(outputs, values))
+
+    def run(self, call: SegmentCall) -> dict[str, np.ndarray]:
+        return self.run_segment(call.index, call.feed, projection=call.projection)
 
     def run_group(self, calls: list[SegmentCall]) -> list[dict[str, np.ndarray]]:
         """Run the calls of several sessions at one segment as one call: their rows stacked on the batch axis.
@@ -133,10 +161,10 @@ class CloudModel:
         Each call gets back its own rows, its present keys and values without
         the padding: what `run_segment` gives it alone, up to float rounding.
         """
-        if len({c.index for c in calls}) != 1 or len({c.tokens_per_row for c in calls}) != 1:
-            raise ValueError("a group runs one segment with one number of new tokens per row")
+        if len({(c.index, c.projection, c.tokens_per_row) for c in calls}) != 1:
+            raise ValueError("a group runs one segment (or projection) with one number of new tokens per row")
         if len(calls) == 1:
-            return [self.run_segment(calls[0].index, calls[0].feed)]
+            return [self.run(calls[0])]
         feeds = [c.feed for c in calls]
         batched = {}
         for name, value in feeds[0].items():
@@ -146,7 +174,7 @@ class CloudModel:
                 batched[name] = _stack_left_padded([f[name] for f in feeds], KEY_AXIS[name])
             else:
                 batched[name] = np.concatenate([f[name] for f in feeds])
-        out = self.run_segment(calls[0].index, batched)
+        out = self.run_segment(calls[0].index, batched, projection=calls[0].projection)
         rows = np.cumsum([0] + [c.rows for c in calls])
         results = []
         for call, lo, hi in zip(calls, rows[:-1], rows[1:]):
@@ -224,19 +252,36 @@ class CloudSession:
         return self._call(None)
 
     def resume_call(self, madx: np.ndarray) -> SegmentCall:
-        """The call that continues the open step with `madx` (as `resume`), not yet run; the session is unchanged."""
+        """The call that continues the open step with `madx` (as `resume`), not yet run.
+
+        The projections before it run first, unless `projection_call` was run already;
+        otherwise the session is unchanged.
+        """
         if not self.in_step:
             raise RuntimeError("no step is open in this session")
         expected = self._state["ax_shape"]
         if tuple(madx.shape) != expected:
             raise ValueError(f"M A x must have shape {list(expected)}, got {list(madx.shape)}")
+        pending = self.projection_call()
+        if pending is not None:
+            self.complete_projection(self.model.run(pending))
         return self._call(madx)
+
+    def projection_call(self) -> SegmentCall | None:
+        """The projections the open step needs before its next segment, while they are still to run."""
+        if not self.in_step or "x" not in self._state:
+            return None
+        return SegmentCall(self._segment, {"x": self._state["x"]}, projection=True)
+
+    def complete_projection(self, out: dict[str, np.ndarray]) -> None:
+        self._state["xw"] = out["xw"]
+        del self._state["x"]
 
     def _call(self, madx: np.ndarray | None) -> SegmentCall:
         model, st = self.model, self._state
         feed = {}
         if madx is not None:
-            feed.update(resid=st["resid"], x=st["x"], madx=madx)
+            feed.update(resid=st["resid"], xw=st["xw"], madx=madx)
         else:
             feed["inputs_embeds"] = st["inputs_embeds"]
         layer = model.plan.segments[self._segment].attention_layer
@@ -265,9 +310,10 @@ class CloudSession:
             self.position += st["position_ids"].shape[1]
             self.abort()
             return StepOutput(hidden=out["hidden"])
+        st.pop("xw", None)
         st.update(resid=out["resid_out"], x=out["x_out"], ax_shape=out["ax"].shape)
         self._segment = index + 1
         return StepOutput(ax=out["ax"], layer=seg.cut_layer, stage=seg.kind.out_cut.stage)
 
     def _run(self, call: SegmentCall) -> StepOutput:
-        return self.complete(self.model.run_segment(call.index, call.feed))
+        return self.complete(self.model.run(call))

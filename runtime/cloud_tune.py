@@ -25,7 +25,7 @@ import torch
 
 from .bundle import GRAPHS, BundleError
 from .cloud import CloudModel, StepOutput
-from .decoder import SegmentModule
+from .decoder import ProjectionModule, SegmentModule
 from .train_link import GradOutput
 
 
@@ -56,16 +56,24 @@ class TorchSegments:
         inv_freq = torch.from_numpy(rope_inv_freq(model))
         self.modules = {name: SegmentModule(self.arch, kind, model.manifest.rank, inv_freq).eval()
                         for name, kind in self.plan.kinds.items()}
+        self.projections = {cut.stage: ProjectionModule(self.arch, cut.stage).eval() for cut in self.plan.cuts}
         # The same arrays as the ONNX feeds: torch views, no copies.
         self.weights = [[torch.from_numpy(feed[n]) for n in self.modules[seg.kind.name].weight_names]
                         for seg, feed in zip(self.plan.segments, model.segment_weights)]
+        self.projection_weights = [feed and [torch.from_numpy(w) for w in feed.values()] for feed in model.projection_weights]
         self.windows = [torch.from_numpy(np.asarray(w)) for w in model.windows]
 
     def run(self, index: int, inputs: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Segment `index` on its activation `inputs` (+ the batch's positions and mask where it has attention)."""
+        """Segment `index` on its activation `inputs` (+ the batch's positions and mask where it has attention).
+
+        After a cut the inputs are `resid`, `x` and `madx`, as the edge's gradients need them:
+        the projections of `x` run here, as part of the segment.
+        """
         seg = self.plan.segments[index]
         module = self.modules[seg.kind.name]
         feed = dict(inputs)
+        if "x" in feed:
+            feed["xw"] = self.projections[seg.kind.in_cut.stage](feed.pop("x"), *self.projection_weights[index])
         layer = seg.attention_layer
         if layer is not None:
             bsz = batch["position_ids"].shape[0]

@@ -16,8 +16,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .arch import PIECE_STAGE, Architecture, has_bias, kind_io, kind_weight_names
-from .plan import ATTENTION_PIECE, STAGE_TARGETS, SegmentKind
+from .arch import (Architecture, has_bias, kind_io, kind_weight_names, projection_linears, projection_weight_names,
+                   projection_widths)
+from .plan import ATTENTION_PIECE, SegmentKind
 
 ACTIVATIONS = {
     "silu": F.silu,
@@ -54,30 +55,30 @@ class SegmentModule(torch.nn.Module):
         arch, kind = self.arch, self.kind
 
         if kind.in_cut is None:
-            resid, x, madx = io["inputs_embeds"], None, None
+            resid, x, madx, base = io["inputs_embeds"], None, None, {}
         else:
-            resid, x, madx = io["resid"], io["x"], io["madx"]
+            # The first piece's projections arrive computed (`xw`, see ProjectionModule); madx is theirs too.
+            resid, x, madx = io["resid"], None, io["madx"]
+            stage = kind.in_cut.stage
+            base = dict(zip(projection_linears(stage), io["xw"].split(projection_widths(arch, stage), dim=-1)))
         outputs: dict[str, torch.Tensor] = {}
-        first = True
-        for rel, piece in kind.pieces:
+        for i, (rel, piece) in enumerate(kind.pieces):
             p = f"l{rel}."
-            # madx belongs to the projections right after the segment's input cut.
-            delta = madx if (first and kind.in_cut is not None) else None
-            first = False
+            delta = madx if i == 0 else None
             if piece == 0:
                 x = rms_norm(resid, w[p + "input_layernorm"], arch.rms_norm_eps)
             elif piece == ATTENTION_PIECE:
-                q, k, v = (self._linear(w, p, t, x, delta, 1) for t in ("q_proj", "k_proj", "v_proj"))
+                q, k, v = (self._linear(w, p, t, x, delta, base) for t in ("q_proj", "k_proj", "v_proj"))
                 x, outputs["present_key"], outputs["present_value"] = self._attention(io, q, k, v)
             elif piece == 2:
-                resid = resid + self._linear(w, p, "o_proj", x, delta, 2)
+                resid = resid + self._linear(w, p, "o_proj", x, delta, base)
                 x = rms_norm(resid, w[p + "post_attention_layernorm"], arch.rms_norm_eps)
             elif piece == 3:
-                gate = self._linear(w, p, "gate_proj", x, delta, 3)
-                x = self.act(gate) * self._linear(w, p, "up_proj", x, delta, 3)
+                x = self.act(self._linear(w, p, "gate_proj", x, delta, base)) * self._linear(w, p, "up_proj", x, delta, base)
             else:
-                resid = resid + self._linear(w, p, "down_proj", x, delta, 4)
+                resid = resid + self._linear(w, p, "down_proj", x, delta, base)
                 x = None
+            base = {}
 
         if kind.out_cut is None:
             result = {"hidden": resid}
@@ -88,16 +89,12 @@ class SegmentModule(torch.nn.Module):
         result.update(outputs)
         return tuple(result[name] for name in self.output_names)
 
-    def _linear(self, w, p, target, x, delta, piece):
-        y = x @ w[p + target + ".w"]
-        if has_bias(self.arch, target):
-            y = y + w[p + target + ".b"]
-        if delta is not None:
-            cut_targets = STAGE_TARGETS[PIECE_STAGE[piece]]
-            adapted = self.kind.in_cut.targets
-            if target in adapted:
-                assert set(adapted) <= set(cut_targets)
-                y = y + delta[..., adapted.index(target), :] @ w[f"l0.B.{target}"]
+    def _linear(self, w, p, target, x, delta, base):
+        """A projection (precomputed when in `base`), plus `B (M A x)` when `delta` is the in-cut's and adapts it."""
+        y = base[target] if target in base else _project(self.arch, w, p, target, x)
+        adapted = self.kind.in_cut.targets if delta is not None else ()
+        if target in adapted:
+            y = y + delta[..., adapted.index(target), :] @ w[f"l0.B.{target}"]
         return y
 
     def _attention(self, io, q, k, v):
@@ -133,6 +130,32 @@ class SegmentModule(torch.nn.Module):
         probs = torch.softmax(scores, dim=-1).view(bsz, kvh, groups * seq, total)
         out = (probs @ value).view(bsz, arch.num_heads, seq, hd).transpose(1, 2)
         return out.reshape(bsz, seq, arch.num_heads * hd), key, value
+
+
+def _project(arch: Architecture, w, p: str, target: str, x: torch.Tensor) -> torch.Tensor:
+    y = x @ w[p + target + ".w"]
+    if has_bias(arch, target):
+        y = y + w[p + target + ".b"]
+    return y
+
+
+class ProjectionModule(torch.nn.Module):
+    """The base projections at a cut: `x @ W (+ b)` of every linear reading `x`, stacked as `xw`.
+
+    `forward(x, *weights)`, weights in the order of projection_weight_names.
+    """
+
+    input_names = ["x"]
+    output_names = ["xw"]
+
+    def __init__(self, arch: Architecture, stage: str):
+        super().__init__()
+        self.arch, self.stage = arch, stage
+        self.weight_names = projection_weight_names(arch, stage)
+
+    def forward(self, *args: torch.Tensor) -> torch.Tensor:
+        x, w = args[0], dict(zip(self.weight_names, args[1:]))
+        return torch.cat([_project(self.arch, w, "l0.", t, x) for t in projection_linears(self.stage)], dim=-1)
 
 
 class HeadModule(torch.nn.Module):

@@ -12,8 +12,10 @@ queues the admitted steps; then it *executes* one group of them and goes round
 again. Tune ops run alone; the generate steps of sessions at the same segment
 (with as many new tokens per row) run as one ONNX Runtime call of up to
 `max_group` sessions (`CloudModel.run_group`), which is what lets many edges
-share the cost of reading the weights. Admission never touches the model and
-execution never sees an unvalidated message: grouping changes how steps are
+share the cost of reading the weights. Right after answering a group's `A x`,
+the loop runs the projections those steps need next (cloud.py), so that they
+are computed while the edges compute their `M A x`. Admission never touches the
+model and execution never sees an unvalidated message: grouping changes how steps are
 computed, not what is accepted or answered, and a step that fails in a group
 is retried alone, so it fails only its own session. A message that fails
 validation is answered with an `error` and changes nothing; no input can stop
@@ -473,6 +475,19 @@ class CloudServer:
                 self._fail_step(session, e)
                 continue
             self._reply_step(session, request.op, result)
+        self._project([request.session for request, _ in members])
+
+    def _project(self, sessions: list[Session]) -> None:
+        """Run the projections that the steps just answered need next, while their edges compute `M A x`."""
+        pending = [(s, call) for s in sessions if (call := s.cloud.projection_call()) is not None]
+        if not pending:
+            return
+        try:
+            outputs = self.model.run_group([call for _, call in pending])
+        except Exception:
+            return  # left to each session's own `resume_call`, which runs them again and fails only its session
+        for (session, _), out in zip(pending, outputs):
+            session.cloud.complete_projection(out)
 
     def _fail_step(self, session: Session, error: Exception) -> None:
         """The model itself failed: refuse the step, drop what it had done, keep serving."""

@@ -215,12 +215,12 @@ def test_a_step_that_fails_in_a_group_fails_only_its_own_session(model, monkeypa
     poison = 12345.0  # an embedding value the model below refuses, standing in for any failure of one row
     run_segment, rows_run = cloud.run_segment, []
 
-    def failing(index, feed):
+    def failing(index, feed, **kwargs):
         if "inputs_embeds" in feed:
             rows_run.append(feed["inputs_embeds"].shape[0])
             if np.any(feed["inputs_embeds"] == poison):
                 raise FloatingPointError("poisoned row")
-        return run_segment(index, feed)
+        return run_segment(index, feed, **kwargs)
 
     monkeypatch.setattr(cloud, "run_segment", failing)
     ids = np.asarray([[1, 2, 3]])
