@@ -56,6 +56,7 @@ class WireConnection:
         self._socket = (context or zmq.Context.instance()).socket(zmq.DEALER)
         self._socket.setsockopt(zmq.LINGER, 0)
         self._socket.setsockopt(zmq.SNDTIMEO, int(timeout * 1000))
+        self._socket.setsockopt(zmq.RCVTIMEO, int(timeout * 1000))
         if curve is not None:
             secure_client(self._socket, curve)
         try:
@@ -106,9 +107,10 @@ class WireConnection:
         except zmq.Again:
             self._broken(silence or f"the cloud at {self.url} does not take messages (no connection within {self.timeout:g} s)", "timeout")
         self.bytes_up += wire.framed_size(frames)
-        if not self._socket.poll(int(self.timeout * 1000)):
+        try:
+            reply = self._socket.recv_multipart()  # waits up to RCVTIMEO; small replies are cheaper copied than framed
+        except zmq.Again:
             self._broken(silence or f"the cloud at {self.url} stopped answering (no reply within {self.timeout:g} s)", "timeout")
-        reply = self._socket.recv_multipart(copy=False)
         self.bytes_down += wire.framed_size(reply)
         self.round_trips += 1
         try:

@@ -434,6 +434,8 @@ class CloudServer:
         groups: dict[tuple[int, int], list[QueuedCall]] = {}
         for r in self._queue:
             groups.setdefault(r.key, []).append(r)
+        if len(groups) == 1 and not self.batch_wait_s:  # the common case of one edge: nothing to choose or wait for
+            return next(iter(groups)), 0.0
         segments = len(self.model.plan.segments)
         starved = [k for k, rs in groups.items() if max(r.passed for r in rs) >= segments]
         if starved:

@@ -269,8 +269,8 @@ def decode(frames: Sequence, table: dict[str, dict[str, Check]], *, max_message_
     if op not in table:
         raise ProtocolError("unknown_op", f"unknown op {op[:40]!r}")
     schema = table[op]
-    fields = set(header) - {"v", "op"}
-    if fields != set(schema):
+    if header.keys() != schema.keys() | {"v", "op"}:
+        fields = set(header) - {"v", "op"}
         missing, extra = sorted(set(schema) - fields), sorted(fields - set(schema))
         detail = "; ".join(s for s in (missing and f"missing {', '.join(missing)}",
                                        extra and f"unexpected {', '.join(f[:40] for f in extra[:5])}") if s)

@@ -58,6 +58,9 @@ def step_grouped(cloud: CloudModel, sessions: list[CloudSession], embeds: list[n
         if outs[0].done:
             assert all(o.done for o in outs)
             return seen
+        # The projections after the cut as one call too, as a server runs them while edges answer.
+        for s, o in zip(sessions, cloud.run_group([s.projection_call() for s in sessions])):
+            s.complete_projection(o)
         calls = [s.resume_call(madx_for(o)) for s, o in zip(sessions, outs)]
 
 

@@ -23,7 +23,7 @@ import torch
 from plcli.exporters.verify import merged_reference, random_adapter
 from plcli.runtime import wire
 from plcli.runtime.client import CloudError, RemoteCloudSession, cloud_status
-from plcli.runtime.cloud import CloudModel
+from plcli.runtime.cloud import CloudModel, CloudSession
 from plcli.runtime.edge import EdgeModel, forward
 from plcli.runtime.generate import Conversation, Sampling, TextStream, generate
 from plcli.runtime.server import CloudServer, running
@@ -207,6 +207,29 @@ def test_steps_of_concurrent_edges_run_grouped_and_each_edge_gets_its_solo_ids(m
     assert got == alone
     assert status["grouped_calls"] > 0 and 2 <= status["largest_group"] <= len(prompts)  # grouping did happen
     assert status["tokens"] == sum(lengths) + len(prompts) * 39
+
+
+def test_the_cloud_projects_before_the_edge_answers(model, monkeypatch):
+    """After each `A x` reply the server runs the next projections at once: no `M A x` has to wait for them."""
+    _, bundle, cloud = model("llama")
+    edge = edge_of(bundle, "random")
+    pending_at_resume = []
+    resume_call = CloudSession.resume_call
+
+    def noting(self, madx):
+        pending_at_resume.append(self.projection_call() is not None)
+        return resume_call(self, madx)
+
+    monkeypatch.setattr(CloudSession, "resume_call", noting)
+    sampling = Sampling(max_new_tokens=5, ignore_eos=True)
+    with serve(cloud) as (_, endpoint, _):
+        with RemoteCloudSession(endpoint, edge.manifest, timeout=TIMEOUT) as session:
+            got = list(generate(edge, session, [1, 2, 3], sampling))
+    remote = len(pending_at_resume)
+    assert remote and remote % (len(cloud.plan.segments) - 1) == 0 and not any(pending_at_resume)
+    # In one process nobody projects ahead: `resume_call` does, with the same result.
+    assert got == local_ids(edge, cloud, [1, 2, 3], sampling)
+    assert len(pending_at_resume) == 2 * remote and all(pending_at_resume[remote:])
 
 
 def test_a_step_that_fails_in_a_group_fails_only_its_own_session(model, monkeypatch):
