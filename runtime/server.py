@@ -192,6 +192,8 @@ class CloudServer:
             self._close()
             raise OSError(f"cannot bind {bind}: {e}") from None
         self.endpoint = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
+        self._poller = zmq.Poller()  # one for the loop's life: `socket.poll` would build one per wait
+        self._poller.register(self.socket, zmq.POLLIN)
 
     # -- loop ------------------------------------------------------------------
     def serve(self, stop: threading.Event) -> None:
@@ -203,7 +205,7 @@ class CloudServer:
         try:
             idle_s = POLL_S
             while not stop.is_set():
-                if self.socket.poll(math.ceil(idle_s * 1000)):
+                if self._poller.poll(math.ceil(idle_s * 1000)):
                     self._take([r for r in (self._admit(*message) for message in self._receive()) if r])
                 idle_s = self._run_next()
                 now = time.monotonic()
@@ -228,11 +230,9 @@ class CloudServer:
         Each comes with its sender's routing id and, under CURVE, public key.
         """
         messages = []
-        while len(messages) < self.max_sessions + 8:
-            try:
-                frames = self.socket.recv_multipart(zmq.NOBLOCK, copy=False)
-            except zmq.Again:
-                break
+        # Asking first is cheaper than the exception a receive raises when nothing is left.
+        while len(messages) < self.max_sessions + 8 and self.socket.get(zmq.EVENTS) & zmq.POLLIN:
+            frames = self.socket.recv_multipart(zmq.NOBLOCK, copy=False)
             messages.append((frames[0].bytes, peer_key(frames[0]) if self.curve is not None else None, frames[1:]))
         return messages
 
