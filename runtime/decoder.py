@@ -5,10 +5,12 @@ traces it into ONNX graphs; the cloud re-runs it with autograd when the edge
 tunes M. Weights are inputs, not parameters, so one graph serves every layer.
 
 It mirrors transformers' Llama-family decoder layer (RMSNorm in fp32, rotary
-embedding with `rotate_half`, softmax in fp32) with two changes: each adapted
-projection adds `B (M A x)`, where `M A x` arrives from the edge, and
-grouped-query attention folds query heads into the sequence axis instead of
-repeating keys and values, so the KV cache is never copied per head.
+embedding with `rotate_half`, softmax in fp32) with three changes: each adapted
+projection adds `B (M A x)`, where `M A x` arrives from the edge; the base
+projections right after a cut come precomputed (`ProjectionModule`), so that
+the cloud can compute them while the edge answers; and grouped-query attention
+folds query heads into the sequence axis instead of repeating keys and values,
+so the KV cache is never copied per head.
 """
 
 from __future__ import annotations

@@ -11,8 +11,10 @@ point where the cloud must stop and ask the edge for `M A x`:
 
 Only stages with an adapted target become cuts. The cloud runs each stretch of
 pieces between two cuts as one ONNX Runtime call, so a token costs
-`layers * cuts_per_layer + 1` calls and as many round trips to the edge. All
-middle stretches that start at the same stage share one graph ("kind").
+`layers * cuts_per_layer + 1` round trips to the edge (and as many calls, plus
+one per cut for the base projections it runs while the edge answers; see
+arch.projection_name). All middle stretches that start at the same stage share
+one graph ("kind").
 """
 
 from __future__ import annotations
