@@ -41,7 +41,8 @@ class WireConnection:
 
     A silence or a malformed reply (a tensor holding NaN or infinity included)
     closes the connection (the stream can no longer be trusted); an `error`
-    reply raises CloudError and changes nothing.
+    reply raises CloudError and changes nothing, except `internal` in the
+    middle of a generate step: the cloud failed to run it and dropped it.
     """
 
     def __init__(self, url: str, manifest: Manifest, *, mode: str, wire_dtype: str = "float32", timeout: float = 10.0,
@@ -191,6 +192,14 @@ class RemoteCloudSession(WireConnection):
     def _exchange(self, frames: list, *, cut: int) -> StepOutput:
         """Send one step message; check the reply is exactly what cut `cut` of this step must produce."""
         segment = self.plan.segments[cut]
+        try:
+            return self._receive_cut(frames, cut, segment)
+        except CloudError as e:
+            if e.code == "internal":  # the cloud failed to run the step and dropped it: the next call is a `start`
+                self._cut = self._ax_shape = None
+            raise
+
+    def _receive_cut(self, frames: list, cut: int, segment) -> StepOutput:
         arch, b, s = self.manifest.architecture, self.batch, self._seq
         if segment.kind.out_cut is None:
             header, payload = self._request(frames, expect="hidden")

@@ -96,8 +96,13 @@ class CloudModel:
         if missing:
             raise BundleError(f"{self.dir}: manifest lacks graphs for {', '.join(sorted(missing))}")
 
-        def feed(seg, names):  # a graph's weight inputs (`l{relative layer}.{name}`) for the layers of `seg`
-            return {n: weights[f"layers.{seg.layer + int(n.split('.', 1)[0][1:])}.{n.split('.', 1)[1]}"] for n in names}
+        def feed(seg, names):
+            """A graph's weight inputs, named `l{relative layer}.{name}`, from the layers of `seg`."""
+            out = {}
+            for name in names:
+                rel, rest = name.split(".", 1)
+                out[name] = weights[f"layers.{seg.layer + int(rel[1:])}.{rest}"]
+            return out
 
         # Per segment: the feeds of its weights (and of its projection's, after a cut), prepared once so
         # that a call only adds activations.

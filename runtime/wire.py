@@ -85,7 +85,10 @@ Cloud -> edge (replies; exactly one per request)
             `grouped_calls`: segment calls that ran the steps of more than one
             session at once; `largest_group`: the most sessions one call ran.
     error   code, message
-            The request was refused and changed nothing (see ERROR_CODES).
+            The request was refused and changed nothing (see ERROR_CODES),
+            except `internal` in a generate step: the cloud failed to run the
+            step and dropped it (the KV cache keeps completed steps only), so
+            the edge's next message is that step's `step` again.
 
 Per token the edge sends `step` and one `madx` per cut; the cloud answers each
 with `ax`, and the last one with `hidden`. A training pass adds the backward:

@@ -289,6 +289,29 @@ def test_a_step_that_fails_in_a_group_fails_only_its_own_session(model, monkeypa
     assert any(e["event"] == "rejected" and "poisoned row" in e["message"] for e in events)
 
 
+def test_a_projection_that_fails_fails_only_that_step(model, monkeypatch):
+    """Projections run ahead of the edge's answer; when they fail, the step they belong to is refused, nothing more."""
+    _, bundle, cloud = model("llama")
+    edge = edge_of(bundle, "random")
+    run_segment, broken = cloud.run_segment, [True]
+
+    def failing(index, feed, *, projection=False):
+        if projection and broken[0]:
+            raise FloatingPointError("projection failed")
+        return run_segment(index, feed, projection=projection)
+
+    monkeypatch.setattr(cloud, "run_segment", failing)
+    ids = np.asarray([[1, 2, 3]])
+    with serve(cloud) as (_, endpoint, events):
+        with RemoteCloudSession(endpoint, edge.manifest, timeout=TIMEOUT) as session:
+            with pytest.raises(CloudError, match="projection failed") as refused:
+                forward(edge, session, ids)
+            assert refused.value.code == "internal"
+            broken[0] = False  # the session lost only that step: it takes it again
+            np.testing.assert_array_equal(forward(edge, session, ids), forward(edge, cloud.new_session(), ids))
+    assert sum(e["event"] == "rejected" for e in events) == 1
+
+
 # -- bytes on the socket ---------------------------------------------------------------
 @pytest.mark.parametrize("wire_dtype", ["float32", "float16"])
 def test_bytes_on_the_socket_per_decoded_token_are_within_ten_percent_of_the_payload(model, wire_dtype):
