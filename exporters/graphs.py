@@ -47,8 +47,6 @@ def _sample(arch: Architecture, name: str, kind: SegmentKind, rank: int) -> torc
     kv = (b, arch.num_kv_heads, p, arch.head_dim)
     if name in ("inputs_embeds", "resid"):
         return torch.randn(b, s, arch.hidden_size)
-    if name == "x":
-        return torch.randn(b, s, arch.target_dims(kind.in_cut.targets[0])[0])
     if name == "xw":
         return torch.randn(b, s, sum(projection_widths(arch, kind.in_cut.stage)))
     if name == "madx":
@@ -73,8 +71,9 @@ def _dynamic(name: str):
     past, total = Dim("past", min=0, max=1 << 20), Dim("total", min=1, max=1 << 20)
     return {
         "inputs_embeds": {0: batch, 1: seq}, "resid": {0: batch, 1: seq}, "x": {0: batch, 1: seq},
-        "xw": {0: batch, 1: seq}, "madx": {0: batch, 1: seq}, "position_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: total},
-        "window": {}, "past_key": {0: batch, 2: past}, "past_value": {0: batch, 2: past}, "hidden": {0: batch, 1: seq},
+        "xw": {0: batch, 1: seq}, "madx": {0: batch, 1: seq}, "position_ids": {0: batch, 1: seq},
+        "attention_mask": {0: batch, 1: total}, "window": {}, "past_key": {0: batch, 2: past},
+        "past_value": {0: batch, 2: past}, "hidden": {0: batch, 1: seq},
     }[name]
 
 
