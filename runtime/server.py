@@ -15,9 +15,9 @@ again. Tune ops run alone; the generate steps of sessions at the same segment
 share the cost of reading the weights. Right after answering a group's `A x`,
 the loop runs the projections those steps need next (cloud.py), so that they
 are computed while the edges compute their `M A x`. Admission never touches the
-model and execution never sees an unvalidated message: grouping changes how steps are
-computed, not what is accepted or answered, and a step that fails in a group
-is retried alone, so it fails only its own session. A message that fails
+model and execution never sees an unvalidated message: grouping changes how
+steps are computed, not what is accepted or answered, and a step that fails in
+a group is retried alone, so it fails only its own session. A message that fails
 validation is answered with an `error` and changes nothing; no input can stop
 the loop.
 
