@@ -109,7 +109,7 @@ class WireConnection:
             self._broken(silence or f"the cloud at {self.url} does not take messages (no connection within {self.timeout:g} s)", "timeout")
         self.bytes_up += wire.framed_size(frames)
         try:
-            reply = self._socket.recv_multipart()  # waits up to RCVTIMEO; small replies are cheaper copied than framed
+            reply = self._socket.recv_multipart(copy=False)  # waits up to RCVTIMEO; tensors are read in place
         except zmq.Again:
             self._broken(silence or f"the cloud at {self.url} stopped answering (no reply within {self.timeout:g} s)", "timeout")
         self.bytes_down += wire.framed_size(reply)
