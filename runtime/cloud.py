@@ -111,6 +111,7 @@ class CloudModel:
                                    feed(seg, projection_weight_names(self.arch, seg.kind.in_cut.stage))
                                    for seg in self.plan.segments]
         self.windows = [NO_WINDOW if w is None else np.array(w, np.int64) for w in self.arch.sliding_windows]
+        self._outputs = [kind_io(self.arch, seg.kind)[1] for seg in self.plan.segments]  # looked up per call, built once
         self.prepacked = prepack
         names = [(seg.kind.name, None if seg.kind.in_cut is None else projection_name(seg.kind.in_cut.stage))
                  for seg in self.plan.segments]
@@ -142,7 +143,7 @@ class CloudModel:
 
     def run_segment(self, index: int, feed: dict[str, np.ndarray], *, projection: bool = False) -> dict[str, np.ndarray]:
         """Segment `index` (or, with `projection`, the projections before it) on the activations in `feed`."""
-        outputs = ["xw"] if projection else kind_io(self.arch, self.plan.segments[index].kind)[1]
+        outputs = ["xw"] if projection else self._outputs[index]
         session = self._sessions[index][projection]
         if self.prepacked:
             values = session.run(outputs, feed)
