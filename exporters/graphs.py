@@ -54,7 +54,9 @@ def _sample(arch: Architecture, name: str, kind: SegmentKind, rank: int) -> torc
     if name == "position_ids":
         return torch.arange(p, p + s).expand(b, s).contiguous()
     if name == "attention_mask":
-        return torch.ones(b, p + s, dtype=torch.int64)
+        return torch.ones(b, s, dtype=torch.int64)
+    if name == "past_length":
+        return torch.full((b,), p - 1, dtype=torch.int64)
     if name == "window":
         return torch.tensor(1 << 62, dtype=torch.int64)
     if name in ("past_key", "past_value"):
@@ -68,11 +70,11 @@ def _dynamic(name: str):
     from torch.export import Dim
 
     batch, seq = Dim("batch", min=1, max=1 << 16), Dim("seq", min=1, max=1 << 20)
-    past, total = Dim("past", min=0, max=1 << 20), Dim("total", min=1, max=1 << 20)
+    past = Dim("past", min=0, max=1 << 20)
     return {
         "inputs_embeds": {0: batch, 1: seq}, "resid": {0: batch, 1: seq}, "x": {0: batch, 1: seq},
         "xw": {0: batch, 1: seq}, "madx": {0: batch, 1: seq}, "position_ids": {0: batch, 1: seq},
-        "attention_mask": {0: batch, 1: total}, "window": {}, "past_key": {0: batch, 2: past},
+        "attention_mask": {0: batch, 1: seq}, "past_length": {0: batch}, "window": {}, "past_key": {0: batch, 2: past},
         "past_value": {0: batch, 2: past}, "hidden": {0: batch, 1: seq},
     }[name]
 

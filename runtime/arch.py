@@ -95,13 +95,18 @@ def kind_weight_names(arch: Architecture, kind: SegmentKind) -> list[str]:
 
 
 def kind_io(arch: Architecture, kind: SegmentKind) -> tuple[list[str], list[str]]:
-    """(non-weight input names, output names) of a kind's graph, in call order."""
+    """(non-weight input names, output names) of a kind's graph, in call order.
+
+    Attention inputs: `position_ids` [B, S] of the new tokens; `attention_mask` [B, S], 0 on padding among them;
+    `past_length` [B], how many slots of the cache buffers `past_key`/`past_value` [B, kv heads, slots, head dim]
+    hold keys (positions 0..past_length-1; the rest are free). Outputs `new_key`/`new_value`: the new tokens' only.
+    """
     inputs = ["inputs_embeds"] if kind.in_cut is None else ["resid", "xw", "madx"]
     if kind.attention_layer is not None:
-        inputs += ["position_ids", "attention_mask", "window", "past_key", "past_value"]
+        inputs += ["position_ids", "attention_mask", "past_length", "window", "past_key", "past_value"]
     outputs = ["resid_out", "x_out", "ax"] if kind.out_cut is not None else ["hidden"]
     if kind.attention_layer is not None:
-        outputs += ["present_key", "present_value"]
+        outputs += ["new_key", "new_value"]
     return inputs, outputs
 
 

@@ -23,7 +23,8 @@ from .errors import PlcliError
 from .plan import SplitPlan, normalize_targets
 
 # 2: the cloud bundle has a projection graph per cut (see arch.projection_name).
-FORMAT_VERSION = 2
+# 3: attention graphs read preallocated KV caches and return only the new keys and values (see arch.kind_io).
+FORMAT_VERSION = 3
 MANIFEST = "manifest.json"
 WEIGHTS = "weights.safetensors"
 GRAPHS = "graphs"

@@ -29,8 +29,16 @@ from .ort import BoundSession, make_session, read_weights
 
 # Full-attention layers get a window longer than any context.
 NO_WINDOW = np.array(1 << 62, np.int64)
-# Inputs and outputs that run along the key axis: a group pads them on the left to its longest past.
-KEY_AXIS = {"past_key": 2, "past_value": 2, "attention_mask": 1, "present_key": 2, "present_value": 2}
+# Cache buffers grow by whole chunks of key slots: a session copies its cache only when a step crosses a chunk
+# boundary, and attention reads at most this many free (masked) slots besides the used ones.
+KV_CHUNK = 32
+# Cache buffers in a feed: a group pads them on the right, with free slots, to its longest.
+CACHE_INPUTS = ("past_key", "past_value")
+
+
+def cache_slots(tokens: int) -> int:
+    """Slots in the cache buffers of a session that holds `tokens` tokens: whole chunks."""
+    return -(-tokens // KV_CHUNK) * KV_CHUNK
 
 
 @dataclass
@@ -72,11 +80,6 @@ class SegmentCall:
     @property
     def tokens_per_row(self) -> int:
         return self._activations.shape[1]
-
-    @property
-    def keys(self) -> int:
-        """Keys each row attends over once its new tokens are in: past and new (0 without attention)."""
-        return self.feed["attention_mask"].shape[1] if "attention_mask" in self.feed else 0
 
 
 class CloudModel:
@@ -158,14 +161,11 @@ class CloudModel:
     def run_group(self, calls: list[SegmentCall]) -> list[dict[str, np.ndarray]]:
         """Run the calls of several sessions at one segment as one call: their rows stacked on the batch axis.
 
-        Every call must carry the same number of new tokens per row. Pasts of
-        different lengths are padded on the left with zeros that the attention
-        mask hides, so every row's new tokens sit at the same, last, key
-        indices: the causal and sliding-window masks compare key and query
-        indices, and left padding shifts both by the same amount. Rotary
-        positions come from `position_ids`, which stay each session's own.
-        Each call gets back its own rows, its present keys and values without
-        the padding: what `run_segment` gives it alone, up to float rounding.
+        Every call must carry the same number of new tokens per row. The slots
+        in use of the calls' caches are stacked into buffers as long as the
+        longest; each row's `past_length` masks the rest, as it masks a
+        session's free slots. Positions stay each session's own. Each call gets
+        back its own rows: what `run_segment` gives it alone, up to float rounding.
         """
         if len({(c.index, c.projection, c.tokens_per_row) for c in calls}) != 1:
             raise ValueError("a group runs one segment (or projection) with one number of new tokens per row")
@@ -176,42 +176,34 @@ class CloudModel:
         for name, value in feeds[0].items():
             if name == "window":  # one segment, one layer, one window
                 batched[name] = value
-            elif name in KEY_AXIS:
-                batched[name] = _stack_left_padded([f[name] for f in feeds], KEY_AXIS[name])
+            elif name in CACHE_INPUTS:
+                batched[name] = _stack_cache([f[name] for f in feeds], [int(f["past_length"][0]) for f in feeds])
             else:
                 batched[name] = np.concatenate([f[name] for f in feeds])
         out = self.run_segment(calls[0].index, batched, projection=calls[0].projection)
         rows = np.cumsum([0] + [c.rows for c in calls])
-        results = []
-        for call, lo, hi in zip(calls, rows[:-1], rows[1:]):
-            mine = {}
-            for name, value in out.items():
-                if name in KEY_AXIS:
-                    # Its own keys are the last `past + new` of the padded ones; copied, so that a
-                    # session's cache does not keep the whole group's buffer alive.
-                    mine[name] = np.ascontiguousarray(value[lo:hi, :, value.shape[2] - call.keys:])
-                else:
-                    mine[name] = value[lo:hi]
-            results.append(mine)
-        return results
+        return [{name: value[lo:hi] for name, value in out.items()} for lo, hi in zip(rows[:-1], rows[1:])]
 
 
-def _stack_left_padded(parts: list[np.ndarray], axis: int) -> np.ndarray:
-    """`parts` stacked on axis 0, each padded with zeros on the left of `axis` to the longest part's length."""
-    shape = list(parts[0].shape)
-    shape[0], shape[axis] = sum(p.shape[0] for p in parts), max(p.shape[axis] for p in parts)
-    stacked = np.zeros(shape, parts[0].dtype)
+def _stack_cache(buffers: list[np.ndarray], used: list[int]) -> np.ndarray:
+    """The first `used` slots of each cache buffer, stacked on the batch axis; zeros (free slots) after them."""
+    bsz, heads, _, dim = buffers[0].shape
+    stacked = np.zeros((sum(b.shape[0] for b in buffers), heads, max(used), dim), buffers[0].dtype)
     row = 0
-    for part in parts:
-        where = [slice(row, row + part.shape[0])] + [slice(None)] * (part.ndim - 1)
-        where[axis] = slice(shape[axis] - part.shape[axis], None)
-        stacked[tuple(where)] = part
-        row += part.shape[0]
+    for buffer, n in zip(buffers, used):
+        stacked[row:row + buffer.shape[0], :, :n] = buffer[:, :, :n]
+        row += buffer.shape[0]
     return stacked
 
 
 class CloudSession:
-    """One edge's state on the cloud: KV cache per layer, position, and where the current step stands."""
+    """One edge's state on the cloud: KV cache per layer, position, and where the current step stands.
+
+    The cache of a layer is a pair of preallocated buffers [batch, kv heads, slots, head dim], of which the first
+    `position` slots are in use. Attention reads the buffers in place and returns only the new keys and values;
+    a completed step writes them into the next free slots. The buffers grow by `KV_CHUNK` slots when a step needs
+    more, so neither a token nor a layer copies the cache, except once per chunk.
+    """
 
     def __init__(self, model: CloudModel, *, max_context: int):
         self.model = model
@@ -224,6 +216,26 @@ class CloudSession:
     @property
     def in_step(self) -> bool:
         return self._segment is not None
+
+    def cache(self, layer: int) -> tuple[np.ndarray, np.ndarray]:
+        """The keys and values of `layer` in use: views [batch, kv heads, position, head dim] of its buffers."""
+        buffers = self.kv[layer]
+        if buffers is None:
+            raise ValueError("nothing is cached yet")
+        return buffers[0][:, :, :self.position], buffers[1][:, :, :self.position]
+
+    def _reserve(self, bsz: int, slots: int) -> None:
+        """Make every layer's buffers hold at least `slots` keys, keeping the ones in use."""
+        if self.kv[0] is not None and self.kv[0][0].shape[2] >= slots:
+            return
+        arch = self.model.arch
+        shape = (bsz, arch.num_kv_heads, cache_slots(slots), arch.head_dim)
+        for layer, old in enumerate(self.kv):
+            grown = (np.zeros(shape, np.float32), np.zeros(shape, np.float32))
+            if old is not None:
+                for new, kept in zip(grown, old):
+                    new[:, :, :self.position] = kept[:, :, :self.position]
+            self.kv[layer] = grown
 
     def start(self, embeds: np.ndarray) -> StepOutput:
         """Begin a step with `embeds` [batch, seq, hidden] for the tokens after the cached ones."""
@@ -249,10 +261,13 @@ class CloudSession:
         if self.position + embeds.shape[1] > self.max_context:
             raise ValueError(f"context of {self.position + embeds.shape[1]} tokens exceeds this session's limit of {self.max_context}")
         bsz, seq = embeds.shape[:2]
+        # Growing keeps the slots in use and the position: a step that is later aborted leaves the cache as it was.
+        self._reserve(bsz, self.position + seq)
         self._state = {
             "inputs_embeds": embeds,
             "position_ids": np.tile(np.arange(self.position, self.position + seq, dtype=np.int64), (bsz, 1)),
-            "attention_mask": np.ones((bsz, self.position + seq), np.int64),
+            "attention_mask": np.ones((bsz, seq), np.int64),
+            "past_length": np.full(bsz, self.position, np.int64),
         }
         self._segment = 0
         return self._call(None)
@@ -292,13 +307,9 @@ class CloudSession:
             feed["inputs_embeds"] = st["inputs_embeds"]
         layer = model.plan.segments[self._segment].attention_layer
         if layer is not None:
-            past = self.kv[layer]
-            if past is None:
-                bsz = st["position_ids"].shape[0]
-                empty = np.zeros((bsz, model.arch.num_kv_heads, 0, model.arch.head_dim), np.float32)
-                past = (empty, empty)
+            keys, values = self.kv[layer]
             feed.update(position_ids=st["position_ids"], attention_mask=st["attention_mask"],
-                        window=model.windows[layer], past_key=past[0], past_value=past[1])
+                        past_length=st["past_length"], window=model.windows[layer], past_key=keys, past_value=values)
         return SegmentCall(self._segment, feed)
 
     def complete(self, out: dict[str, np.ndarray]) -> StepOutput:
@@ -308,12 +319,14 @@ class CloudSession:
         seg = model.plan.segments[index]
         layer = seg.attention_layer
         if layer is not None:
-            st.setdefault("present", {})[layer] = (out["present_key"], out["present_value"])
+            st.setdefault("new", {})[layer] = (out["new_key"], out["new_value"])
         if seg.kind.out_cut is None:
             # The step is complete: only now does the cache take the new tokens.
-            for l, kv in st["present"].items():
-                self.kv[l] = kv
-            self.position += st["position_ids"].shape[1]
+            end = self.position + st["position_ids"].shape[1]
+            for l, new in st["new"].items():
+                for buffer, part in zip(self.kv[l], new):
+                    buffer[:, :, self.position:end] = part
+            self.position = end
             self.abort()
             return StepOutput(hidden=out["hidden"])
         st.pop("xw", None)

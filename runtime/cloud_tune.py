@@ -79,7 +79,8 @@ class TorchSegments:
             bsz = batch["position_ids"].shape[0]
             empty = torch.zeros(bsz, self.arch.num_kv_heads, 0, self.arch.head_dim)
             feed.update(position_ids=batch["position_ids"], attention_mask=batch["attention_mask"],
-                        window=self.windows[layer], past_key=empty, past_value=empty)
+                        past_length=torch.zeros(bsz, dtype=torch.int64), window=self.windows[layer],
+                        past_key=empty, past_value=empty)
         outputs = module(*(feed[n] for n in module.input_names), *self.weights[index])
         return dict(zip(module.output_names, outputs))
 

@@ -8,9 +8,11 @@ It mirrors transformers' Llama-family decoder layer (RMSNorm in fp32, rotary
 embedding with `rotate_half`, softmax in fp32) with three changes: each adapted
 projection adds `B (M A x)`, where `M A x` arrives from the edge; the base
 projections right after a cut come precomputed (`ProjectionModule`), so that
-the cloud can compute them while the edge answers; and grouped-query attention
-folds query heads into the sequence axis instead of repeating keys and values,
-so the KV cache is never copied per head.
+the cloud can compute them while the edge answers; attention reads the past
+keys and values from a preallocated cache and returns only the new ones, which
+the caller writes into it; and grouped-query attention folds query heads into
+the sequence axis instead of repeating keys and values. So the KV cache is never
+copied, neither per head nor per token.
 """
 
 from __future__ import annotations
@@ -71,7 +73,7 @@ class SegmentModule(torch.nn.Module):
                 x = rms_norm(resid, w[p + "input_layernorm"], arch.rms_norm_eps)
             elif piece == ATTENTION_PIECE:
                 q, k, v = (self._linear(w, p, t, x, delta, base) for t in ("q_proj", "k_proj", "v_proj"))
-                x, outputs["present_key"], outputs["present_value"] = self._attention(io, q, k, v)
+                x, outputs["new_key"], outputs["new_value"] = self._attention(io, q, k, v)
             elif piece == 2:
                 resid = resid + self._linear(w, p, "o_proj", x, delta, base)
                 x = rms_norm(resid, w[p + "post_attention_layernorm"], arch.rms_norm_eps)
@@ -115,23 +117,28 @@ class SegmentModule(torch.nn.Module):
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
 
-        key = torch.cat((io["past_key"], k), dim=2)
-        value = torch.cat((io["past_value"], v), dim=2)
-        total = key.shape[2]
-
-        # Causal, sliding-window and padding mask over absolute key index.
-        kv_idx = torch.arange(total, device=q.device)
-        q_idx = kv_idx[total - seq:][:, None]
-        allowed = (kv_idx[None, :] <= q_idx) & (kv_idx[None, :] > q_idx - io["window"])
-        allowed = allowed[None] & (io["attention_mask"][:, None, :] != 0)
+        # The cache is a preallocated buffer (see cloud.CloudSession): slots below `past_length` hold the keys of
+        # positions 0.., the rest are free. Attending to it and to the new keys separately, instead of to their
+        # concatenation, spares copying the whole cache into a new tensor on every call; only the scores are joined.
+        past_key, past_value = io["past_key"], io["past_value"]
+        qpos = io["position_ids"][:, :, None]  # [B, S, 1]
+        window = io["window"]
+        slot = torch.arange(past_key.shape[2], device=q.device)[None, None, :]
+        allowed_past = (slot < io["past_length"][:, None, None]) & (slot <= qpos) & (slot > qpos - window)
+        kpos = io["position_ids"][:, None, :]  # [B, 1, S]: the new keys sit at the queries' positions
+        allowed_new = (kpos <= qpos) & (kpos > qpos - window) & (io["attention_mask"][:, None, :] != 0)
+        allowed = torch.cat((allowed_past, allowed_new), dim=-1)
         bias = torch.where(allowed, 0.0, torch.finfo(torch.float32).min)[:, None, None]
 
         # [B, kvh, groups*S, hd] @ [B, kvh, hd, T]: query heads of a group share one K/V head.
         qg = q.reshape(bsz, kvh, groups * seq, hd)
-        scores = (qg @ key.transpose(2, 3)).view(bsz, kvh, groups, seq, total) * (hd**-0.5) + bias
-        probs = torch.softmax(scores, dim=-1).view(bsz, kvh, groups * seq, total)
-        out = (probs @ value).view(bsz, arch.num_heads, seq, hd).transpose(1, 2)
-        return out.reshape(bsz, seq, arch.num_heads * hd), key, value
+        scores = torch.cat((qg @ past_key.transpose(2, 3), qg @ k.transpose(2, 3)), dim=-1)
+        scores = scores.view(bsz, kvh, groups, seq, -1) * (hd**-0.5) + bias
+        probs = torch.softmax(scores, dim=-1).view(bsz, kvh, groups * seq, -1)
+        past = past_key.shape[2]
+        out = probs[..., :past] @ past_value + probs[..., past:] @ v
+        out = out.view(bsz, arch.num_heads, seq, hd).transpose(1, 2)
+        return out.reshape(bsz, seq, arch.num_heads * hd), k, v
 
 
 def _project(arch: Architecture, w, p: str, target: str, x: torch.Tensor) -> torch.Tensor:

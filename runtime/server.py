@@ -43,7 +43,7 @@ import numpy as np
 import zmq
 
 from . import wire
-from .cloud import CloudModel, CloudSession, SegmentCall, StepOutput
+from .cloud import CloudModel, CloudSession, SegmentCall, StepOutput, cache_slots
 from .secure import ServerKeys, peer_key, secure_server
 
 if TYPE_CHECKING:
@@ -303,7 +303,9 @@ class CloudServer:
             raise wire.ProtocolError("limit", "this connection already has a session open: one session per connection")
         if len(self.sessions) >= self.max_sessions:
             raise wire.ProtocolError("busy", f"the cloud serves its maximum of {self.max_sessions} sessions; try again later")
-        self._reserve(None, memory_per_session(self.model, 1, header["batch"]))
+        # Room for the least the session can hold: one token's cache chunk, or a one-token tune pass.
+        least = memory_per_session(self.model, 1, header["batch"]) if header["mode"] == "generate" else self.train_bytes_per_token
+        self._reserve(None, least)
         sid = secrets.token_hex(16)
         if header["mode"] == "generate":
             cloud, trainer = self.model.new_session(max_context=self.max_context), None
@@ -610,8 +612,8 @@ def running(server: CloudServer) -> Iterator[str]:
         thread.join()
 
 
-def memory_per_session(model: CloudModel, max_context: int, batch: int = 1) -> int:
-    """Bytes of a full KV cache (float32 keys and values of every layer)."""
+def memory_per_session(model: CloudModel, tokens: int, batch: int = 1) -> int:
+    """Bytes of the KV cache buffers of a session holding `tokens` tokens (float32 keys and values of every layer)."""
     arch = model.arch
-    return 2 * arch.num_layers * batch * arch.num_kv_heads * arch.head_dim * max_context * 4
+    return 2 * arch.num_layers * batch * arch.num_kv_heads * arch.head_dim * cache_slots(tokens) * 4
 

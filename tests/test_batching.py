@@ -1,10 +1,11 @@
 """One ONNX Runtime call for the steps of several sessions: each gets what it gets alone.
 
-`CloudModel.run_group` stacks the sessions' rows, left-pads the shorter pasts
-and hides the padding with the attention mask; these tests run the same steps
-for twin sessions, one set alone and one set grouped, and compare every
-segment's outputs and the KV caches they leave, on full attention and on a
-sliding window shorter than some of the pasts.
+`CloudModel.run_group` stacks the sessions' rows and the used slots of their
+caches, and masks the shorter ones past their own lengths; these tests run the
+same steps for twin sessions, one set alone and one set grouped, and compare
+every segment's outputs and the KV caches they leave, on full attention and on
+a sliding window shorter than some of the pasts, with one cache growing by a
+chunk on the way.
 """
 
 from __future__ import annotations
@@ -12,14 +13,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from plcli.runtime.cloud import CloudModel, CloudSession, StepOutput
+from plcli.runtime.cloud import KV_CHUNK, CloudModel, CloudSession, StepOutput
 
 # name -> (family, config overrides); the names and options match test_serving's, so the builds are shared.
 MODELS = {
     "llama": ("llama", {}),
     "mistral-window": ("mistral", {"sliding_window": 8}),
 }
-PASTS = [0, 3, 11, 20]  # around and beyond the sliding window of 8
+PASTS = [0, 3, 11, KV_CHUNK - 3]  # around and beyond the sliding window of 8; the last one's cache grows
 RTOL, ATOL = 1e-5, 1e-6
 
 
@@ -88,7 +89,8 @@ def test_a_group_of_sessions_with_different_pasts_gets_what_each_gets_alone(clou
                 np.testing.assert_allclose(g_out, w_out, rtol=RTOL, atol=ATOL, err_msg=f"past {past}, segment {segment}")
     for a, g, past in zip(alone, grouped, PASTS):
         assert g.position == a.position == past + 6 and not g.in_step
-        for layer, ((wk, wv), (gk, gv)) in enumerate(zip(a.kv, g.kv)):
+        for layer in range(cloud.arch.num_layers):
+            (wk, wv), (gk, gv) = a.cache(layer), g.cache(layer)
             assert gk.shape == wk.shape == (1, cloud.arch.num_kv_heads, past + 6, cloud.arch.head_dim), f"layer {layer}"
             np.testing.assert_allclose(gk, wk, rtol=RTOL, atol=ATOL)
             np.testing.assert_allclose(gv, wv, rtol=RTOL, atol=ATOL)
@@ -101,3 +103,15 @@ def test_a_group_runs_one_segment_with_one_number_of_new_tokens(cloud_dir):
     calls = [one.start_call(np.zeros((1, 1, hidden), np.float32)), three.start_call(np.zeros((1, 3, hidden), np.float32))]
     with pytest.raises(ValueError, match="one number of new tokens"):
         cloud.run_group(calls)
+
+
+def test_fresh_sessions_grouped_get_what_each_gets_alone(cloud_dir):
+    """Prompts of sessions with nothing cached yet: the group's stacked cache has no slot at all."""
+    cloud = CloudModel(cloud_dir("llama"), threads=1, prepack=True)
+    rng = np.random.default_rng(1)
+    embeds = [rng.standard_normal((1, 5, cloud.arch.hidden_size)).astype(np.float32) for _ in range(3)]
+    want = [step_alone(cloud.new_session(), e) for e in embeds]
+    got = step_grouped(cloud, [cloud.new_session() for _ in embeds], embeds)
+    for w, g in zip(want, got):
+        for w_out, g_out in zip(w, g):
+            np.testing.assert_allclose(g_out, w_out, rtol=RTOL, atol=ATOL)

@@ -582,14 +582,14 @@ def test_abandoned_sessions_stay_within_the_memory_budget_and_are_all_freed_by_t
     with serve(cloud, max_sessions=edges + 1, session_timeout=session_timeout, max_memory_bytes=budget) as (server, endpoint):
         peers = [Peer(endpoint) for _ in range(edges)]
         try:
-            for peer in peers:
-                sid = peer.ask(_open(edge, "generate"), seed)[0]["session"]
+            # All open first: an open is refused once the budget has no room for one more cache chunk.
+            sids = [peer.ask(_open(edge, "generate"), seed)[0]["session"] for peer in peers]
+            for peer, sid in zip(peers, sids):
                 peer.send(wire.encode("step", {"session": sid, "step": 0}, edge.embed(np.asarray([PROMPT_IDS]))))
             answers = [peer.replies(1, seed)[0][0] for peer in peers]
             held = cloud_status(endpoint, timeout=TIMEOUT)["memory_bytes"]
-            # What the sessions really hold: each open step's new keys and values, not yet in the cache.
-            actual = sum(a.nbytes for s in list(server.sessions.values()) for kv in s.cloud._state.get("present", {}).values()
-                         for a in kv)
+            # What the sessions really hold: their cache buffers, allocated when the step was admitted.
+            actual = sum(a.nbytes for s in list(server.sessions.values()) for kv in s.cloud.kv if kv is not None for a in kv)
             silent_since = time.monotonic()
             assert [a["op"] for a in answers].count("ax") == 60, f"seed {seed}"
             assert {a["code"] for a in answers if a["op"] == "error"} == {"limit"}, f"seed {seed}"
