@@ -84,9 +84,16 @@ def bench_decode(
             e = result["edges"]
             console.print(f"{e['edges']} edges at once: {e['aggregate_tokens_per_s']:.1f} tok/s together, "
                           f"{e['single_tokens_per_s']:.1f} alone: {e['ratio']:.2f}x; each edge's ids as alone: "
-                          f"{'yes' if e['identical'] else 'no'}; largest group {e['largest_group']}")
+                          f"{'yes' if e['identical'] else 'no'}; largest group {e['largest_group']}; CPU per token: "
+                          f"edges {e['edge_cpu_ms_per_token']:.1f} ms" + _cloud_cpu(e))
     if plot is not None:
         console.print(f"plot: [bold]{plot}[/]")
+
+
+def _cloud_cpu(e: dict) -> str:
+    if e["cloud_cpu_ms_per_token"] is None:
+        return ""
+    return f", cloud {e['cloud_cpu_ms_per_token']:.1f} ms (edges alone: {e['cloud_cpu_ms_per_token_alone']:.1f} ms)"
 
 
 def _edges(model_dir: Path, bundles: Path | None, rank: int, edges: int, prompt_len: int, new_tokens: int) -> dict:

@@ -13,7 +13,8 @@ them run at once, starting together; their aggregate rate is every edge's
 decoded tokens (all but the first, which the prefill gives) over the time
 from the first edge's first token to the last edge's last token. The edges and
 the cloud share this machine's cores, so the ratio also says how much CPU the
-edges leave to the cloud. `--max-group` and `--batch-wait-us` go to
+edges leave to the cloud; the cloud's own CPU per token, alone and together
+(where /proc tells), says what grouping saves the cloud wherever edges run. `--max-group` and `--batch-wait-us` go to
 serve-cloud, to compare without grouping or with a wait.
 """
 
@@ -122,6 +123,15 @@ def _serve(cloud_dir: Path, max_sessions: int, options: list[str]) -> tuple[subp
     return server, event["endpoint"]
 
 
+def _cpu_s(pid: int) -> float | None:
+    """CPU seconds (user and system) process `pid` has used, where /proc tells (Linux); else None."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def _rate(result: dict) -> float:
     return (len(result["ids"]) - 1) / (result["last"] - result["first"])
 
@@ -145,21 +155,30 @@ def aggregate_decode(cloud_dir, edge_dir, edges: int, new_tokens: int, prompt_le
     ctx = multiprocessing.get_context("spawn")  # no ONNX Runtime or ZeroMQ state inherited by a fork
     server, endpoint = _serve(Path(cloud_dir), max(edges, 16), list(serve_options or []))
     try:
+        cpu_start = _cpu_s(server.pid)
         alone = [_run_edges(ctx, Path(edge_dir), endpoint, {i: p}, new_tokens)[0] for i, p in enumerate(prompts)]
-        before = cloud_status(endpoint)
+        before, cpu_before = cloud_status(endpoint), _cpu_s(server.pid)
         together = _run_edges(ctx, Path(edge_dir), endpoint, dict(enumerate(prompts)), new_tokens)
-        after = cloud_status(endpoint)
+        after, cpu_after = cloud_status(endpoint), _cpu_s(server.pid)
     finally:
         server.terminate()
         server.wait()
     single = statistics.median(_rate(r) for r in alone)
+
+    def cloud_ms(start, end, results):
+        """The cloud process's CPU per token over `results`, or None where /proc does not tell."""
+        return None if start is None or end is None else round(1000 * (end - start) / sum(len(r["ids"]) for r in results), 2)
+
     decoded = sum(len(r["ids"]) - 1 for r in together)
     aggregate = decoded / (max(r["last"] for r in together) - min(r["first"] for r in together))
     return {"edges": edges, "single_tokens_per_s": round(single, 2), "aggregate_tokens_per_s": round(aggregate, 2),
             "ratio": round(aggregate / single, 2),
             "identical": all(a["ids"] == t["ids"] for a, t in zip(alone, together)),
             "grouped_calls": after["grouped_calls"] - before["grouped_calls"], "largest_group": after["largest_group"],
-            "edge_cpu_ms_per_token": round(1000 * sum(r["cpu_s"] for r in together) / sum(len(r["ids"]) for r in together), 2)}
+            "edge_cpu_ms_per_token": round(1000 * sum(r["cpu_s"] for r in together) / sum(len(r["ids"]) for r in together), 2),
+            # The cloud's CPU per token, edges alone and together: what grouping saves the cloud, wherever the edges run.
+            "cloud_cpu_ms_per_token_alone": cloud_ms(cpu_start, cpu_before, alone),
+            "cloud_cpu_ms_per_token": cloud_ms(cpu_before, cpu_after, together)}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -191,7 +210,15 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{result['edges']} edges at once: {result['aggregate_tokens_per_s']:.1f} decode tokens/s in all; one edge alone: "
           f"{result['single_tokens_per_s']:.1f} tokens/s; ratio {result['ratio']:.2f}; every edge got its solo ids: "
           f"{'yes' if result['identical'] else 'NO'}; {result['grouped_calls']} grouped calls, largest group "
-          f"{result['largest_group']}; the edges used {result['edge_cpu_ms_per_token']:.1f} ms of CPU per token")
+          f"{result['largest_group']}; the edges used {result['edge_cpu_ms_per_token']:.1f} ms of CPU per token"
+          + _cloud_cpu_line(result))
+
+
+def _cloud_cpu_line(result: dict) -> str:
+    if result["cloud_cpu_ms_per_token"] is None:
+        return ""
+    return (f"; the cloud used {result['cloud_cpu_ms_per_token_alone']:.1f} ms of CPU per token for edges alone, "
+            f"{result['cloud_cpu_ms_per_token']:.1f} ms for edges together")
 
 
 if __name__ == "__main__":
