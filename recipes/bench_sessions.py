@@ -14,8 +14,9 @@ decoded tokens (all but the first, which the prefill gives) over the time
 from the first edge's first token to the last edge's last token. The edges and
 the cloud share this machine's cores, so the ratio also says how much CPU the
 edges leave to the cloud; the cloud's own CPU per token, alone and together
-(where /proc tells), says what grouping saves the cloud wherever edges run. `--max-group` and `--batch-wait-us` go to
-serve-cloud, to compare without grouping or with a wait.
+(where /proc tells), says what grouping saves the cloud wherever edges run.
+`--max-group` and `--batch-wait-us` go to serve-cloud, to compare without
+grouping or with a wait.
 """
 
 from __future__ import annotations

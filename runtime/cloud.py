@@ -32,7 +32,7 @@ NO_WINDOW = np.array(1 << 62, np.int64)
 # Cache buffers grow by whole chunks of key slots: a session copies its cache only when a step crosses a chunk
 # boundary, and attention reads at most this many free (masked) slots besides the used ones.
 KV_CHUNK = 32
-# Cache buffers in a feed: a group pads them on the right, with free slots, to its longest.
+# Cache buffers in a feed: a group stacks the slots each session uses, padded with free slots to the longest.
 CACHE_INPUTS = ("past_key", "past_value")
 
 

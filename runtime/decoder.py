@@ -5,14 +5,14 @@ traces it into ONNX graphs; the cloud re-runs it with autograd when the edge
 tunes M. Weights are inputs, not parameters, so one graph serves every layer.
 
 It mirrors transformers' Llama-family decoder layer (RMSNorm in fp32, rotary
-embedding with `rotate_half`, softmax in fp32) with three changes: each adapted
+embedding with `rotate_half`, softmax in fp32) with four changes: each adapted
 projection adds `B (M A x)`, where `M A x` arrives from the edge; the base
 projections right after a cut come precomputed (`ProjectionModule`), so that
 the cloud can compute them while the edge answers; attention reads the past
 keys and values from a preallocated cache and returns only the new ones, which
 the caller writes into it; and grouped-query attention folds query heads into
-the sequence axis instead of repeating keys and values. So the KV cache is never
-copied, neither per head nor per token.
+the sequence axis instead of repeating keys and values. So the graphs never copy
+the KV cache, neither per head nor per token.
 """
 
 from __future__ import annotations
