@@ -187,7 +187,7 @@ class CloudModel:
 
 def _stack_cache(buffers: list[np.ndarray], used: list[int]) -> np.ndarray:
     """The first `used` slots of each cache buffer, stacked on the batch axis; zeros (free slots) after them."""
-    bsz, heads, _, dim = buffers[0].shape
+    _, heads, _, dim = buffers[0].shape
     stacked = np.zeros((sum(b.shape[0] for b in buffers), heads, max(used), dim), buffers[0].dtype)
     row = 0
     for buffer, n in zip(buffers, used):
