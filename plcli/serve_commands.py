@@ -71,7 +71,7 @@ def serve_cloud(
     max_sessions: int = typer.Option(16, "--max-sessions", help="Edges served at once."),
     max_context: Optional[int] = typer.Option(None, "--max-context", help="Tokens per session (default: the model's maximum)."),
     session_timeout: float = typer.Option(600.0, "--session-timeout", help="Seconds a session may stay idle before it is freed."),
-    threads: Optional[int] = typer.Option(None, "--threads", help="Compute threads: ONNX Runtime's, and torch's for tuning (default: their choice)."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="Compute threads: one ONNX Runtime pool that every segment shares, and torch's for tuning (default: one per core)."),
     wire_dtype: str = typer.Option("float32", "--wire-dtype", help=WIRE_DTYPE_HELP),
     max_batch: int = typer.Option(1, "--max-batch", help="Sequences one session may run side by side."),
     tune: bool = typer.Option(True, "--tune/--no-tune", help="Also serve `plcli tune` (loads torch for the backward)."),
@@ -93,6 +93,8 @@ def serve_cloud(
     from plcli.runtime.secure import ServerKeys
     from plcli.runtime.server import CloudServer, memory_per_session
 
+    if threads is not None and threads < 1:
+        raise UserError(f"--threads {threads} is out of range: must be at least 1")
     if (curve_secret is None) != (authorized_keys is None):
         raise UserError("--curve-secret and --authorized-keys go together: the cloud's secret key and the directory of the "
                         "edges' public keys")
@@ -273,6 +275,8 @@ def run_edge(
         raise UserError("--wire-dtype must be float32 or float16")
     if not timeout > 0:
         raise UserError("--timeout must be positive")
+    if threads is not None and threads < 1:
+        raise UserError(f"--threads {threads} is out of range: must be at least 1")
     sampling = Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
                         stop=list(stop or []), ignore_eos=ignore_eos)
     try:

@@ -184,7 +184,7 @@ def bench_decode(model_dir: Path, *, bundles: Path | None = None, rank: int = 64
         torch.set_num_threads(threads)
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, local_files_only=True).eval()
         edge = EdgeModel(bundles / "edge", threads=1)
-        cloud = CloudModel(bundles / "cloud", threads=threads)
+        cloud = CloudModel(bundles / "cloud", threads=threads, prepack=True)  # as `serve-cloud` runs it
         rng = np.random.default_rng(seed)
         vocab_limit = min(edge.arch.vocab_size, len(edge.tokenizer))
         prompt = [int(i) for i in rng.integers(1, vocab_limit, prompt_len)]

@@ -25,7 +25,7 @@ import numpy as np
 
 from .arch import kind_io, kind_weight_names, layer_weight_shapes, projection_name, projection_weight_names
 from .bundle import GRAPHS, WEIGHTS, BundleError, Manifest, read_manifest
-from .ort import BoundSession, make_session, read_weights
+from .ort import BoundSession, make_session, read_weights, share_threads
 
 # Full-attention layers get a window longer than any context.
 NO_WINDOW = np.array(1 << 62, np.int64)
@@ -85,7 +85,12 @@ class SegmentCall:
 class CloudModel:
     """A loaded cloud bundle: one ORT session per segment kind fed each segment's weights, or, with `prepack`,
     one session per segment with its weights bound (see ort.BoundSession): what runs groups of sessions fast,
-    at the cost of a second, packed copy of the weights in memory."""
+    at the cost of a second, packed copy of the weights in memory.
+
+    `threads` are the compute threads of the whole model, not of each session. Any number but one (None: one per
+    core) is the size of the process's shared ORT pool (ort.share_threads), which all sessions run on; one runs
+    every call in the caller's thread, unless the process already has a shared pool.
+    """
 
     def __init__(self, bundle_dir: str | Path, *, threads: int | None = None, prepack: bool = False):
         self.dir = Path(bundle_dir)
@@ -122,6 +127,8 @@ class CloudModel:
         def graph(name):
             return self.dir / GRAPHS / self.manifest.graphs[name]
 
+        if threads != 1:
+            share_threads(threads)
         # Per segment: (its session, its projection's session or None); unbound ones are shared by kind.
         if prepack:
             self._sessions = [(BoundSession(graph(kind), self.segment_weights[i], threads=threads),

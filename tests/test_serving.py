@@ -478,10 +478,11 @@ def _invoke(*args: str, input: str | None = None):
     return CliRunner().invoke(app, list(args), input=input)
 
 
-def test_serve_cloud_refuses_a_group_limit_of_zero_and_a_negative_wait(model):
+def test_serve_cloud_refuses_a_group_limit_of_zero_a_negative_wait_and_no_threads(model):
     _, bundle, _ = model("llama")
     for options, message in [(["--max-group", "0"], "--max-group must be at least 1"),
-                             (["--batch-wait-us", "-1"], "--batch-wait-us must be >= 0")]:
+                             (["--batch-wait-us", "-1"], "--batch-wait-us must be >= 0"),
+                             (["--threads", "0"], "--threads 0 is out of range")]:
         result = _invoke("serve-cloud", str(bundle / "cloud"), "--bind", "tcp://127.0.0.1:*", "--no-tune", *options)
         assert result.exit_code == 2 and message in result.output
 
