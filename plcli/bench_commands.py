@@ -117,6 +117,7 @@ def _decode_table(r: dict) -> Table:
     for col in ("method", "tok/s", "x HF", "TTFT ms", "B up/tok", "B down/tok", "RT/tok", "ids = HF"):
         table.add_column(col, justify="left" if col == "method" else "right", no_wrap=True)
     base = next(row for row in r["rows"] if row["method"] == "transformers")["decode_tokens_per_s"]
+    split = next(row for row in r["rows"] if row["method"] == "split")
     for row in r["rows"]:
         def opt(key, fmt="{:,.0f}"):
             return fmt.format(row[key]) if key in row else "-"
@@ -129,7 +130,10 @@ def _decode_table(r: dict) -> Table:
     table.caption = (f"HF = transformers generate, one process · onnx = the same graphs, one process · split = cloud process "
                      f"over loopback · split-link = the split over {link['up_mbps']:g} Mbit/s up, {link['down_mbps']:g} down, "
                      f"{link['rtt_ms']:g} ms RTT (emulated)\nsplit / transformers {ratios['split_vs_transformers']:.2f} · "
-                     f"split / onnx {ratios['split_vs_onnx']:.2f} · split-link / transformers {ratios['split_link_vs_transformers']:.2f}")
+                     f"split / onnx {ratios['split_vs_onnx']:.2f} · split-link / transformers {ratios['split_link_vs_transformers']:.2f}\n"
+                     f"an empty round trip to the cloud takes {r['empty_round_trip_ms']:.2f} ms: at "
+                     f"{split['round_trips_per_token']:g} per token, split / onnx can reach at most "
+                     f"{ratios['split_vs_onnx_ceiling']:.2f} here")
     return table
 
 

@@ -15,6 +15,12 @@ Each reports decode tokens/s (after the first token), time to the first token
 on the socket) and round trips per token. Greedy ids of every method are checked
 against transformers'. Cloud and edge each get their own threads (`threads`
 for the cloud, one for the edge's head) so that they do not fight over cores.
+
+Each round also times `status` exchanges with the cloud process: an empty round
+trip through the same sockets and server loop, which runs no model. Were every
+round trip of the split that cheap, it would decode at one-process speed plus
+that much per round trip: `split_vs_onnx_ceiling` is the ratio to onnx that this
+machine's loopback allows at best.
 """
 
 from __future__ import annotations
@@ -139,6 +145,29 @@ def transformers_run(model, prompt_ids: list[int], new_tokens: int, vocab_limit:
     return Run(clock.ids, clock.times[0] - started, (len(clock.ids) - 1) / (clock.times[-1] - clock.times[0]))
 
 
+def empty_round_trip_s(endpoint: str, count: int = 100) -> float:
+    """Median time of `count` back-to-back `status` exchanges with the cloud on one connection."""
+    import zmq
+
+    from plcli.runtime import wire
+
+    socket = zmq.Context.instance().socket(zmq.DEALER)
+    socket.setsockopt(zmq.LINGER, 0)
+    socket.setsockopt(zmq.RCVTIMEO, 10_000)
+    socket.connect(endpoint)
+    request = wire.encode("status", {})
+    times = []
+    try:
+        for _ in range(count + 1):
+            started = time.perf_counter()
+            socket.send_multipart(request)
+            wire.decode(socket.recv_multipart(copy=False), wire.REPLIES, max_message_bytes=wire.MAX_HEADER_BYTES)
+            times.append(time.perf_counter() - started)
+    finally:
+        socket.close()
+    return statistics.median(times[1:])  # the first one also connects
+
+
 @contextmanager
 def cloud_process(cloud_dir: Path, *, threads: int, wire_dtype: str = "float32", tune: bool = False) -> Iterator[str]:
     """`plcli serve-cloud` on a free loopback port, in its own process; yields the endpoint; always stopped."""
@@ -191,6 +220,7 @@ def bench_decode(model_dir: Path, *, bundles: Path | None = None, rank: int = 64
         sampling = Sampling(max_new_tokens=new_tokens, ignore_eos=True)
         methods = METHODS + (("split-fp16",) if float16 else ())
         runs: dict[str, list[Run]] = {m: [] for m in methods}
+        empty_trips: list[float] = []
         with ExitStack() as stack:
             endpoints = {dtype: stack.enter_context(cloud_process(bundles / "cloud", threads=threads, wire_dtype=dtype))
                          for dtype in ("float32", "float16")[: 1 + float16]}
@@ -213,11 +243,13 @@ def bench_decode(model_dir: Path, *, bundles: Path | None = None, rank: int = 64
                 progress(f"round {r + 1} of {rounds}")
                 for name in methods:
                     runs[name].append(measure[name]())
-    return summarize(runs, edge, prompt_len, new_tokens, rank=edge.manifest.rank, link=link, rounds=rounds)
+                empty_trips.append(empty_round_trip_s(endpoints["float32"]))
+    return summarize(runs, edge, prompt_len, new_tokens, rank=edge.manifest.rank, link=link, rounds=rounds,
+                     empty_round_trip_s=statistics.median(empty_trips))
 
 
 def summarize(runs: dict[str, list[Run]], edge, prompt_len: int, new_tokens: int, *, rank: int, link: Link,
-              rounds: int) -> dict:
+              rounds: int, empty_round_trip_s: float) -> dict:
     reference = runs["transformers"][0].ids
     rows = []
     for name, rs in runs.items():
@@ -231,6 +263,7 @@ def summarize(runs: dict[str, list[Run]], edge, prompt_len: int, new_tokens: int
                        round_trips_per_token=trips / decoded)
         rows.append(row)
     rate = {row["method"]: row["decode_tokens_per_s"] for row in rows}
+    trips = next(row for row in rows if row["method"] == "split")["round_trips_per_token"]
     arch = edge.arch
     return {
         "model": {"hidden": arch.hidden_size, "layers": arch.num_layers, "vocab": arch.vocab_size, "rank": rank,
@@ -238,9 +271,11 @@ def summarize(runs: dict[str, list[Run]], edge, prompt_len: int, new_tokens: int
         "prompt_tokens": prompt_len, "new_tokens": new_tokens, "rounds": rounds,
         "link": {"up_mbps": link.up_mbps, "down_mbps": link.down_mbps, "rtt_ms": link.rtt_ms},
         "rows": rows,
+        "empty_round_trip_ms": empty_round_trip_s * 1e3,
         "ratios": {
             "split_vs_transformers": rate["split"] / rate["transformers"],
             "split_vs_onnx": rate["split"] / rate["onnx"],
             "split_link_vs_transformers": rate["split-link"] / rate["transformers"],
+            "split_vs_onnx_ceiling": 1 / (1 + rate["onnx"] * trips * empty_round_trip_s),
         },
     }

@@ -34,7 +34,8 @@ def test_bench_decode_reports_every_method_and_ratio(llama_checkpoint, llama_bun
     assert all(row["greedy_ids_identical"] for row in rows.values())
     assert rows["split"]["round_trips_per_token"] == 3  # two layers, one cut each, and the last hidden state
     assert rows["split-fp16"]["bytes_up_per_token"] < rows["split"]["bytes_up_per_token"]
-    assert set(r["ratios"]) == {"split_vs_transformers", "split_vs_onnx", "split_link_vs_transformers"}
+    assert set(r["ratios"]) == {"split_vs_transformers", "split_vs_onnx", "split_link_vs_transformers", "split_vs_onnx_ceiling"}
+    assert r["empty_round_trip_ms"] > 0 and 0 < r["ratios"]["split_vs_onnx_ceiling"] < 1
     assert r["link"] == {"up_mbps": 50, "down_mbps": 80, "rtt_ms": 1} and r["model"]["rank"] == 8
     assert (tmp_path / "rank.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     edges = r["edges"]  # two edges at once on one cloud, each with its solo ids
