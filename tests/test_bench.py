@@ -44,6 +44,15 @@ def test_bench_decode_reports_every_method_and_ratio(llama_checkpoint, llama_bun
     assert edges["edge_cpu_ms_per_token"] > 0 and edges["cloud_cpu_ms_per_token_alone"] >= 0 and edges["cloud_cpu_ms_per_token"] >= 0
 
 
+def test_bench_decode_table_names_every_method_and_the_ceiling(llama_checkpoint, llama_bundle):
+    code, out, err = run_cli("bench", "decode", llama_checkpoint, "--bundles", llama_bundle, "--new-tokens", 2,
+                             "--prompt-len", 4, "--rounds", 1)
+    assert code == 0, err
+    for text in ("transformers", "onnx", "split-link", "split / onnx", "an empty round trip to the cloud takes",
+                 "at 3 per token"):
+        assert text in " ".join(out.split()), text
+
+
 def test_bench_tune_reports_both_methods_and_their_losses_agree(llama_checkpoint, llama_bundle):
     code, out, err = run_cli("bench", "tune", llama_checkpoint, "--bundles", llama_bundle, "--steps", 2, "--batch-size", 2,
                              "--seq-len", 16, "--rounds", 1, "--json")
