@@ -132,8 +132,8 @@ def _decode_table(r: dict) -> Table:
                      f"{link['rtt_ms']:g} ms RTT (emulated)\nsplit / transformers {ratios['split_vs_transformers']:.2f} · "
                      f"split / onnx {ratios['split_vs_onnx']:.2f} · split-link / transformers {ratios['split_link_vs_transformers']:.2f}\n"
                      f"an empty round trip to the cloud takes {r['empty_round_trip_ms']:.2f} ms: at "
-                     f"{split['round_trips_per_token']:g} per token, split / onnx can reach at most "
-                     f"{ratios['split_vs_onnx_ceiling']:.2f} here")
+                     f"{split['round_trips_per_token']:g} per token, split / onnx can reach about "
+                     f"{ratios['split_vs_onnx_ceiling']:.2f} at best here")
     return table
 
 
