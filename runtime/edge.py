@@ -33,7 +33,10 @@ class EdgeModel:
         self.norm = weights["norm"]
         self.lm_head = weights["lm_head.w"]  # [hidden, vocab]
         self.embed_tokens = weights.get("embed_tokens")  # [vocab, hidden]; None when tied to the head
-        self.head = make_session(self.dir / GRAPHS / self.manifest.graphs["head"], threads=threads)
+        # One call per token, between waits for the cloud: threads spinning through those waits would only take the
+        # cores of whatever else runs here (a cloud on the same machine decoded a third slower). Asleep, they still
+        # share the head's work.
+        self.head = make_session(self.dir / GRAPHS / self.manifest.graphs["head"], threads=threads, spin=False)
         self.set_adapter(self._bundle_m(weights) if adapter is None else load_adapter(adapter, self.manifest))
         self._tokenizer = None
 

@@ -33,7 +33,7 @@ def share_threads(threads: int | None) -> None:
     _shared_threads = size
 
 
-def _options(threads: int | None) -> ort.SessionOptions:
+def _options(threads: int | None, spin: bool = True) -> ort.SessionOptions:
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     if _shared_threads is not None:
@@ -41,13 +41,16 @@ def _options(threads: int | None) -> ort.SessionOptions:
     elif threads:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
+    if not spin:  # a session's own pool only: the shared pool's threads spin as ORT made them
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.log_severity_level = 3
     return options
 
 
-def make_session(path: Path, *, threads: int | None = None) -> ort.InferenceSession:
+def make_session(path: Path, *, threads: int | None = None, spin: bool = True) -> ort.InferenceSession:
+    """An ORT session on the CPU; with `spin` false, its pool's threads sleep as soon as a call is done."""
     try:
-        return ort.InferenceSession(str(path), _options(threads), providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(str(path), _options(threads, spin), providers=["CPUExecutionProvider"])
     except Exception as e:  # ORT raises its own exception types for missing/corrupt graphs
         raise BundleError(f"{path}: cannot load graph ({str(e).splitlines()[0]})") from None
 

@@ -1,8 +1,9 @@
-"""A cloud's threads are the model's, not each session's: every ONNX Runtime session of it shares one pool.
+"""Thread settings: a cloud's threads are the model's, not each session's (every ONNX Runtime session of it
+shares one pool), and the edge's pool sleeps between calls.
 
 A prepacked cloud holds two sessions per decoder layer; with a pool each, `--threads 2` started a spinning thread
 per session and decoded 15 times slower on two cores. ORT's shared pool is made once per process and for good, so
-each case runs in a fresh interpreter.
+the cloud's case runs in a fresh interpreter.
 """
 
 from __future__ import annotations
@@ -56,3 +57,11 @@ def test_a_cloud_with_two_threads_starts_one_pool_for_all_its_sessions(llama_bun
     assert 1 <= out["gained"] <= 2  # the shared pool's one worker (the caller is the other thread), and no more
     np.testing.assert_allclose(out["pooled"], out["alone"], rtol=1e-5, atol=1e-5)
     assert "shared pool of 2 threads" in out["refused"]
+
+
+def test_the_edge_head_pool_sleeps_between_calls(llama_bundle):
+    from plcli.runtime.edge import EdgeModel
+
+    # The edge calls its head once per token and then waits for the cloud, often on the same machine.
+    head = EdgeModel(llama_bundle / "edge", threads=2).head
+    assert head.get_session_options().get_session_config_entry("session.intra_op.allow_spinning") == "0"
