@@ -17,7 +17,7 @@ def share_threads(threads: int | None) -> None:
     """Run every ONNX Runtime session this process makes from now on in one pool of `threads` threads (None: one per core).
 
     A cloud holds a session per segment kind, or per segment when prepacked; with a pool of N threads each, they
-    start N threads per session, which spin for the same cores (on 2 cores, `--threads 2` decoded 15 times slower
+    start N threads per session, which spin for the same cores (on 2 cores, `--threads 2` decoded 13 times slower
     than one thread). ORT allows one shared pool per process, made once and for good: every later session joins
     it, whatever it asks for, and a second call must ask for the same size.
     """

@@ -2,7 +2,7 @@
 shares one pool), and the edge's pool sleeps between calls.
 
 A prepacked cloud holds two sessions per decoder layer; with a pool each, `--threads 2` started a spinning thread
-per session and decoded 15 times slower on two cores. ORT's shared pool is made once per process and for good, so
+per session and decoded 13 times slower on two cores. ORT's shared pool is made once per process and for good, so
 the cloud's case runs in a fresh interpreter.
 """
 
