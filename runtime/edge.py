@@ -122,13 +122,15 @@ def load_adapter(path: str | Path, manifest: Manifest) -> dict[str, np.ndarray]:
     return read_weights(path / ADAPTER_WEIGHTS)
 
 
-def forward(edge: EdgeModel, session, ids: np.ndarray) -> np.ndarray:
+def forward(edge: EdgeModel, session, ids: np.ndarray, *, last: bool = False) -> np.ndarray:
     """One step through the split: embed `ids`, answer every cut, return logits for every position.
 
     `session` is anything with `start(embeds)` and `resume(madx)`: a local
-    CloudSession or a remote one behind the wire protocol.
+    CloudSession or a remote one behind the wire protocol. With `last`, only
+    the last position's logits ([batch, 1, vocab]): all that sampling needs,
+    and a prompt's worth of LM head less on the edge.
     """
     out = session.start(edge.embed(ids))
     while not out.done:
         out = session.resume(edge.apply_adapter(out.layer, out.stage, out.ax))
-    return edge.logits(out.hidden)
+    return edge.logits(np.ascontiguousarray(out.hidden[:, -1:]) if last else out.hidden)

@@ -96,7 +96,7 @@ class Conversation:
     def _feed(self, ids: list[int]) -> np.ndarray:
         """Feed `ids` through the split; the last position's logits."""
         try:
-            logits = forward(self.edge, self.session, np.asarray([ids], np.int64))
+            logits = forward(self.edge, self.session, np.asarray([ids], np.int64), last=True)
         except LinkError as lost:
             if self.failover is None:
                 raise
@@ -111,7 +111,7 @@ class Conversation:
             self._retire()
             self.session = self.failover.recover(error)
             try:
-                return forward(self.edge, self.session, np.asarray([self.fed + ids], np.int64))
+                return forward(self.edge, self.session, np.asarray([self.fed + ids], np.int64), last=True)
             except LinkError as e:
                 error = e
 

@@ -160,6 +160,8 @@ def test_fresh_split_reproduces_the_unmodified_model(llama_bundle, llama_checkpo
         want = model(prompt).logits.numpy()
     got = forward(edge, cloud.new_session(), prompt.numpy())
     assert np.abs(got - want).max() / np.abs(want).max() < 1e-4
+    last = forward(edge, cloud.new_session(), prompt.numpy(), last=True)  # what generation samples from
+    assert last.shape == (1, 1, want.shape[2]) and np.abs(last - want[:, -1:]).max() / np.abs(want).max() < 1e-4
 
     new_tokens = 8
     model.generation_config.eos_token_id = None  # compare a fixed number of greedy steps
