@@ -147,21 +147,14 @@ def transformers_run(model, prompt_ids: list[int], new_tokens: int, vocab_limit:
 
 def empty_round_trip_s(endpoint: str, count: int = 100) -> float:
     """Median time of `count` back-to-back `status` exchanges with the cloud on one connection."""
-    import zmq
+    from plcli.runtime.client import ask_status, status_connection
 
-    from plcli.runtime import wire
-
-    socket = zmq.Context.instance().socket(zmq.DEALER)
-    socket.setsockopt(zmq.LINGER, 0)
-    socket.setsockopt(zmq.RCVTIMEO, 10_000)
-    socket.connect(endpoint)
-    request = wire.encode("status", {})
+    socket = status_connection(endpoint)
     times = []
     try:
         for _ in range(count + 1):
             started = time.perf_counter()
-            socket.send_multipart(request)
-            wire.decode(socket.recv_multipart(copy=False), wire.REPLIES, max_message_bytes=wire.MAX_HEADER_BYTES)
+            ask_status(socket, endpoint, timeout=10.0)
             times.append(time.perf_counter() - started)
     finally:
         socket.close()

@@ -301,22 +301,39 @@ class RemoteTrainLink(WireConnection):
         return (*self._shape, len(segment.kind.out_cut.targets), self.manifest.rank)
 
 
-def cloud_status(url: str, *, timeout: float = 5.0, context: zmq.Context | None = None, curve: ClientKeys | None = None) -> dict:
-    """The cloud's counters (sessions, tokens, ...) from a `status` request on a connection of its own."""
+def status_connection(url: str, *, context: zmq.Context | None = None, curve: ClientKeys | None = None) -> zmq.Socket:
+    """A connection of its own to the cloud at `url`, for `ask_status`; the caller closes it."""
     socket = (context or zmq.Context.instance()).socket(zmq.DEALER)
     socket.setsockopt(zmq.LINGER, 0)
     if curve is not None:
         secure_client(socket, curve)
     try:
         socket.connect(url)
+    except zmq.ZMQError:
+        socket.close()
+        raise
+    return socket
+
+
+def ask_status(socket: zmq.Socket, url: str, *, timeout: float = 5.0, secured: bool = False) -> dict:
+    """The cloud's counters (sessions, tokens, ...) from one `status` request on `socket`."""
+    socket.setsockopt(zmq.RCVTIMEO, int(timeout * 1000))  # wait in the receive, as a session does: no poll first
+    try:
         socket.send_multipart(wire.encode("status", {}))
-        if not socket.poll(int(timeout * 1000)):
-            raise CloudError(f"no answer from the cloud at {url} within {timeout:g} s " + _SILENCE_CAUSE[curve is not None], "timeout")
         header, _ = wire.decode(socket.recv_multipart(), wire.REPLIES, max_message_bytes=wire.MAX_HEADER_BYTES)
+    except zmq.Again:
+        raise CloudError(f"no answer from the cloud at {url} within {timeout:g} s " + _SILENCE_CAUSE[secured], "timeout") from None
     except wire.ProtocolError as e:
         raise CloudError(f"the cloud sent a malformed reply: {e}", "bad_reply") from None
-    finally:
-        socket.close()
     if header["op"] != "status":
         raise CloudError(f"the cloud answered {header['op']!r} to a status request", "bad_reply")
     return {k: v for k, v in header.items() if k not in ("v", "op")}
+
+
+def cloud_status(url: str, *, timeout: float = 5.0, context: zmq.Context | None = None, curve: ClientKeys | None = None) -> dict:
+    """The cloud's counters from a `status` request on a connection of its own."""
+    socket = status_connection(url, context=context, curve=curve)
+    try:
+        return ask_status(socket, url, timeout=timeout, secured=curve is not None)
+    finally:
+        socket.close()
