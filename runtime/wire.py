@@ -112,7 +112,7 @@ import numpy as np
 
 from .plan import STAGE_TARGETS
 
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 2  # readers refuse any other field set, so changing one is a new version (see tests/test_wire.py)
 MAX_HEADER_BYTES = 4096
 MAX_DIMS = 8
 MAX_DIM = (1 << 31) - 1

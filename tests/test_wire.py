@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -45,6 +47,52 @@ def test_the_tables_cover_exactly_the_documented_ops():
     assert set(VALID_REQUESTS) == set(wire.REQUESTS) and set(VALID_REPLIES) == set(wire.REPLIES)
     for op in [*wire.REQUESTS, *wire.REPLIES]:
         assert f"\n    {op} " in wire.__doc__, op
+
+
+# The field set of every op, per protocol version. A reader refuses any other set, so a field added to or dropped
+# from an op breaks every peer built before: that is a new version (a new entry here), never an edit of an old one.
+FIELDS_BY_VERSION = {
+    2: {
+        "requests": {"open": {"ab_fingerprint", "wire_dtype", "batch", "mode"}, "step": {"session", "step", "shape"},
+                     "madx": {"session", "step", "cut", "shape"},
+                     "train_step": {"session", "step", "lengths", "grad", "shape"},
+                     "grad_hidden": {"session", "step", "shape"}, "grad_ax": {"session", "step", "cut", "shape"},
+                     "abort": {"session"}, "close": {"session"}, "status": set()},
+        "replies": {"opened": {"session", "max_context", "max_message_bytes", "wire_dtype"},
+                    "ax": {"step", "cut", "layer", "stage", "shape"}, "hidden": {"step", "shape"},
+                    "grad": {"step", "cut", "layer", "stage", "last", "shape"}, "aborted": {"session"},
+                    "closed": {"session"},
+                    "status": {"sessions", "max_sessions", "tokens", "tokens_per_s", "uptime_s", "rejected",
+                               "memory_bytes", "grouped_calls", "largest_group"},
+                    "error": {"code", "message"}},
+    },
+}
+
+
+def _fields(table) -> dict[str, set[str]]:
+    return {op: set(schema) for op, schema in table.items()}
+
+
+def test_changing_an_ops_fields_takes_a_new_protocol_version():
+    assert wire.PROTOCOL_VERSION in FIELDS_BY_VERSION, "a new protocol version: record its field sets above"
+    fields = FIELDS_BY_VERSION[wire.PROTOCOL_VERSION]
+    assert _fields(wire.REQUESTS) == fields["requests"], "request fields changed: bump wire.PROTOCOL_VERSION"
+    assert _fields(wire.REPLIES) == fields["replies"], "reply fields changed: bump wire.PROTOCOL_VERSION"
+
+
+def test_the_readme_documents_the_protocol_as_implemented():
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert f"### The wire protocol (version {wire.PROTOCOL_VERSION})" in readme
+    assert f"`v` (protocol version, {wire.PROTOCOL_VERSION})" in readme
+    section = readme.split("### The wire protocol", 1)[1].split("\n## ", 1)[0]
+    documented = {"edge -> cloud": {}, "cloud -> edge": {}}
+    direction = None
+    for row in re.findall(r"^\|\s*(.*?)\s*\|\s*`(\w+)`\s*\|\s*(.*?)\s*\|", section, re.M):
+        direction = row[0] or direction
+        # Backquoted names outside parentheses are fields; inside they are values or flags.
+        documented[direction][row[1]] = set(re.findall(r"`(\w+)`", re.sub(r"\([^)]*\)", "", row[2])))
+    assert documented["edge -> cloud"] == _fields(wire.REQUESTS)
+    assert documented["cloud -> edge"] == _fields(wire.REPLIES)
 
 
 @pytest.mark.parametrize("table, op", [(wire.REQUESTS, op) for op in VALID_REQUESTS] + [(wire.REPLIES, op) for op in VALID_REPLIES])
