@@ -72,7 +72,7 @@ def bench_decode(
                                rounds=rounds, link=emulated, threads=threads, float16=float16,
                                progress=lambda msg: progress.advance(task) if msg.startswith("round") else None))
     if edges:
-        results[-1]["edges"] = _edges(model_dir, bundles, ranks[-1], edges, prompt_len, new_tokens)
+        results[-1]["edges"] = _edges(model_dir, bundles, ranks[-1], edges, prompt_len, new_tokens, rounds)
     if plot is not None:
         _plot(results, plot)
     if as_json:
@@ -83,7 +83,8 @@ def bench_decode(
         if "edges" in result:
             e = result["edges"]
             console.print(f"{e['edges']} edges at once: {e['aggregate_tokens_per_s']:.1f} tok/s together, "
-                          f"{e['single_tokens_per_s']:.1f} alone: {e['ratio']:.2f}x; each edge's ids as alone: "
+                          f"{e['single_tokens_per_s']:.1f} alone: {e['ratio']:.2f}x (rounds: "
+                          f"{', '.join(f'{r:.2f}x' for r in e['ratio_per_round'])}); each edge's ids as alone: "
                           f"{'yes' if e['identical'] else 'no'}; largest group {e['largest_group']}; CPU per token: "
                           f"edges {e['edge_cpu_ms_per_token']:.1f} ms" + _cloud_cpu(e))
     if plot is not None:
@@ -96,7 +97,7 @@ def _cloud_cpu(e: dict) -> str:
     return f", cloud {e['cloud_cpu_ms_per_token']:.1f} ms (edges alone: {e['cloud_cpu_ms_per_token_alone']:.1f} ms)"
 
 
-def _edges(model_dir: Path, bundles: Path | None, rank: int, edges: int, prompt_len: int, new_tokens: int) -> dict:
+def _edges(model_dir: Path, bundles: Path | None, rank: int, edges: int, prompt_len: int, new_tokens: int, rounds: int) -> dict:
     """Aggregate decode of `edges` edges on one cloud (cross-session batching), against one edge alone."""
     import tempfile
 
@@ -107,7 +108,7 @@ def _edges(model_dir: Path, bundles: Path | None, rank: int, edges: int, prompt_
         if bundles is None:
             bundles = Path(work) / "split"
             split_checkpoint(model_dir, bundles, rank=rank)
-        return aggregate_decode(bundles / "cloud", bundles / "edge", edges, new_tokens, prompt_len)
+        return aggregate_decode(bundles / "cloud", bundles / "edge", edges, new_tokens, prompt_len, rounds=rounds)
 
 
 def _decode_table(r: dict) -> Table:

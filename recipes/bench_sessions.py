@@ -1,7 +1,7 @@
 """Aggregate decode speed of many edges on one cloud, next to one edge alone.
 
-    python -m plcli.recipes.bench_sessions [--edges 8] [--new-tokens 40] [--prompt-len 16] [--out DIR] [--json]
-                                           [--max-group N] [--batch-wait-us N]
+    python -m plcli.recipes.bench_sessions [--edges 8] [--new-tokens 40] [--prompt-len 16] [--rounds 3] [--out DIR]
+                                           [--json] [--max-group N] [--batch-wait-us N]
 
 Builds a random-weight Llama (hidden 512, 8 layers, 8 heads, intermediate
 1376, vocab 8000; rank 64, q/k/v adapted) unless `--out` already holds one,
@@ -11,10 +11,14 @@ and a random M, greedy. First each edge runs alone, one after the other: its
 ids are the reference and its decode rate the single-edge speed. Then all of
 them run at once, starting together; their aggregate rate is every edge's
 decoded tokens (all but the first, which the prefill gives) over the time
-from the first edge's first token to the last edge's last token. The edges and
-the cloud share this machine's cores, so the ratio also says how much CPU the
-edges leave to the cloud; the cloud's own CPU per token, alone and together
-(where /proc tells), says what grouping saves the cloud wherever edges run.
+from the first edge's first token to the last edge's last token. Each round
+does both, on the same cloud, so that a machine whose speed drifts moves
+both alike; the ratio is that of the medians over the rounds (a round's
+single-edge speed being the median of its solo runs), and each round's own
+ratio is reported too. The edges and the cloud share this machine's
+cores, so the ratio also says how much CPU the edges leave to the cloud; the
+cloud's own CPU per token, alone and together (where /proc tells), says what
+grouping saves the cloud wherever edges run.
 `--max-group` and `--batch-wait-us` go to serve-cloud, to compare without
 grouping or with a wait.
 """
@@ -137,16 +141,17 @@ def _rate(result: dict) -> float:
     return (len(result["ids"]) - 1) / (result["last"] - result["first"])
 
 
-def aggregate_decode(cloud_dir, edge_dir, edges: int, new_tokens: int, prompt_len: int, *,
+def aggregate_decode(cloud_dir, edge_dir, edges: int, new_tokens: int, prompt_len: int, *, rounds: int = 1,
                      serve_options: list[str] | None = None) -> dict:
     """Decode tokens/s of `edges` edges at once on one cloud, next to one edge alone, and whether every edge got its solo ids.
 
+    `rounds` alternate the solo runs and the run together that many times (medians reported, and each round's ratio).
     `serve_options` are extra `plcli serve-cloud` options (say ["--max-group", "1"]).
     """
     import numpy as np
 
-    if edges < 1 or new_tokens < 2 or prompt_len < 1:
-        raise ValueError("need at least 1 edge, 2 new tokens and 1 prompt token")
+    if edges < 1 or new_tokens < 2 or prompt_len < 1 or rounds < 1:
+        raise ValueError("need at least 1 edge, 2 new tokens, 1 prompt token and 1 round")
     from plcli.runtime.bundle import read_manifest
     from plcli.runtime.client import cloud_status
 
@@ -155,31 +160,44 @@ def aggregate_decode(cloud_dir, edge_dir, edges: int, new_tokens: int, prompt_le
     prompts = [rng.integers(1, vocab, size=prompt_len).tolist() for _ in range(edges)]
     ctx = multiprocessing.get_context("spawn")  # no ONNX Runtime or ZeroMQ state inherited by a fork
     server, endpoint = _serve(Path(cloud_dir), max(edges, 16), list(serve_options or []))
+    alone, together, grouped_calls = [], [], 0
+    cloud_cpu_s = {"alone": 0.0, "together": 0.0} if _cpu_s(server.pid) is not None else None
     try:
-        cpu_start = _cpu_s(server.pid)
-        alone = [_run_edges(ctx, Path(edge_dir), endpoint, {i: p}, new_tokens)[0] for i, p in enumerate(prompts)]
-        before, cpu_before = cloud_status(endpoint), _cpu_s(server.pid)
-        together = _run_edges(ctx, Path(edge_dir), endpoint, dict(enumerate(prompts)), new_tokens)
-        after, cpu_after = cloud_status(endpoint), _cpu_s(server.pid)
+        for _ in range(rounds):
+            cpu_start = _cpu_s(server.pid)
+            alone.append([_run_edges(ctx, Path(edge_dir), endpoint, {i: p}, new_tokens)[0] for i, p in enumerate(prompts)])
+            before, cpu_before = cloud_status(endpoint), _cpu_s(server.pid)
+            together.append(_run_edges(ctx, Path(edge_dir), endpoint, dict(enumerate(prompts)), new_tokens))
+            after, cpu_after = cloud_status(endpoint), _cpu_s(server.pid)
+            grouped_calls += after["grouped_calls"] - before["grouped_calls"]
+            if cloud_cpu_s is not None:
+                cloud_cpu_s["alone"] += cpu_before - cpu_start
+                cloud_cpu_s["together"] += cpu_after - cpu_before
     finally:
         server.terminate()
         server.wait()
-    single = statistics.median(_rate(r) for r in alone)
 
-    def cloud_ms(start, end, results):
-        """The cloud process's CPU per token over `results`, or None where /proc does not tell."""
-        return None if start is None or end is None else round(1000 * (end - start) / sum(len(r["ids"]) for r in results), 2)
+    def tokens(runs):
+        return sum(len(r["ids"]) for results in runs for r in results)
 
-    decoded = sum(len(r["ids"]) - 1 for r in together)
-    aggregate = decoded / (max(r["last"] for r in together) - min(r["first"] for r in together))
-    return {"edges": edges, "single_tokens_per_s": round(single, 2), "aggregate_tokens_per_s": round(aggregate, 2),
-            "ratio": round(aggregate / single, 2),
-            "identical": all(a["ids"] == t["ids"] for a, t in zip(alone, together)),
-            "grouped_calls": after["grouped_calls"] - before["grouped_calls"], "largest_group": after["largest_group"],
-            "edge_cpu_ms_per_token": round(1000 * sum(r["cpu_s"] for r in together) / sum(len(r["ids"]) for r in together), 2),
+    def cloud_ms(phase, runs):
+        """The cloud process's CPU per token over `runs`, or None where /proc does not tell."""
+        return None if cloud_cpu_s is None else round(1000 * cloud_cpu_s[phase] / tokens(runs), 2)
+
+    singles = [statistics.median(_rate(r) for r in results) for results in alone]
+    aggregates = [sum(len(r["ids"]) - 1 for r in results) / (max(r["last"] for r in results) - min(r["first"] for r in results))
+                  for results in together]
+    single, aggregate = statistics.median(singles), statistics.median(aggregates)  # as `bench decode`: ratio of medians
+    return {"edges": edges, "rounds": rounds, "single_tokens_per_s": round(single, 2),
+            "aggregate_tokens_per_s": round(aggregate, 2), "ratio": round(aggregate / single, 2),
+            "ratio_per_round": [round(a / s, 2) for a, s in zip(aggregates, singles)],
+            # Every run of an edge, alone or together, in any round, gave the ids of its first solo run.
+            "identical": all(r["ids"] == alone[0][i]["ids"] for results in alone + together for i, r in enumerate(results)),
+            "grouped_calls": grouped_calls, "largest_group": after["largest_group"],
+            "edge_cpu_ms_per_token": round(1000 * sum(r["cpu_s"] for results in together for r in results) / tokens(together), 2),
             # The cloud's CPU per token, edges alone and together: what grouping saves the cloud, wherever the edges run.
-            "cloud_cpu_ms_per_token_alone": cloud_ms(cpu_start, cpu_before, alone),
-            "cloud_cpu_ms_per_token": cloud_ms(cpu_before, cpu_after, together)}
+            "cloud_cpu_ms_per_token_alone": cloud_ms("alone", alone),
+            "cloud_cpu_ms_per_token": cloud_ms("together", together)}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -187,6 +205,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--edges", type=int, default=8)
     parser.add_argument("--new-tokens", type=int, default=40)
     parser.add_argument("--prompt-len", type=int, default=16)
+    parser.add_argument("--rounds", type=int, default=3, help="Alternate solo and together this many times (medians).")
     parser.add_argument("--out", type=Path, help="Keep the checkpoint and bundles here and reuse them (default: a temporary "
                                                  "directory, removed).")
     parser.add_argument("--json", action="store_true", help="Print the result as JSON.")
@@ -200,7 +219,7 @@ def main(argv: list[str] | None = None) -> None:
     work = args.out or Path(tempfile.mkdtemp(prefix="plcli-bench-sessions-"))
     try:
         cloud_dir, edge_dir = build_bundles(work)
-        result = aggregate_decode(cloud_dir, edge_dir, args.edges, args.new_tokens, args.prompt_len,
+        result = aggregate_decode(cloud_dir, edge_dir, args.edges, args.new_tokens, args.prompt_len, rounds=args.rounds,
                                   serve_options=serve_options)
     finally:
         if args.out is None:
@@ -209,7 +228,8 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(result))
         return
     print(f"{result['edges']} edges at once: {result['aggregate_tokens_per_s']:.1f} decode tokens/s in all; one edge alone: "
-          f"{result['single_tokens_per_s']:.1f} tokens/s; ratio {result['ratio']:.2f}; every edge got its solo ids: "
+          f"{result['single_tokens_per_s']:.1f} tokens/s (medians of {result['rounds']} rounds); ratio {result['ratio']:.2f} "
+          f"(per round: {', '.join(f'{r:.2f}' for r in result['ratio_per_round'])}); every edge got its solo ids: "
           f"{'yes' if result['identical'] else 'NO'}; {result['grouped_calls']} grouped calls, largest group "
           f"{result['largest_group']}; the edges used {result['edge_cpu_ms_per_token']:.1f} ms of CPU per token"
           + _cloud_cpu_line(result))

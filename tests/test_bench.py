@@ -40,6 +40,7 @@ def test_bench_decode_reports_every_method_and_ratio(llama_checkpoint, llama_bun
     assert (tmp_path / "rank.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     edges = r["edges"]  # two edges at once on one cloud, each with its solo ids
     assert edges["edges"] == 2 and edges["identical"] and edges["aggregate_tokens_per_s"] > 0 and edges["ratio"] > 0
+    assert edges["rounds"] == 1 and len(edges["ratio_per_round"]) == 1
     # /proc counts CPU in clock ticks: a tiny run may take none of them.
     assert edges["edge_cpu_ms_per_token"] > 0 and edges["cloud_cpu_ms_per_token_alone"] >= 0 and edges["cloud_cpu_ms_per_token"] >= 0
 
@@ -79,3 +80,13 @@ def test_links_parse_and_bad_input_is_one_line_exit_2(llama_checkpoint, tmp_path
     code, _, err = run_cli("bench", "tune", tmp_path / "nothing")
     assert code == 2 and "no such checkpoint" in err
 
+
+
+
+def test_bench_sessions_alternates_rounds_and_reports_each(llama_bundle):
+    from plcli.recipes.bench_sessions import aggregate_decode
+
+    r = aggregate_decode(llama_bundle / "cloud", llama_bundle / "edge", edges=2, new_tokens=3, prompt_len=4, rounds=2)
+    assert r["edges"] == 2 and r["rounds"] == 2 and len(r["ratio_per_round"]) == 2 and all(x > 0 for x in r["ratio_per_round"])
+    # Both edges, alone and together, in both rounds: the ids of their first solo run.
+    assert r["identical"] and r["edge_cpu_ms_per_token"] > 0
