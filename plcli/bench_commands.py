@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from .app import UserError, app, console, print_json, progress_bar, reports_errors, status
+from .app import LOW_LATENCY_HELP, UserError, app, console, hold_low_latency, print_json, progress_bar, reports_errors, status
 
 bench_app = typer.Typer(no_args_is_help=True, help="Measure speed: every method side by side in one run, as ratios.")
 app.add_typer(bench_app, name="bench")
@@ -46,6 +46,7 @@ def bench_decode(
     float16: bool = typer.Option(False, "--float16", help="Also the split with --wire-dtype float16: bytes, speed, same tokens?"),
     edges: int = typer.Option(0, "--edges", help="Also N edges at once on one cloud (separate processes): aggregate tok/s against one alone."),
     plot: Optional[Path] = typer.Option(None, "--plot", help="Write decode tok/s against rank, per method, to this PNG."),
+    low_latency: bool = typer.Option(False, "--low-latency", help=LOW_LATENCY_HELP + " Held for every method alike."),
     as_json: bool = typer.Option(False, "--json", help="Print the results as JSON."),
 ):
     """Decode speed: transformers, the ONNX graphs in one process, the split over loopback and over an emulated link."""
@@ -65,14 +66,17 @@ def bench_decode(
     if edges < 0 or edges == 1:
         raise UserError(f"--edges {edges} is out of range: 0 (off) or at least 2")
     results = []
-    with progress_bar() as progress:
-        task = progress.add_task("benchmarking", total=len(ranks) * rounds)
-        for r in ranks:
-            results.append(run(model_dir, bundles=bundles, rank=r, prompt_len=prompt_len, new_tokens=new_tokens,
-                               rounds=rounds, link=emulated, threads=threads, float16=float16,
-                               progress=lambda msg: progress.advance(task) if msg.startswith("round") else None))
-    if edges:
-        results[-1]["edges"] = _edges(model_dir, bundles, ranks[-1], edges, prompt_len, new_tokens, rounds)
+    with hold_low_latency(low_latency):
+        with progress_bar() as progress:
+            task = progress.add_task("benchmarking", total=len(ranks) * rounds)
+            for r in ranks:
+                results.append(run(model_dir, bundles=bundles, rank=r, prompt_len=prompt_len, new_tokens=new_tokens,
+                                   rounds=rounds, link=emulated, threads=threads, float16=float16,
+                                   progress=lambda msg: progress.advance(task) if msg.startswith("round") else None))
+        if edges:
+            results[-1]["edges"] = _edges(model_dir, bundles, ranks[-1], edges, prompt_len, new_tokens, rounds)
+    for result in results:
+        result["low_latency"] = low_latency
     if plot is not None:
         _plot(results, plot)
     if as_json:
@@ -134,7 +138,8 @@ def _decode_table(r: dict) -> Table:
                      f"split / onnx {ratios['split_vs_onnx']:.2f} · split-link / transformers {ratios['split_link_vs_transformers']:.2f}\n"
                      f"an empty round trip to the cloud takes {r['empty_round_trip_ms']:.2f} ms: at "
                      f"{split['round_trips_per_token']:g} per token, split / onnx can reach about "
-                     f"{ratios['split_vs_onnx_ceiling']:.2f} at best here")
+                     f"{ratios['split_vs_onnx_ceiling']:.2f} at best here"
+                     + (" · idle cores polling (--low-latency)" if r["low_latency"] else ""))
     return table
 
 
@@ -173,6 +178,7 @@ def bench_tune(
     seq_len: int = typer.Option(128, "--seq-len", help="Tokens per row."),
     rounds: int = typer.Option(3, "--rounds", help="Interleaved rounds; the median is reported."),
     threads: int = typer.Option(1, "--threads", help="Compute threads of the cloud, in either place."),
+    low_latency: bool = typer.Option(False, "--low-latency", help=LOW_LATENCY_HELP + " Held for both methods alike."),
     as_json: bool = typer.Option(False, "--json", help="Print the results as JSON."),
 ):
     """Training tokens/s of `plcli tune`: the split over loopback against the cloud in the same process."""
@@ -183,10 +189,11 @@ def bench_tune(
         _positive(name, value)
     if not model_dir.is_dir():
         raise UserError(f"{model_dir}: no such checkpoint directory")
-    with progress_bar() as progress:
+    with hold_low_latency(low_latency), progress_bar() as progress:
         task = progress.add_task("benchmarking", total=rounds)
         r = run(model_dir, bundles=bundles, rank=rank, steps=steps, batch_size=batch_size, seq_len=seq_len, rounds=rounds,
                 threads=threads, progress=lambda msg: progress.advance(task) if msg.startswith("round") else None)
+    r["low_latency"] = low_latency
     if as_json:
         print_json(r)
         return
@@ -199,5 +206,6 @@ def bench_tune(
     for row in r["rows"]:
         table.add_row(row["method"], f"{row['tokens_per_s']:,.0f}", f"{row['tokens_per_s'] / base:.2f}",
                       f"{row['train_loss_last']:.4f}")
-    table.caption = "losses agree" if r["losses_agree"] else "[red]losses differ[/]"
+    table.caption = ("losses agree" if r["losses_agree"] else "[red]losses differ[/]") + (
+        " · idle cores polling (--low-latency)" if r["low_latency"] else "")
     console.print(table)

@@ -18,7 +18,7 @@ import typer
 from rich.live import Live
 from rich.text import Text
 
-from .app import UserError, app, console, err_console, print_json, reports_errors, status
+from .app import LOW_LATENCY_HELP, UserError, app, console, err_console, hold_low_latency, print_json, reports_errors, status
 
 DEFAULT_ENDPOINT = "tcp://127.0.0.1:5555"  # loopback: serving beyond this machine is a deliberate choice
 WIRE_DTYPE_HELP = "Activations on the wire: float32 (exact) or float16 (half the bytes); the same on both sides."
@@ -86,6 +86,7 @@ def serve_cloud(
                                              "for it (about as much memory again); 1 runs every step alone."),
     batch_wait_us: int = typer.Option(0, "--batch-wait-us", help="Microseconds a group may wait for sessions whose edge "
                                        "still owes an answer at that layer, while other groups run (default 0: never)."),
+    low_latency: bool = typer.Option(False, "--low-latency", help=LOW_LATENCY_HELP),
     as_json: bool = typer.Option(False, "--json", help="Log one JSON object per event on stdout."),
 ):
     """Serve a cloud bundle to edges over ZeroMQ: generation (one KV cache per session) and tuning (`plcli tune`)."""
@@ -105,35 +106,37 @@ def serve_cloud(
         raise UserError(f"{bind} is reachable from other machines: give --curve-secret and --authorized-keys "
                         "(`plcli keys generate`), or --insecure to serve it unencrypted and open to anyone")
     curve = ServerKeys.load(curve_secret, authorized_keys) if curve_secret is not None else None
-    reporter = _Reporter(as_json)
-    try:
-        with status("loading the cloud bundle"):
-            model = CloudModel(cloud_dir, threads=threads, prepack=(max_group or max_sessions) > 1)
-            server = CloudServer(model, bind=bind, max_sessions=max_sessions, max_context=max_context,
-                                 session_timeout=session_timeout, wire_dtype=wire_dtype, max_batch=max_batch, tune=tune,
-                                 max_train_tokens=max_train_tokens, threads=threads, on_event=reporter.event, curve=curve,
-                                 max_memory_bytes=None if max_memory is None else max_memory * 2**20,
-                                 max_group=max_group, batch_wait_s=batch_wait_us / 1e6)
-    except ValueError as e:
-        raise UserError(str(e)) from None
-    reporter.server = server
-    if curve is None and not _is_local(server.endpoint):
-        err_console.print(f"[yellow]warning:[/] {server.endpoint} is reachable from other machines without encryption or "
-                          "authentication (--insecure): anyone who reaches it can use this cloud and read its traffic",
-                          highlight=False, soft_wrap=True)
-    if not as_json:
-        kv = memory_per_session(model, server.max_context, max_batch)
-        grouping = f"steps of up to {server.max_group} sessions per call" if server.max_group > 1 else "every step alone"
-        reporter.line(f"{model.arch.family} · {model.arch.num_layers} layers · rank {model.manifest.rank} · "
-                      f"KV cache up to {kv / 2**20:.1f} MiB per session · {grouping}")
-    stop = threading.Event()
-    previous = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        with reporter.live():
-            server.serve(stop)
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
+    with hold_low_latency(low_latency):
+        reporter = _Reporter(as_json)
+        try:
+            with status("loading the cloud bundle"):
+                model = CloudModel(cloud_dir, threads=threads, prepack=(max_group or max_sessions) > 1)
+                server = CloudServer(model, bind=bind, max_sessions=max_sessions, max_context=max_context,
+                                     session_timeout=session_timeout, wire_dtype=wire_dtype, max_batch=max_batch, tune=tune,
+                                     max_train_tokens=max_train_tokens, threads=threads, on_event=reporter.event, curve=curve,
+                                     max_memory_bytes=None if max_memory is None else max_memory * 2**20,
+                                     max_group=max_group, batch_wait_s=batch_wait_us / 1e6)
+        except ValueError as e:
+            raise UserError(str(e)) from None
+        reporter.server = server
+        if curve is None and not _is_local(server.endpoint):
+            err_console.print(f"[yellow]warning:[/] {server.endpoint} is reachable from other machines without encryption or "
+                              "authentication (--insecure): anyone who reaches it can use this cloud and read its traffic",
+                              highlight=False, soft_wrap=True)
+        if not as_json:
+            kv = memory_per_session(model, server.max_context, max_batch)
+            grouping = f"steps of up to {server.max_group} sessions per call" if server.max_group > 1 else "every step alone"
+            reporter.line(f"{model.arch.family} · {model.arch.num_layers} layers · rank {model.manifest.rank} · "
+                          f"KV cache up to {kv / 2**20:.1f} MiB per session · {grouping}"
+                          + (" · idle cores poll (--low-latency)" if low_latency else ""))
+        stop = threading.Event()
+        previous = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            with reporter.live():
+                server.serve(stop)
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
 
 
 def _is_local(endpoint: str) -> bool:
@@ -262,6 +265,7 @@ def run_edge(
     curve_secret: Optional[Path] = typer.Option(None, "--curve-secret", help=CURVE_SECRET_HELP),
     server_key: Optional[Path] = typer.Option(None, "--server-key", help=SERVER_KEY_HELP),
     threads: Optional[int] = typer.Option(None, "--threads", help="ONNX Runtime threads for the LM head."),
+    low_latency: bool = typer.Option(False, "--low-latency", help=LOW_LATENCY_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object (needs --prompt) instead of streaming text."),
 ):
     """Generate with an edge bundle against a running `plcli serve-cloud`: text and token ids stay here."""
@@ -284,20 +288,21 @@ def run_edge(
     except ValueError as e:
         raise UserError(str(e)) from None
     curve = client_keys(curve_secret, server_key)
-    edge = EdgeModel(edge_dir, adapter=adapter, threads=threads)
-    failover = make_failover(
-        connect, lambda url, t: RemoteCloudSession(url, edge.manifest, wire_dtype=wire_dtype, timeout=t, curve=curve),
-        timeout=timeout, reconnect_timeout=reconnect_timeout)
-    conversation = Conversation(edge, failover.open(), sampling, failover=failover)
-    try:
-        if prompt is not None:
-            _generate_once(conversation, prompt, sampling, as_json)
-        else:
-            _chat(conversation, sampling)
-    except ValueError as e:  # a prompt the model cannot take: token ids out of range, context full
-        raise UserError(str(e)) from None
-    finally:
-        conversation.session.close()
+    with hold_low_latency(low_latency):
+        edge = EdgeModel(edge_dir, adapter=adapter, threads=threads)
+        failover = make_failover(
+            connect, lambda url, t: RemoteCloudSession(url, edge.manifest, wire_dtype=wire_dtype, timeout=t, curve=curve),
+            timeout=timeout, reconnect_timeout=reconnect_timeout)
+        conversation = Conversation(edge, failover.open(), sampling, failover=failover)
+        try:
+            if prompt is not None:
+                _generate_once(conversation, prompt, sampling, as_json)
+            else:
+                _chat(conversation, sampling)
+        except ValueError as e:  # a prompt the model cannot take: token ids out of range, context full
+            raise UserError(str(e)) from None
+        finally:
+            conversation.session.close()
 
 
 def _write(text: str) -> None:

@@ -1,7 +1,7 @@
 """Aggregate decode speed of many edges on one cloud, next to one edge alone.
 
     python -m plcli.recipes.bench_sessions [--edges 8] [--new-tokens 40] [--prompt-len 16] [--rounds 3] [--out DIR]
-                                           [--json] [--max-group N] [--batch-wait-us N]
+                                           [--json] [--max-group N] [--batch-wait-us N] [--low-latency]
 
 Builds a random-weight Llama (hidden 512, 8 layers, 8 heads, intermediate
 1376, vocab 8000; rank 64, q/k/v adapted) unless `--out` already holds one,
@@ -20,12 +20,14 @@ cores, so the ratio also says how much CPU the edges leave to the cloud; the
 cloud's own CPU per token, alone and together (where /proc tells), says what
 grouping saves the cloud wherever edges run.
 `--max-group` and `--batch-wait-us` go to serve-cloud, to compare without
-grouping or with a wait.
+grouping or with a wait; `--low-latency` keeps idle cores polling for the
+whole run (runtime/cpu_latency.py).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import multiprocessing
 import os
@@ -36,6 +38,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from plcli.runtime.cpu_latency import CpuLatencyError, CpuLatencyRequest
 
 SHAPE = "bench-512"  # of recipes.checkpoints.BENCH_SHAPES, the shapes `plcli bench decode` is held to
 RANK = 64
@@ -211,19 +215,27 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--json", action="store_true", help="Print the result as JSON.")
     parser.add_argument("--max-group", type=int, help="serve-cloud --max-group (default: its own).")
     parser.add_argument("--batch-wait-us", type=int, help="serve-cloud --batch-wait-us (default: its own).")
+    parser.add_argument("--low-latency", action="store_true", help="Keep idle cores polling for the whole run "
+                                                                   "(/dev/cpu_dma_latency, needs root).")
     args = parser.parse_args(argv)
     serve_options = [opt for flag, value in (("--max-group", args.max_group), ("--batch-wait-us", args.batch_wait_us))
                      if value is not None for opt in (flag, str(value))]
 
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    try:
+        latency = CpuLatencyRequest(0) if args.low_latency else contextlib.nullcontext()
+    except CpuLatencyError as e:
+        parser.exit(2, f"error: {e}\n")
     work = args.out or Path(tempfile.mkdtemp(prefix="plcli-bench-sessions-"))
     try:
-        cloud_dir, edge_dir = build_bundles(work)
-        result = aggregate_decode(cloud_dir, edge_dir, args.edges, args.new_tokens, args.prompt_len, rounds=args.rounds,
-                                  serve_options=serve_options)
+        with latency:
+            cloud_dir, edge_dir = build_bundles(work)
+            result = aggregate_decode(cloud_dir, edge_dir, args.edges, args.new_tokens, args.prompt_len,
+                                      rounds=args.rounds, serve_options=serve_options)
     finally:
         if args.out is None:
             shutil.rmtree(work, ignore_errors=True)
+    result["low_latency"] = args.low_latency
     if args.json:
         print(json.dumps(result))
         return

@@ -12,8 +12,6 @@ import os
 import shutil
 import signal
 import stat
-import subprocess
-import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -30,6 +28,7 @@ from plcli.runtime.edge import EdgeModel, forward
 from plcli.runtime.generate import Sampling, generate
 from plcli.runtime.secure import ClientKeys, ServerKeys, generate_key_pair
 from plcli.runtime.server import CloudServer, running
+from processes import listening, spawn_plcli
 
 PROMPT = "The cloud runs the decoder layers"
 TIMEOUT = 5.0
@@ -250,27 +249,15 @@ def test_tune_over_curve_from_the_command_line_matches_the_in_process_cloud(llam
 
 
 # -- serve-cloud and run-edge as commands ----------------------------------------------------
-def _spawn(*args) -> subprocess.Popen:
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    return subprocess.Popen([sys.executable, "-m", "plcli.cli", *map(str, args)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env)
-
-
-def _listening(server: subprocess.Popen) -> dict:
-    line = server.stdout.readline()  # the first event names the endpoint
-    assert '"listening"' in line, (line, server.stderr.read() if server.poll() is not None else "")
-    return json.loads(line)
-
-
 def test_serve_cloud_refuses_an_open_address_without_curve_and_warns_with_insecure(llama_bundle):
     cloud_dir = llama_bundle / "cloud"
-    refused = _spawn("serve-cloud", cloud_dir, "--bind", "tcp://0.0.0.0:*", "--no-tune")
+    refused = spawn_plcli("serve-cloud", cloud_dir, "--bind", "tcp://0.0.0.0:*", "--no-tune")
     _, err = refused.communicate(timeout=60)  # it exits by itself: nothing was bound
     assert refused.returncode == 2 and err.count("\n") == 1, err
     assert "tcp://0.0.0.0:* is reachable from other machines" in err and "--insecure" in err and "--curve-secret" in err
-    insecure = _spawn("serve-cloud", cloud_dir, "--bind", "tcp://0.0.0.0:*", "--no-tune", "--insecure", "--json")
+    insecure = spawn_plcli("serve-cloud", cloud_dir, "--bind", "tcp://0.0.0.0:*", "--no-tune", "--insecure", "--json")
     try:
-        event = _listening(insecure)
+        event = listening(insecure)
         assert event["endpoint"].startswith("tcp://0.0.0.0:") and event["authorized_keys"] is None
     finally:
         insecure.send_signal(signal.SIGTERM)
@@ -283,10 +270,10 @@ def test_serve_cloud_refuses_an_open_address_without_curve_and_warns_with_insecu
 def test_run_edge_against_serve_cloud_with_curve(llama_bundle, cloud, keys):
     edge = EdgeModel(llama_bundle / "edge", threads=1)
     prompt_ids = edge.tokenizer(PROMPT)["input_ids"]
-    server = _spawn("serve-cloud", llama_bundle / "cloud", "--bind", "tcp://127.0.0.1:*", "--no-tune", "--threads", 1,
+    server = spawn_plcli("serve-cloud", llama_bundle / "cloud", "--bind", "tcp://127.0.0.1:*", "--no-tune", "--threads", 1,
                     "--curve-secret", keys / "server.key_secret", "--authorized-keys", keys / "authorized", "--json")
     try:
-        event = _listening(server)
+        event = listening(server)
         endpoint = event["endpoint"]
         assert event["authorized_keys"] == 2
         ran = _invoke("run-edge", llama_bundle / "edge", "--connect", endpoint, "--prompt", PROMPT, "--max-new-tokens", 8,

@@ -9,9 +9,7 @@ References are transformers autograd on the checkpoint with `W + B M A`, and pef
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 import time
 from contextlib import contextmanager
 
@@ -33,6 +31,7 @@ from plcli.runtime.server import CloudServer, running
 from plcli.runtime.train_link import LinkError
 from plcli.runtime.tune import AdamW, Tuner, TuneConfig, TuneError, TuneInterrupted, write_adapter
 from plcli.runtime.tune_data import IGNORE, Batch, load_dataset
+from processes import listening, spawn_plcli
 from tcp_relay import TcpRelay
 
 TOLERANCE = 1e-4
@@ -535,17 +534,9 @@ def test_tune_session_refuses_out_of_order_and_oversized_passes(llama_bundle):
             grad, want = link.backward_resume(grad.grad_madx), local.backward_resume(grad.grad_madx)
 
 
-def _spawn(*args: str) -> subprocess.Popen:
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    return subprocess.Popen([sys.executable, "-m", "plcli.cli", *map(str, args)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env)
-
-
 def _serve(bundle) -> tuple[subprocess.Popen, str]:
-    server = _spawn("serve-cloud", bundle / "cloud", "--bind", "tcp://127.0.0.1:*", "--threads", "1", "--json")
-    line = server.stdout.readline()  # the first event names the endpoint
-    assert '"listening"' in line, (line, server.stderr.read() if server.poll() is not None else "")
-    return server, json.loads(line)["endpoint"]
+    server = spawn_plcli("serve-cloud", bundle / "cloud", "--bind", "tcp://127.0.0.1:*", "--threads", "1", "--json")
+    return server, listening(server)["endpoint"]
 
 
 def test_cli_tune_over_the_network_survives_a_killed_cloud_and_resumes_exactly(llama_checkpoint, llama_bundle, bundle_factory,
@@ -564,7 +555,7 @@ def test_cli_tune_over_the_network_survives_a_killed_cloud_and_resumes_exactly(l
         procs.append(server)
         out = tmp_path / "run"
         # No failover (tests/test_failover.py has it): the run stops, and the checkpoint is what --resume continues.
-        tune = _spawn("tune", llama_bundle / "edge", "--connect", endpoint, "--timeout", 2, "--reconnect-timeout", 0,
+        tune = spawn_plcli("tune", llama_bundle / "edge", "--connect", endpoint, "--timeout", 2, "--reconnect-timeout", 0,
                       "--out", out, *common)
         procs.append(tune)
         deadline = time.monotonic() + 120
@@ -580,7 +571,7 @@ def test_cli_tune_over_the_network_survives_a_killed_cloud_and_resumes_exactly(l
 
         server, endpoint = _serve(llama_bundle)  # a new cloud, on another port
         procs.append(server)
-        resumed = _spawn("tune", llama_bundle / "edge", "--connect", endpoint, "--out", out, "--resume", *common)
+        resumed = spawn_plcli("tune", llama_bundle / "edge", "--connect", endpoint, "--out", out, "--resume", *common)
         procs.append(resumed)
         stdout, err = resumed.communicate(timeout=300)
         assert resumed.returncode == 0, err
