@@ -104,7 +104,7 @@ class WireConnection:
         if self._socket.closed:
             raise CloudError(f"the connection to the cloud at {self.url} is closed", "closed")
         try:
-            self._socket.send_multipart(frames, copy=False)
+            wire.send(self._socket, frames)
         except zmq.Again:
             self._broken(silence or f"the cloud at {self.url} does not take messages (no connection within {self.timeout:g} s)", "timeout")
         self.bytes_up += wire.framed_size(frames)
