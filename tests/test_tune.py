@@ -16,6 +16,7 @@ from contextlib import contextmanager
 import numpy as np
 import pytest
 import torch
+import zmq
 from typer.testing import CliRunner
 
 from plcli.cli import app
@@ -439,18 +440,24 @@ class FrameLog:
     def __init__(self, link):
         self.messages: list[tuple[str, list[bytes]]] = []
         sock = link._socket
-        send, recv = sock.send_multipart, sock.recv_multipart
+        send, recv = sock.send, sock.recv_multipart
+        pending: list[bytes] = []
 
-        def logged_send(frames, *args, **kwargs):
-            self.messages.append(("up", [bytes(memoryview(f)) for f in frames]))
-            return send(frames, *args, **kwargs)
+        # Frame by frame, as they go to the socket (send_multipart also sends through `send`): a message ends
+        # with the first frame sent without SNDMORE.
+        def logged_send(frame, flags=0, *args, **kwargs):
+            pending.append(bytes(memoryview(frame)))
+            if not int(flags) & int(zmq.SNDMORE):
+                self.messages.append(("up", pending[:]))
+                pending.clear()
+            return send(frame, flags, *args, **kwargs)
 
         def logged_recv(*args, **kwargs):
             frames = recv(*args, **kwargs)
             self.messages.append(("down", [bytes(memoryview(f)) for f in frames]))
             return frames
 
-        sock.send_multipart, sock.recv_multipart = logged_send, logged_recv
+        sock.send, sock.recv_multipart = logged_send, logged_recv
 
 
 def test_over_the_wire_only_activations_cross_never_text_ids_labels_or_loss(llama_bundle, data, tmp_path):
