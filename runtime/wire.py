@@ -239,8 +239,8 @@ def send(socket: zmq.Socket, frames: Sequence) -> None:
     """Send one message's frames, the tensor's without a copy where it is large enough to matter.
 
     What `send_multipart` does, without its flag arithmetic on Python enums:
-    between two ONNX Runtime calls that evict every cache, that took a tenth of
-    a round trip here.
+    right after an ONNX Runtime call has evicted the caches, a message took
+    86 us that way against 60 us this way.
     """
     for frame in frames[:-1]:
         socket.send(frame, _SNDMORE, copy=False)
