@@ -6,7 +6,6 @@ are rich tables for people and `--json` for scripts.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
 import os
@@ -92,15 +91,6 @@ class nullcontext_status:
 
 LOW_LATENCY_HELP = ("Keep this machine's idle cores polling instead of sleeping while this runs (Linux PM QoS, "
                     "/dev/cpu_dma_latency; needs root): faster round trips, at the cost of power.")
-
-
-def hold_low_latency(enabled: bool) -> contextlib.AbstractContextManager:
-    """--low-latency: the request is made here, so that a machine that refuses it fails before any slow work."""
-    if not enabled:
-        return contextlib.nullcontext()
-    from plcli.runtime.cpu_latency import CpuLatencyRequest
-
-    return CpuLatencyRequest(0)
 
 
 def status(message: str):

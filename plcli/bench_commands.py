@@ -8,7 +8,9 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from .app import LOW_LATENCY_HELP, UserError, app, console, hold_low_latency, print_json, progress_bar, reports_errors, status
+from plcli.runtime.cpu_latency import hold_low_latency
+
+from .app import LOW_LATENCY_HELP, UserError, app, console, print_json, progress_bar, reports_errors, status
 
 bench_app = typer.Typer(no_args_is_help=True, help="Measure speed: every method side by side in one run, as ratios.")
 app.add_typer(bench_app, name="bench")

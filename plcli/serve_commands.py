@@ -18,7 +18,9 @@ import typer
 from rich.live import Live
 from rich.text import Text
 
-from .app import LOW_LATENCY_HELP, UserError, app, console, err_console, hold_low_latency, print_json, reports_errors, status
+from plcli.runtime.cpu_latency import hold_low_latency
+
+from .app import LOW_LATENCY_HELP, UserError, app, console, err_console, print_json, reports_errors, status
 
 DEFAULT_ENDPOINT = "tcp://127.0.0.1:5555"  # loopback: serving beyond this machine is a deliberate choice
 WIRE_DTYPE_HELP = "Activations on the wire: float32 (exact) or float16 (half the bytes); the same on both sides."

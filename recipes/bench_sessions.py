@@ -27,7 +27,6 @@ whole run (runtime/cpu_latency.py).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import multiprocessing
 import os
@@ -39,7 +38,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from plcli.runtime.cpu_latency import CpuLatencyError, CpuLatencyRequest
+from plcli.runtime.cpu_latency import CpuLatencyError, hold_low_latency
 
 SHAPE = "bench-512"  # of recipes.checkpoints.BENCH_SHAPES, the shapes `plcli bench decode` is held to
 RANK = 64
@@ -223,7 +222,7 @@ def main(argv: list[str] | None = None) -> None:
 
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     try:
-        latency = CpuLatencyRequest(0) if args.low_latency else contextlib.nullcontext()
+        latency = hold_low_latency(args.low_latency)
     except CpuLatencyError as e:
         parser.exit(2, f"error: {e}\n")
     work = args.out or Path(tempfile.mkdtemp(prefix="plcli-bench-sessions-"))

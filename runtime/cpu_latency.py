@@ -15,6 +15,7 @@ however the process ends, so nothing outlives it.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import struct
 from pathlib import Path
@@ -63,6 +64,12 @@ class CpuLatencyRequest:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def hold_low_latency(enabled: bool) -> contextlib.AbstractContextManager:
+    """What `--low-latency` holds: a request made here and now, so that a machine that refuses it fails before any
+    slow work; nothing when not `enabled`."""
+    return CpuLatencyRequest(0) if enabled else contextlib.nullcontext()
 
 
 def latency_in_force(device: Path | None = None) -> int:
