@@ -6,19 +6,26 @@
 Builds a random-weight Llama (hidden 512, 8 layers, 8 heads, intermediate
 1376, vocab 8000; rank 64, q/k/v adapted) unless `--out` already holds one,
 starts `plcli serve-cloud --threads 1` as a child process and runs the edges
-as child processes of their own, each with its own prompt of random token ids
-and a random M, greedy. First each edge runs alone, one after the other: its
-ids are the reference and its decode rate the single-edge speed. Then all of
-them run at once, starting together; their aggregate rate is every edge's
-decoded tokens (all but the first, which the prefill gives) over the time
-from the first edge's first token to the last edge's last token. Each round
-does both, on the same cloud, so that a machine whose speed drifts moves
-both alike; the ratio is that of the medians over the rounds (a round's
-single-edge speed being the median of its solo runs), and each round's own
-ratio is reported too. The edges and the cloud share this machine's
-cores, so the ratio also says how much CPU the edges leave to the cloud; the
-cloud's own CPU per token, alone and together (where /proc tells), says what
-grouping saves the cloud wherever edges run.
+in this one, each with its own prompt of random token ids and a random M,
+greedy. First each edge runs alone, one after the other: its ids are the
+reference and its decode rate the single-edge speed. Then all of them run at
+once, starting together; their aggregate rate is every edge's decoded tokens
+(all but the first, which the prefill gives) over the time from the first
+edge's first token to the last edge's last token. Each round does both, on
+the same cloud, so that a machine whose speed drifts moves both alike; the
+ratio is that of the medians over the rounds (a round's single-edge speed
+being the median of its solo runs), and each round's own ratio is reported
+too.
+
+The edges are threads of one process, as a load generator runs its clients:
+each has its own session, connection, M and conversation, and the cloud
+cannot tell them from edges on eight devices, but they share one ZeroMQ I/O
+thread and one interpreter. Edges run on devices of their own in deployment;
+here they take the cloud's cores, and eight processes, each with an
+interpreter and an I/O thread to wake on every message, took so much that
+the run measured the machine more than the cloud. The CPU the edges still use
+is reported (per token), next to the cloud's own, alone and together (where
+/proc tells): what grouping saves the cloud wherever the edges run.
 `--max-group` and `--batch-wait-us` go to serve-cloud, to compare without
 grouping or with a wait; `--low-latency` keeps idle cores polling for the
 whole run (runtime/cpu_latency.py).
@@ -28,13 +35,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing
 import os
 import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -57,61 +64,57 @@ def build_bundles(work: Path) -> tuple[Path, Path]:
     return out / "cloud", out / "edge"
 
 
-def _edge(edge_dir: str, endpoint: str, prompt_ids: list[int], new_tokens: int, seed: int, go, results) -> None:
-    """One edge process: open a session, wait for `go`, generate greedily with M from `seed`, report ids and token times."""
+def _edge_model(edge_dir: Path, seed: int):
+    """An edge with a random M from `seed`, its tokenizer loaded: nothing left to load once edges decode."""
     from plcli.exporters.verify import random_adapter
-    from plcli.runtime.client import RemoteCloudSession
     from plcli.runtime.edge import EdgeModel
+
+    edge = EdgeModel(edge_dir, threads=1)
+    edge.set_adapter(random_adapter(edge, seed=seed))
+    edge.tokenizer  # noqa: B018 (loaded on first use)
+    return edge
+
+
+def _edge(edge, endpoint: str, prompt_ids: list[int], new_tokens: int, start: threading.Barrier, results: dict,
+          seed: int) -> None:
+    """One edge: open a session, start with the others, generate greedily, report its ids and token times."""
+    from plcli.runtime.client import RemoteCloudSession
     from plcli.runtime.generate import Conversation, Sampling
 
     try:
-        edge = EdgeModel(edge_dir, threads=1)
-        edge.set_adapter(random_adapter(edge, seed=seed))
-        sampling = Sampling(max_new_tokens=new_tokens, ignore_eos=True)
         with RemoteCloudSession(endpoint, edge.manifest, timeout=TIMEOUT_S) as session:
-            conversation = Conversation(edge, session, sampling)  # loads the tokenizer: not while others decode
-            go.wait()
-            cpu = time.process_time()
+            conversation = Conversation(edge, session, Sampling(max_new_tokens=new_tokens, ignore_eos=True))
+            start.wait(timeout=TIMEOUT_S)
             ids, times = [], []
             for token in conversation.turn(prompt_ids):
                 ids.append(token)
-                times.append(time.monotonic())  # system-wide on Linux: comparable between processes
-        results.put({"seed": seed, "ids": ids, "first": times[0], "last": times[-1], "cpu_s": time.process_time() - cpu})
-    except BaseException as e:  # reported by the parent
-        results.put({"seed": seed, "error": f"{type(e).__name__}: {e}"})
-        raise SystemExit(1) from None
+                times.append(time.monotonic())
+        results[seed] = {"seed": seed, "ids": ids, "first": times[0], "last": times[-1]}
+    except BaseException as e:  # reported by the caller
+        start.abort()  # the others must not wait for this one
+        results[seed] = {"seed": seed, "error": f"{type(e).__name__}: {e}"}
 
 
-def _run_edges(ctx, edge_dir: Path, endpoint: str, prompts: dict[int, list[int]], new_tokens: int) -> list[dict]:
-    """One edge process per (M seed, prompt), released together once all are connected; results in seed order."""
-    go, results = ctx.Event(), ctx.Queue()
-    procs = [ctx.Process(target=_edge, args=(str(edge_dir), endpoint, p, new_tokens, seed, go, results))
-             for seed, p in prompts.items()]
-    for proc in procs:
-        proc.start()
+def _run_edges(edges: dict, endpoint: str, prompts: dict[int, list[int]], new_tokens: int) -> tuple[list[dict], float]:
+    """One edge thread per (M seed, prompt), started together once all have a session; (results in seed order,
+    the CPU seconds this process used meanwhile)."""
+    start, results = threading.Barrier(len(prompts) + 1), {}
+    threads = [threading.Thread(target=_edge, args=(edges[seed], endpoint, p, new_tokens, start, results, seed),
+                                name=f"plcli-edge-{seed}", daemon=True) for seed, p in prompts.items()]
+    for thread in threads:
+        thread.start()
     try:
-        _wait_for_sessions(endpoint, len(prompts))
-        go.set()
-        got = [results.get(timeout=TIMEOUT_S * 4) for _ in procs]
-    finally:
-        for proc in procs:
-            proc.join(timeout=TIMEOUT_S)
-            if proc.is_alive():
-                proc.kill()
-    errors = [r["error"] for r in got if "error" in r]
-    if errors:
-        raise RuntimeError(f"an edge failed: {errors[0]}")
-    return sorted(got, key=lambda r: r["seed"])
-
-
-def _wait_for_sessions(endpoint: str, count: int) -> None:
-    from plcli.runtime.client import cloud_status
-
-    deadline = time.monotonic() + TIMEOUT_S * 2  # each edge process imports and loads its bundle first
-    while cloud_status(endpoint)["sessions"] < count:
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"fewer than {count} edges opened a session within {TIMEOUT_S * 2:g} s")
-        time.sleep(0.1)
+        start.wait(timeout=TIMEOUT_S)
+    except threading.BrokenBarrierError:
+        pass  # an edge failed to open its session: its error is in `results`
+    cpu = time.process_time()
+    for thread in threads:
+        thread.join(timeout=TIMEOUT_S * 4)  # every request of an edge times out long before
+    cpu = time.process_time() - cpu
+    errors = [r["error"] for r in results.values() if "error" in r]
+    if errors or len(results) < len(prompts):
+        raise RuntimeError(f"an edge failed: {errors[0] if errors else 'no result within the time limit'}")
+    return [results[seed] for seed in sorted(results)], cpu
 
 
 def _serve(cloud_dir: Path, max_sessions: int, options: list[str]) -> tuple[subprocess.Popen, str]:
@@ -161,16 +164,18 @@ def aggregate_decode(cloud_dir, edge_dir, edges: int, new_tokens: int, prompt_le
     vocab = read_manifest(Path(edge_dir), side="edge").architecture.vocab_size
     rng = np.random.default_rng(0)
     prompts = [rng.integers(1, vocab, size=prompt_len).tolist() for _ in range(edges)]
-    ctx = multiprocessing.get_context("spawn")  # no ONNX Runtime or ZeroMQ state inherited by a fork
+    models = {seed: _edge_model(Path(edge_dir), seed) for seed in range(edges)}
     server, endpoint = _serve(Path(cloud_dir), max(edges, 16), list(serve_options or []))
-    alone, together, grouped_calls = [], [], 0
+    alone, together, grouped_calls, edge_cpu_s = [], [], 0, 0.0
     cloud_cpu_s = {"alone": 0.0, "together": 0.0} if _cpu_s(server.pid) is not None else None
     try:
         for _ in range(rounds):
             cpu_start = _cpu_s(server.pid)
-            alone.append([_run_edges(ctx, Path(edge_dir), endpoint, {i: p}, new_tokens)[0] for i, p in enumerate(prompts)])
+            alone.append([_run_edges(models, endpoint, {i: p}, new_tokens)[0][0] for i, p in enumerate(prompts)])
             before, cpu_before = cloud_status(endpoint), _cpu_s(server.pid)
-            together.append(_run_edges(ctx, Path(edge_dir), endpoint, dict(enumerate(prompts)), new_tokens))
+            results, cpu_s = _run_edges(models, endpoint, dict(enumerate(prompts)), new_tokens)
+            together.append(results)
+            edge_cpu_s += cpu_s
             after, cpu_after = cloud_status(endpoint), _cpu_s(server.pid)
             grouped_calls += after["grouped_calls"] - before["grouped_calls"]
             if cloud_cpu_s is not None:
@@ -197,7 +202,7 @@ def aggregate_decode(cloud_dir, edge_dir, edges: int, new_tokens: int, prompt_le
             # Every run of an edge, alone or together, in any round, gave the ids of its first solo run.
             "identical": all(r["ids"] == alone[0][i]["ids"] for results in alone + together for i, r in enumerate(results)),
             "grouped_calls": grouped_calls, "largest_group": after["largest_group"],
-            "edge_cpu_ms_per_token": round(1000 * sum(r["cpu_s"] for results in together for r in results) / tokens(together), 2),
+            "edge_cpu_ms_per_token": round(1000 * edge_cpu_s / tokens(together), 2),
             # The cloud's CPU per token, edges alone and together: what grouping saves the cloud, wherever the edges run.
             "cloud_cpu_ms_per_token_alone": cloud_ms("alone", alone),
             "cloud_cpu_ms_per_token": cloud_ms("together", together)}
