@@ -89,17 +89,17 @@ def _edge(edge, endpoint: str, prompt_ids: list[int], new_tokens: int, start: th
             for token in conversation.turn(prompt_ids):
                 ids.append(token)
                 times.append(time.monotonic())
-        results[seed] = {"seed": seed, "ids": ids, "first": times[0], "last": times[-1]}
+        results[seed] = {"ids": ids, "first": times[0], "last": times[-1]}
     except BaseException as e:  # reported by the caller
         start.abort()  # the others must not wait for this one
-        results[seed] = {"seed": seed, "error": f"{type(e).__name__}: {e}"}
+        results[seed] = {"error": f"{type(e).__name__}: {e}"}
 
 
-def _run_edges(edges: dict, endpoint: str, prompts: dict[int, list[int]], new_tokens: int) -> tuple[list[dict], float]:
-    """One edge thread per (M seed, prompt), started together once all have a session; (results in seed order,
+def _run_edges(models: dict, endpoint: str, prompts: dict[int, list[int]], new_tokens: int) -> tuple[list[dict], float]:
+    """One edge thread per (M seed, prompt), on `models[seed]`, started together once all have a session; (results in seed order,
     the CPU seconds this process used meanwhile)."""
     start, results = threading.Barrier(len(prompts) + 1), {}
-    threads = [threading.Thread(target=_edge, args=(edges[seed], endpoint, p, new_tokens, start, results, seed),
+    threads = [threading.Thread(target=_edge, args=(models[seed], endpoint, p, new_tokens, start, results, seed),
                                 name=f"plcli-edge-{seed}", daemon=True) for seed, p in prompts.items()]
     for thread in threads:
         thread.start()
