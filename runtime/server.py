@@ -414,10 +414,13 @@ class CloudServer:
         key, wait_s = self._choose()
         if key is None:
             return wait_s
-        members = [r for r in self._queue if r.key == key][:self.max_group]
-        self._queue = [r for r in self._queue if r not in members]
+        # One pass: a membership test would compare the dataclasses field by field, tens of us a group.
+        members, waiting = [], []
         for r in self._queue:
+            (members if r.key == key and len(members) < self.max_group else waiting).append(r)
+        for r in waiting:
             r.passed += 1
+        self._queue = waiting
         for r in members:
             r.request.session.busy = False
         self._run_group([(r.request, r.call) for r in members])
