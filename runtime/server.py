@@ -191,7 +191,7 @@ class CloudServer:
         try:
             self.socket.bind(bind)
         except zmq.ZMQError as e:
-            self._close()
+            self.close()
             raise OSError(f"cannot bind {bind}: {e}") from None
         self.endpoint = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
         self._poller = zmq.Poller()  # one for the loop's life: `socket.poll` would build one per wait
@@ -207,19 +207,28 @@ class CloudServer:
         try:
             idle_s = POLL_S
             while not stop.is_set():
-                if self._poller.poll(math.ceil(idle_s * 1000)):
-                    self._take([r for r in (self._admit(*message) for message in self._receive()) if r])
-                idle_s = self._run_next()
-                now = time.monotonic()
-                self._expire(now)
-                self._update_rate(now)
+                idle_s = self.turn(idle_s)
         finally:
             count = len(self.sessions)
             self.sessions.clear()
-            self._close()
+            self.close()
             self.on_event({"event": "stopped", "sessions_freed": count, "tokens": self.counters.tokens})
 
-    def _close(self) -> None:
+    def turn(self, wait_s: float = 0.0) -> float:
+        """One turn of the loop: take in the messages waiting (after up to `wait_s` for one), run one group.
+
+        Returns how long the next turn may wait. `serve` is these turns until stopped.
+        """
+        if self._poller.poll(math.ceil(wait_s * 1000)):
+            self._take([r for r in (self._admit(*message) for message in self._receive()) if r])
+        idle_s = self._run_next()
+        now = time.monotonic()
+        self._expire(now)
+        self._update_rate(now)
+        return idle_s
+
+    def close(self) -> None:
+        """Close the socket (and what secures it); `serve` does this when it stops."""
         self.socket.close()
         if self._auth is not None:
             self._auth.stop()
