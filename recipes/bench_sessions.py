@@ -1,7 +1,7 @@
 """Aggregate decode speed of many edges on one cloud, next to one edge alone.
 
     python -m plcli.recipes.bench_sessions [--edges 8] [--new-tokens 40] [--prompt-len 16] [--rounds 3] [--out DIR]
-                                           [--json] [--max-group N] [--batch-wait-us N] [--low-latency]
+                                           [--json] [--max-group N] [--batch-wait-us N] [--low-latency] [--group-cost]
 
 Builds a random-weight Llama (hidden 512, 8 layers, 8 heads, intermediate
 1376, vocab 8000; rank 64, q/k/v adapted) unless `--out` already holds one,
@@ -29,6 +29,10 @@ is reported (per token), next to the cloud's own, alone and together (where
 `--max-group` and `--batch-wait-us` go to serve-cloud, to compare without
 grouping or with a wait; `--low-latency` keeps idle cores polling for the
 whole run (runtime/cpu_latency.py).
+
+`--group-cost` measures instead what grouping saves the cloud where nothing
+else gets in the way: its CPU per session step with every group of 1, 2, 4
+and 8 sessions, edges answering at once in its own process (`group_cost`).
 """
 
 from __future__ import annotations
@@ -208,6 +212,97 @@ def aggregate_decode(cloud_dir, edge_dir, edges: int, new_tokens: int, prompt_le
             "cloud_cpu_ms_per_token": cloud_ms("together", together)}
 
 
+def group_cost(cloud_dir, *, sessions: int = 8, new_tokens: int = 24, prompt_len: int = 16,
+               group_sizes: tuple[int, ...] = (1, 2, 4, 8)) -> list[dict]:
+    """The cloud server's own CPU per decode step of a session, in groups of each size: what grouping saves it.
+
+    No edges, network or other process share the machine: a CloudServer in
+    this process, on an inproc socket, serves `sessions` sessions in lockstep,
+    every `A x` answered at once (by itself scaled down, standing in for
+    `M A x`), so that under `max_group=g` every group holds g sessions (the
+    last of a step fewer, where g does not divide `sessions`). Only the
+    server's turns are timed, in CPU seconds, after each session's prompt.
+    """
+    import numpy as np
+    import zmq
+
+    from plcli.runtime import wire
+    from plcli.runtime.cloud import CloudModel
+    from plcli.runtime.server import CloudServer
+
+    if sessions < 1 or new_tokens < 1 or prompt_len < 1 or not group_sizes or min(group_sizes) < 1:
+        raise ValueError("need at least 1 session, 1 new token, 1 prompt token and group sizes of 1 or more")
+    model = CloudModel(Path(cloud_dir), threads=1, prepack=True)  # as serve-cloud loads it to group
+    hidden, segments = model.arch.hidden_size, len(model.plan.segments)
+    rng = np.random.default_rng(0)
+    rows = []
+    for size in group_sizes:
+        context = zmq.Context()
+        server = CloudServer(model, bind=f"inproc://plcli-group-cost-{size}", tune=False, max_sessions=sessions,
+                             max_group=size, context=context)
+        edges = [context.socket(zmq.DEALER) for _ in range(sessions)]
+        try:
+            ids, steps, cpu = [], 0, 0.0  # ids[i]: edge i's session
+
+            def exchange(frames_of, timed: bool) -> int:
+                """Send each session's message, answer every `A x` until all have their reply; replies received."""
+                nonlocal cpu
+                for i, edge in enumerate(edges):
+                    edge.send_multipart(frames_of(i))
+                waiting, replies, deadline = set(range(sessions)), 0, time.monotonic() + TIMEOUT_S
+                while waiting:
+                    if time.monotonic() > deadline:
+                        raise RuntimeError("the cloud stopped answering")
+                    start = time.process_time()
+                    server.turn(0.0)
+                    cpu += (time.process_time() - start) * timed
+                    for i, edge in enumerate(edges):
+                        while edge.poll(0):
+                            header, payload = wire.decode(edge.recv_multipart(copy=False), wire.REPLIES,
+                                                          max_message_bytes=server.max_message_bytes)
+                            replies += 1
+                            if header["op"] == "ax":
+                                madx = wire.tensor(payload, header["shape"], "float32") * 0.01
+                                edge.send_multipart(wire.encode("madx", {"session": ids[i], "step": header["step"],
+                                                                         "cut": header["cut"]}, madx))
+                            elif header["op"] == "hidden":
+                                waiting.discard(i)
+                            else:
+                                raise RuntimeError(f"the cloud refused: {header.get('message', header['op'])}")
+                return replies
+
+            for edge in edges:
+                edge.setsockopt(zmq.RCVTIMEO, int(TIMEOUT_S * 1000))
+                edge.connect(server.endpoint)
+                edge.send_multipart(wire.encode("open", {"ab_fingerprint": model.manifest.ab_fingerprint,
+                                                         "wire_dtype": "float32", "batch": 1, "mode": "generate"}))
+                server.turn(0.0)  # answers the open
+                header, _ = wire.decode(edge.recv_multipart(), wire.REPLIES, max_message_bytes=wire.MAX_HEADER_BYTES)
+                if header["op"] != "opened":
+                    raise RuntimeError(f"the cloud refused a session: {header.get('message')}")
+                ids.append(header["session"])
+
+            def step_frames(token: int, seq: int):
+                return lambda i: wire.encode("step", {"session": ids[i], "step": token},
+                                             (0.02 * rng.standard_normal((1, seq, hidden))).astype(np.float32))
+
+            exchange(step_frames(0, prompt_len), timed=False)
+            for token in range(1, new_tokens + 1):
+                steps += exchange(step_frames(token, 1), timed=True)
+            largest = server.stats()["largest_group"]
+        finally:
+            for edge in edges:
+                edge.close(linger=0)
+            server.close()
+            context.term()
+        rows.append({"group": size, "largest_group": largest or 1, "session_steps": steps,
+                     "cpu_us_per_session_step": round(1e6 * cpu / steps, 1),
+                     "cpu_ms_per_token": round(1e3 * cpu / (sessions * new_tokens), 3)})
+        if steps != sessions * new_tokens * segments:
+            raise RuntimeError(f"{steps} replies for {sessions * new_tokens * segments} session steps")
+    return rows
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--edges", type=int, default=8)
@@ -221,6 +316,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-wait-us", type=int, help="serve-cloud --batch-wait-us (default: its own).")
     parser.add_argument("--low-latency", action="store_true", help="Keep idle cores polling for the whole run "
                                                                    "(/dev/cpu_dma_latency, needs root).")
+    parser.add_argument("--group-cost", action="store_true", help="Instead: the cloud server's own CPU per session step "
+                                                                  "in groups of 1, 2, 4 and 8, in this process (group_cost).")
     args = parser.parse_args(argv)
     serve_options = [opt for flag, value in (("--max-group", args.max_group), ("--batch-wait-us", args.batch_wait_us))
                      if value is not None for opt in (flag, str(value))]
@@ -234,6 +331,12 @@ def main(argv: list[str] | None = None) -> None:
     try:
         with latency:
             cloud_dir, edge_dir = build_bundles(work)
+            if args.group_cost:
+                sizes = tuple(sorted({g for g in (1, 2, 4, 8) if g <= args.edges} | {args.edges}))
+                rows = group_cost(cloud_dir, sessions=args.edges, new_tokens=args.new_tokens, prompt_len=args.prompt_len,
+                                  group_sizes=sizes)
+                _print_group_cost(rows, args.json)
+                return
             result = aggregate_decode(cloud_dir, edge_dir, args.edges, args.new_tokens, args.prompt_len,
                                       rounds=args.rounds, serve_options=serve_options)
     finally:
@@ -249,6 +352,16 @@ def main(argv: list[str] | None = None) -> None:
           f"{'yes' if result['identical'] else 'NO'}; {result['grouped_calls']} grouped calls, largest group "
           f"{result['largest_group']}; the edges used {result['edge_cpu_ms_per_token']:.1f} ms of CPU per token"
           + _cloud_cpu_line(result))
+
+
+def _print_group_cost(rows: list[dict], as_json: bool) -> None:
+    if as_json:
+        print(json.dumps({"rows": rows}))
+        return
+    alone = rows[0]["cpu_us_per_session_step"]
+    for row in rows:
+        print(f"groups of {row['group']}: {row['cpu_us_per_session_step']:.0f} us of cloud CPU per session step, "
+              f"{row['cpu_ms_per_token']:.2f} ms per token ({alone / row['cpu_us_per_session_step']:.2f}x groups of {rows[0]['group']})")
 
 
 def _cloud_cpu_line(result: dict) -> str:

@@ -91,3 +91,16 @@ def test_bench_sessions_alternates_rounds_and_reports_each(llama_bundle):
     assert r["edges"] == 2 and r["rounds"] == 2 and len(r["ratio_per_round"]) == 2 and all(x > 0 for x in r["ratio_per_round"])
     # Both edges, alone and together, in both rounds: the ids of their first solo run.
     assert r["identical"] and r["edge_cpu_ms_per_token"] > 0
+
+
+def test_bench_group_cost_runs_every_group_size(llama_bundle):
+    from plcli.recipes.bench_sessions import group_cost
+    from plcli.runtime.bundle import read_manifest
+
+    segments = len(read_manifest(llama_bundle / "cloud", side="cloud").plan.segments)
+    rows = group_cost(llama_bundle / "cloud", sessions=3, new_tokens=2, prompt_len=3, group_sizes=(1, 3))
+    assert [r["group"] for r in rows] == [1, 3]
+    for r in rows:
+        # Every session's every segment answered, in groups no larger than asked and, sessions in lockstep, that large.
+        assert r["session_steps"] == 3 * 2 * segments and r["largest_group"] == r["group"]
+        assert r["cpu_us_per_session_step"] > 0 and r["cpu_ms_per_token"] > 0
