@@ -317,7 +317,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--low-latency", action="store_true", help="Keep idle cores polling for the whole run "
                                                                    "(/dev/cpu_dma_latency, needs root).")
     parser.add_argument("--group-cost", action="store_true", help="Instead: the cloud server's own CPU per session step "
-                                                                  "in groups of 1, 2, 4 and 8, in this process (group_cost).")
+                                                                  "in groups of 1, 2, 4, 8 (up to --edges), in this process "
+                                                                  "(group_cost).")
     args = parser.parse_args(argv)
     serve_options = [opt for flag, value in (("--max-group", args.max_group), ("--batch-wait-us", args.batch_wait_us))
                      if value is not None for opt in (flag, str(value))]
