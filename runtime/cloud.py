@@ -180,26 +180,35 @@ class CloudModel:
             return [self.run(calls[0])]
         feeds = [c.feed for c in calls]
         batched = {}
+        used = None
         for name, value in feeds[0].items():
             if name == "window":  # one segment, one layer, one window
                 batched[name] = value
             elif name in CACHE_INPUTS:
-                batched[name] = _stack_cache([f[name] for f in feeds], [int(f["past_length"][0]) for f in feeds])
+                used = used or [int(f["past_length"][0]) for f in feeds]
+                batched[name] = _stack_cache([f[name] for f in feeds], used)
             else:
                 batched[name] = np.concatenate([f[name] for f in feeds])
         out = self.run_segment(calls[0].index, batched, projection=calls[0].projection)
-        rows = np.cumsum([0] + [c.rows for c in calls])
-        return [{name: value[lo:hi] for name, value in out.items()} for lo, hi in zip(rows[:-1], rows[1:])]
+        parts, lo = [], 0
+        for call in calls:
+            hi = lo + call.rows
+            parts.append({name: value[lo:hi] for name, value in out.items()})
+            lo = hi
+        return parts
 
 
 def _stack_cache(buffers: list[np.ndarray], used: list[int]) -> np.ndarray:
     """The first `used` slots of each cache buffer, stacked on the batch axis; zeros (free slots) after them."""
     _, heads, _, dim = buffers[0].shape
-    stacked = np.zeros((sum(b.shape[0] for b in buffers), heads, max(used), dim), buffers[0].dtype)
+    stacked = np.empty((sum(b.shape[0] for b in buffers), heads, max(used), dim), buffers[0].dtype)
     row = 0
     for buffer, n in zip(buffers, used):
-        stacked[row:row + buffer.shape[0], :, :n] = buffer[:, :, :n]
-        row += buffer.shape[0]
+        rows = buffer.shape[0]
+        stacked[row:row + rows, :, :n] = buffer[:, :, :n]
+        # Masking adds a large negative bias to a free slot's score, so the slot must still hold finite numbers.
+        stacked[row:row + rows, :, n:] = 0
+        row += rows
     return stacked
 
 
