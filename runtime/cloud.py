@@ -180,12 +180,11 @@ class CloudModel:
             return [self.run(calls[0])]
         feeds = [c.feed for c in calls]
         batched = {}
-        used = None
+        used = [int(f["past_length"][0]) for f in feeds] if "past_length" in feeds[0] else None  # slots each cache holds
         for name, value in feeds[0].items():
             if name == "window":  # one segment, one layer, one window
                 batched[name] = value
             elif name in CACHE_INPUTS:
-                used = used or [int(f["past_length"][0]) for f in feeds]
                 batched[name] = _stack_cache([f[name] for f in feeds], used)
             else:
                 batched[name] = np.concatenate([f[name] for f in feeds])
