@@ -82,10 +82,6 @@ class SegmentKind:
         assert len(hits) <= 1
         return hits[0] if hits else None
 
-    @property
-    def layers_touched(self) -> list[int]:
-        return sorted({rel for rel, _ in self.pieces})
-
 
 @dataclass(frozen=True)
 class Segment:
