@@ -54,7 +54,6 @@ class Architecture:
 # Which weights each piece reads (bias names only exist when the architecture has them).
 PIECE_LINEARS = {1: ("q_proj", "k_proj", "v_proj"), 2: ("o_proj",), 3: ("gate_proj", "up_proj"), 4: ("down_proj",)}
 PIECE_NORMS = {0: "input_layernorm", 2: "post_attention_layernorm"}
-PIECE_STAGE = {1: "attn_in", 2: "attn_out", 3: "mlp_in", 4: "mlp_out"}
 
 
 def has_bias(arch: Architecture, target: str) -> bool:
