@@ -121,12 +121,11 @@ def test_stacked_caches_hold_zeros_in_the_free_slots_whatever_the_memory_held(mo
     """Masking adds a bias to a free slot's score rather than replacing it: a NaN left in memory would poison the row."""
     from plcli.runtime import cloud as cloud_module
 
-    empty = np.empty
-    monkeypatch.setattr(cloud_module.np, "empty", lambda shape, dtype=float: np.full(shape, np.nan, dtype))
     rng = np.random.default_rng(2)
     buffers = [rng.standard_normal((1, 2, slots, 4)).astype(np.float32) for slots in (32, 64, 32)]
-    stacked = cloud_module._stack_cache(buffers, [3, 40, 0])
-    monkeypatch.setattr(cloud_module.np, "empty", empty)
+    with monkeypatch.context() as patch:
+        patch.setattr(cloud_module.np, "empty", lambda shape, dtype=float: np.full(shape, np.nan, dtype))
+        stacked = cloud_module._stack_cache(buffers, [3, 40, 0])
     assert stacked.shape == (3, 2, 40, 4)
     for row, (buffer, used) in enumerate(zip(buffers, [3, 40, 0])):
         np.testing.assert_array_equal(stacked[row, :, :used], buffer[0, :, :used])
