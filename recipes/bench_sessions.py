@@ -17,15 +17,20 @@ ratio is that of the medians over the rounds (a round's single-edge speed
 being the median of its solo runs), and each round's own ratio is reported
 too.
 
-The edges are threads of one process, as a load generator runs its clients:
-each has its own session, connection, M and conversation, and the cloud
-cannot tell them from edges on eight devices, but they share one ZeroMQ I/O
-thread and one interpreter. Edges run on devices of their own in deployment;
-here they take the cloud's cores, and eight processes, each with an
-interpreter and an I/O thread to wake on every message, took so much that
-the run measured the machine more than the cloud. The CPU the edges still use
-is reported (per token), next to the cloud's own, alone and together (where
-/proc tells): what grouping saves the cloud wherever the edges run.
+The edges are driven by one thread of this process, as a load generator
+drives its clients: each has its own session, connection, M and conversation,
+and the cloud cannot tell them from edges on eight devices. The thread sends
+each edge's message and answers whichever reply comes in next
+(`RemoteCloudSession.post_start`, `post_resume`, `receive`). Edges run on
+devices of their own in deployment; here they take the cloud's cores, and
+what they take is what the run measures besides the cloud: eight processes,
+each with an interpreter and an I/O thread to wake on every message, made it
+measure the machine more than the cloud, and eight threads, each asleep in
+its receive, got a tenth fewer tokens per second out of the same cloud than
+this one thread (140 against 154 tok/s, medians of 12 alternating runs). The
+CPU the edges still use is reported (per token), next to the cloud's own,
+alone and together (where /proc tells): what grouping saves the cloud
+wherever the edges run.
 `--max-group` and `--batch-wait-us` go to serve-cloud, to compare without
 grouping or with a wait; `--low-latency` keeps idle cores polling for the
 whole run (runtime/cpu_latency.py).
@@ -45,7 +50,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -79,46 +83,72 @@ def _edge_model(edge_dir: Path, seed: int):
     return edge
 
 
-def _edge(edge, endpoint: str, prompt_ids: list[int], new_tokens: int, start: threading.Barrier, results: dict,
-          seed: int) -> None:
-    """One edge: open a session, start with the others, generate greedily, report its ids and token times."""
+def _solo(edge, endpoint: str, prompt_ids: list[int], new_tokens: int) -> dict:
+    """One edge alone, as `plcli run-edge` generates: its ids and the times of its first and last token."""
     from plcli.runtime.client import RemoteCloudSession
     from plcli.runtime.generate import Conversation, Sampling
 
-    try:
-        with RemoteCloudSession(endpoint, edge.manifest, timeout=TIMEOUT_S) as session:
-            conversation = Conversation(edge, session, Sampling(max_new_tokens=new_tokens, ignore_eos=True))
-            start.wait(timeout=TIMEOUT_S)
-            ids, times = [], []
-            for token in conversation.turn(prompt_ids):
-                ids.append(token)
-                times.append(time.monotonic())
-        results[seed] = {"ids": ids, "first": times[0], "last": times[-1]}
-    except BaseException as e:  # reported by the caller
-        start.abort()  # the others must not wait for this one
-        results[seed] = {"error": f"{type(e).__name__}: {e}"}
+    with RemoteCloudSession(endpoint, edge.manifest, timeout=TIMEOUT_S) as session:
+        ids, times = [], []
+        for token in Conversation(edge, session, Sampling(max_new_tokens=new_tokens, ignore_eos=True)).turn(prompt_ids):
+            ids.append(token)
+            times.append(time.monotonic())
+    return {"ids": ids, "first": times[0], "last": times[-1]}
 
 
-def _run_edges(models: dict, endpoint: str, prompts: dict[int, list[int]], new_tokens: int) -> tuple[list[dict], float]:
-    """One edge thread per (M seed, prompt), on `models[seed]`, started together once all have a session; (results in seed order,
-    the CPU seconds this process used meanwhile)."""
-    start, results = threading.Barrier(len(prompts) + 1), {}
-    threads = [threading.Thread(target=_edge, args=(models[seed], endpoint, p, new_tokens, start, results, seed),
-                                name=f"plcli-edge-{seed}", daemon=True) for seed, p in prompts.items()]
-    for thread in threads:
-        thread.start()
+def _together(models: dict, endpoint: str, prompts: dict[int, list[int]], new_tokens: int) -> tuple[list[dict], float]:
+    """Every edge at once, each on `models[seed]` with its prompt, all driven by this thread; (results in seed order, the
+    CPU seconds this process used meanwhile).
+
+    Each edge does what an edge alone does (`Conversation`, greedy): embed,
+    answer each `A x` with its `M A x`, run the LM head on the last hidden
+    state and pick the next token. The thread sends each edge's message
+    (`post_start`, `post_resume`) and answers whichever reply comes in next.
+    """
+    import numpy as np
+    import zmq
+
+    from plcli.runtime.client import RemoteCloudSession
+    from plcli.runtime.generate import Sampler, Sampling
+
+    sessions = {}
     try:
-        start.wait(timeout=TIMEOUT_S)
-    except threading.BrokenBarrierError:
-        pass  # an edge failed to open its session: its error is in `results`
-    cpu = time.process_time()
-    for thread in threads:
-        thread.join(timeout=TIMEOUT_S * 4)  # every request of an edge times out long before
-    cpu = time.process_time() - cpu
-    errors = [r["error"] for r in results.values() if "error" in r]
-    if errors or len(results) < len(prompts):
-        raise RuntimeError(f"an edge failed: {errors[0] if errors else 'no result within the time limit'}")
-    return [results[seed] for seed in sorted(results)], cpu
+        for seed in prompts:
+            sessions[seed] = RemoteCloudSession(endpoint, models[seed].manifest, timeout=TIMEOUT_S)
+        poller, seed_of = zmq.Poller(), {}
+        for seed, session in sessions.items():
+            poller.register(session.socket, zmq.POLLIN)
+            seed_of[session.socket] = seed
+        samplers = {seed: Sampler(Sampling(max_new_tokens=new_tokens, ignore_eos=True),
+                                  vocab_limit=min(edge.arch.vocab_size, len(edge.tokenizer))) for seed, edge in models.items()}
+        ids, times = {seed: [] for seed in prompts}, {seed: [] for seed in prompts}
+        cpu = time.process_time()
+        for seed, prompt in prompts.items():
+            sessions[seed].post_start(models[seed].embed(np.asarray([prompt], np.int64)))
+        generating = len(prompts)
+        while generating:
+            ready = poller.poll(int(TIMEOUT_S * 1000))
+            if not ready:
+                raise RuntimeError(f"the cloud sent nothing within {TIMEOUT_S:g} s")
+            for socket, _ in ready:
+                seed = seed_of[socket]
+                edge, session = models[seed], sessions[seed]
+                out = session.receive()
+                if not out.done:
+                    session.post_resume(edge.apply_adapter(out.layer, out.stage, out.ax))
+                    continue
+                token = samplers[seed](edge.logits(np.ascontiguousarray(out.hidden[:, -1:]))[0, -1])
+                ids[seed].append(token)
+                times[seed].append(time.monotonic())
+                if len(ids[seed]) < new_tokens:
+                    session.post_start(edge.embed(np.asarray([[token]], np.int64)))
+                else:
+                    generating -= 1
+        cpu = time.process_time() - cpu
+    finally:
+        for session in sessions.values():
+            session.close()
+    return [{"ids": ids[seed], "first": times[seed][0], "last": times[seed][-1]} for seed in sorted(prompts)], cpu
 
 
 def _serve(cloud_dir: Path, max_sessions: int, options: list[str]) -> tuple[subprocess.Popen, str]:
@@ -175,9 +205,9 @@ def aggregate_decode(cloud_dir, edge_dir, edges: int, new_tokens: int, prompt_le
     try:
         for _ in range(rounds):
             cpu_start = _cpu_s(server.pid)
-            alone.append([_run_edges(models, endpoint, {i: p}, new_tokens)[0][0] for i, p in enumerate(prompts)])
+            alone.append([_solo(models[i], endpoint, p, new_tokens) for i, p in enumerate(prompts)])
             before, cpu_before = cloud_status(endpoint), _cpu_s(server.pid)
-            results, cpu_s = _run_edges(models, endpoint, dict(enumerate(prompts)), new_tokens)
+            results, cpu_s = _together(models, endpoint, dict(enumerate(prompts)), new_tokens)
             together.append(results)
             edge_cpu_s += cpu_s
             after, cpu_after = cloud_status(endpoint), _cpu_s(server.pid)

@@ -99,8 +99,17 @@ class WireConnection:
     def __exit__(self, *exc) -> None:
         self.close()
 
+    @property
+    def socket(self) -> zmq.Socket:
+        """The connection's socket, to poll many sessions at once (see `RemoteCloudSession.post_start`); never to send on."""
+        return self._socket
+
     def _request(self, frames: list, *, expect: str, silence: str | None = None) -> tuple[dict, memoryview | None]:
         """Send a request and wait for its one reply; an `error` reply raises CloudError and leaves the session as it was."""
+        self._send(frames, silence)
+        return self._receive(expect=expect, silence=silence)
+
+    def _send(self, frames: list, silence: str | None = None) -> None:
         if self._socket.closed:
             raise CloudError(f"the connection to the cloud at {self.url} is closed", "closed")
         try:
@@ -108,6 +117,8 @@ class WireConnection:
         except zmq.Again:
             self._broken(silence or f"the cloud at {self.url} does not take messages (no connection within {self.timeout:g} s)", "timeout")
         self.bytes_up += wire.framed_size(frames)
+
+    def _receive(self, *, expect: str, silence: str | None = None) -> tuple[dict, memoryview | None]:
         try:
             reply = self._socket.recv_multipart(copy=False)  # waits up to RCVTIMEO; tensors are read in place
         except zmq.Again:
@@ -160,6 +171,7 @@ class RemoteCloudSession(WireConnection):
         self._seq = 0  # tokens in the open step
         self._cut: int | None = None  # cut of the last `ax` received, while a step is open
         self._ax_shape: tuple[int, ...] | None = None
+        self._due: int | None = None  # cut whose reply is awaited, between a post and its receive
         super().__init__(url, manifest, mode="generate", wire_dtype=wire_dtype, timeout=timeout, batch=batch,
                          context=context, curve=curve)
 
@@ -169,7 +181,18 @@ class RemoteCloudSession(WireConnection):
 
     def start(self, embeds: np.ndarray) -> StepOutput:
         """Send the embeddings [batch, seq, hidden] of a new step; returns the first cut's `A x` (or the hidden state)."""
-        if self.in_step:
+        self.post_start(embeds)
+        return self.receive()
+
+    def resume(self, madx: np.ndarray) -> StepOutput:
+        """Answer the last `A x` with `M A x` of the same shape; returns the next cut's `A x` or the hidden state."""
+        self.post_resume(madx)
+        return self.receive()
+
+    def post_start(self, embeds: np.ndarray) -> None:
+        """The sending half of `start`: `receive` waits for its reply. What lets one thread drive many sessions,
+        polling their `socket`s, rather than one thread per session sleeping in its receive."""
+        if self.in_step or self._due is not None:
             raise RuntimeError("a step is already open in this session")
         hidden = self.manifest.architecture.hidden_size
         if embeds.ndim != 3 or embeds.shape[0] != self.batch or embeds.shape[2] != hidden or embeds.shape[1] < 1:
@@ -177,38 +200,41 @@ class RemoteCloudSession(WireConnection):
         if self.position + embeds.shape[1] > self.max_context:
             raise ValueError(f"context of {self.position + embeds.shape[1]} tokens exceeds this session's limit of {self.max_context}")
         self._seq = embeds.shape[1]
-        frames = wire.encode("step", {"session": self.session_id, "step": self._step}, embeds, self.wire_dtype)
-        return self._exchange(frames, cut=0)
+        self._send(wire.encode("step", {"session": self.session_id, "step": self._step}, embeds, self.wire_dtype))
+        self._due = 0
 
-    def resume(self, madx: np.ndarray) -> StepOutput:
-        """Answer the last `A x` with `M A x` of the same shape; returns the next cut's `A x` or the hidden state."""
-        if not self.in_step:
+    def post_resume(self, madx: np.ndarray) -> None:
+        """The sending half of `resume`: `receive` waits for its reply."""
+        if not self.in_step or self._due is not None:
             raise RuntimeError("no step is open in this session")
         if tuple(madx.shape) != self._ax_shape:
             raise ValueError(f"M A x must have shape {list(self._ax_shape)}, got {list(madx.shape)}")
-        frames = wire.encode("madx", {"session": self.session_id, "step": self._step, "cut": self._cut}, madx, self.wire_dtype)
-        return self._exchange(frames, cut=self._cut + 1)
+        self._send(wire.encode("madx", {"session": self.session_id, "step": self._step, "cut": self._cut}, madx,
+                               self.wire_dtype))
+        self._due = self._cut + 1
 
-    def _exchange(self, frames: list, *, cut: int) -> StepOutput:
-        """Send one step message; check the reply is exactly what cut `cut` of this step must produce."""
-        segment = self.plan.segments[cut]
+    def receive(self) -> StepOutput:
+        """The reply to the last `post_start` or `post_resume`, checked to be exactly what its cut must produce."""
+        if self._due is None:
+            raise RuntimeError("nothing was sent in this session that awaits a reply")
+        cut, self._due = self._due, None
         try:
-            return self._receive_cut(frames, cut, segment)
+            return self._receive_cut(cut, self.plan.segments[cut])
         except CloudError as e:
             if e.code == "internal":  # the cloud failed to run the step and dropped it: the next call is a `start`
                 self._cut = self._ax_shape = None
             raise
 
-    def _receive_cut(self, frames: list, cut: int, segment) -> StepOutput:
+    def _receive_cut(self, cut: int, segment) -> StepOutput:
         arch, b, s = self.manifest.architecture, self.batch, self._seq
         if segment.kind.out_cut is None:
-            header, payload = self._request(frames, expect="hidden")
+            header, payload = self._receive(expect="hidden")
             array = self._reply_tensor(header, payload, self._step, (b, s, arch.hidden_size))
             self.position += s
             self._step += 1
             self._cut = self._ax_shape = None
             return StepOutput(hidden=array)
-        header, payload = self._request(frames, expect="ax")
+        header, payload = self._receive(expect="ax")
         self._check_cut(header, cut, segment)
         shape = (b, s, len(segment.kind.out_cut.targets), self.manifest.rank)
         array = self._reply_tensor(header, payload, self._step, shape)

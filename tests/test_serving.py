@@ -209,6 +209,41 @@ def test_steps_of_concurrent_edges_run_grouped_and_each_edge_gets_its_solo_ids(m
     assert status["tokens"] == sum(lengths) + len(prompts) * 39
 
 
+def test_one_thread_drives_many_sessions_by_posting_and_receiving(model):
+    """`post_start`/`post_resume` then `receive`, in any order across sessions, give each what `forward` gives it."""
+    _, bundle, cloud = model("llama")
+    edge = edge_of(bundle, "random")
+    rng = np.random.default_rng(2)
+    prompts = [rng.integers(1, len(edge.tokenizer), size=n).tolist() for n in (3, 7, 5)]
+    alone = [forward(edge, cloud.new_session(), np.asarray([p]), last=True) for p in prompts]
+    with serve(cloud) as (_, endpoint, _):
+        sessions = [RemoteCloudSession(endpoint, edge.manifest, timeout=TIMEOUT) for _ in prompts]
+        try:
+            with pytest.raises(RuntimeError, match="awaits a reply"):
+                sessions[0].receive()
+            with pytest.raises(RuntimeError, match="no step is open"):
+                sessions[0].post_resume(np.zeros((1, 3, 3, 8), np.float32))
+            for session, prompt in zip(sessions, prompts):
+                session.post_start(edge.embed(np.asarray([prompt])))
+            with pytest.raises(RuntimeError, match="already open"):
+                sessions[0].post_start(edge.embed(np.asarray([prompts[0]])))
+            hidden = [None] * len(sessions)
+            while any(h is None for h in hidden):
+                for i in reversed(range(len(sessions))):  # not the order they were sent in
+                    if hidden[i] is None:
+                        out = sessions[i].receive()
+                        if out.done:
+                            hidden[i] = out.hidden
+                        else:
+                            sessions[i].post_resume(edge.apply_adapter(out.layer, out.stage, out.ax))
+        finally:
+            for session in sessions:
+                session.close()
+    for h, want, session, prompt in zip(hidden, alone, sessions, prompts):
+        assert session.position == len(prompt) and session.round_trips == len(cloud.plan.segments) + 1  # with the open
+        np.testing.assert_allclose(edge.logits(np.ascontiguousarray(h[:, -1:])), want, rtol=1e-5, atol=1e-5)
+
+
 def test_the_cloud_projects_before_the_edge_answers(model, monkeypatch):
     """After each `A x` reply the server runs the next projections at once: no `M A x` has to wait for them."""
     _, bundle, cloud = model("llama")
