@@ -46,7 +46,7 @@ def bench_decode(
     link: str = typer.Option("5g", "--link", help="Emulated link: 5g (60 Mbit/s up, 100 down, 20 ms RTT) or up=MBIT,down=MBIT,rtt=MS."),
     threads: int = typer.Option(1, "--threads", help="Compute threads of the cloud and of transformers (the edge uses one)."),
     float16: bool = typer.Option(False, "--float16", help="Also the split with --wire-dtype float16: bytes, speed, same tokens?"),
-    edges: int = typer.Option(0, "--edges", help="Also N edges at once on one cloud (threads of one process): aggregate tok/s against one alone."),
+    edges: int = typer.Option(0, "--edges", help="Also N edges at once on one cloud (all driven by one thread of this process): aggregate tok/s against one alone."),
     plot: Optional[Path] = typer.Option(None, "--plot", help="Write decode tok/s against rank, per method, to this PNG."),
     low_latency: bool = typer.Option(False, "--low-latency", help=LOW_LATENCY_HELP + " Held for every method alike."),
     as_json: bool = typer.Option(False, "--json", help="Print the results as JSON."),
