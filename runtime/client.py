@@ -192,7 +192,8 @@ class RemoteCloudSession(WireConnection):
     def post_start(self, embeds: np.ndarray) -> None:
         """The sending half of `start`: `receive` waits for its reply. What lets one thread drive many sessions,
         polling their `socket`s, rather than one thread per session sleeping in its receive."""
-        if self.in_step or self._due is not None:
+        self._not_awaiting()
+        if self.in_step:
             raise RuntimeError("a step is already open in this session")
         hidden = self.manifest.architecture.hidden_size
         if embeds.ndim != 3 or embeds.shape[0] != self.batch or embeds.shape[2] != hidden or embeds.shape[1] < 1:
@@ -205,13 +206,19 @@ class RemoteCloudSession(WireConnection):
 
     def post_resume(self, madx: np.ndarray) -> None:
         """The sending half of `resume`: `receive` waits for its reply."""
-        if not self.in_step or self._due is not None:
+        self._not_awaiting()
+        if not self.in_step:
             raise RuntimeError("no step is open in this session")
         if tuple(madx.shape) != self._ax_shape:
             raise ValueError(f"M A x must have shape {list(self._ax_shape)}, got {list(madx.shape)}")
         self._send(wire.encode("madx", {"session": self.session_id, "step": self._step, "cut": self._cut}, madx,
                                self.wire_dtype))
         self._due = self._cut + 1
+
+    def _not_awaiting(self) -> None:
+        # One message at a time per session: the cloud refuses a second one before it has answered the first.
+        if self._due is not None:
+            raise RuntimeError("this session awaits a reply: `receive` it before sending again")
 
     def receive(self) -> StepOutput:
         """The reply to the last `post_start` or `post_resume`, checked to be exactly what its cut must produce."""

@@ -225,8 +225,10 @@ def test_one_thread_drives_many_sessions_by_posting_and_receiving(model):
                 sessions[0].post_resume(np.zeros((1, 3, 3, 8), np.float32))
             for session, prompt in zip(sessions, prompts):
                 session.post_start(edge.embed(np.asarray([prompt])))
-            with pytest.raises(RuntimeError, match="already open"):
-                sessions[0].post_start(edge.embed(np.asarray([prompts[0]])))
+            for send in (lambda: sessions[0].post_start(edge.embed(np.asarray([prompts[0]]))),
+                         lambda: sessions[0].post_resume(np.zeros((1, 3, 3, 8), np.float32))):
+                with pytest.raises(RuntimeError, match="awaits a reply"):
+                    send()
             hidden = [None] * len(sessions)
             while any(h is None for h in hidden):
                 for i in reversed(range(len(sessions))):  # not the order they were sent in
