@@ -208,7 +208,7 @@ def bench_decode(model_dir: Path, *, bundles: Path | None = None, rank: int = 64
         edge = EdgeModel(bundles / "edge", threads=1)
         cloud = CloudModel(bundles / "cloud", threads=threads, prepack=True)  # as `serve-cloud` runs it
         rng = np.random.default_rng(seed)
-        vocab_limit = min(edge.arch.vocab_size, len(edge.tokenizer))
+        vocab_limit = edge.vocab_limit
         prompt = [int(i) for i in rng.integers(1, vocab_limit, prompt_len)]
         sampling = Sampling(max_new_tokens=new_tokens, ignore_eos=True)
         methods = METHODS + (("split-fp16",) if float16 else ())

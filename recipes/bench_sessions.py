@@ -119,8 +119,8 @@ def _together(models: dict, endpoint: str, prompts: dict[int, list[int]], new_to
         for seed, session in sessions.items():
             poller.register(session.socket, zmq.POLLIN)
             seed_of[session.socket] = seed
-        samplers = {seed: Sampler(Sampling(max_new_tokens=new_tokens, ignore_eos=True),
-                                  vocab_limit=min(edge.arch.vocab_size, len(edge.tokenizer))) for seed, edge in models.items()}
+        samplers = {seed: Sampler(Sampling(max_new_tokens=new_tokens, ignore_eos=True), vocab_limit=models[seed].vocab_limit)
+                    for seed in prompts}
         ids, times = {seed: [] for seed in prompts}, {seed: [] for seed in prompts}
         cpu = time.process_time()
         for seed, prompt in prompts.items():

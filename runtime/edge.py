@@ -97,6 +97,11 @@ class EdgeModel:
         return self._tokenizer
 
     @property
+    def vocab_limit(self) -> int:
+        """Ids below this are the ones to sample: both the tokenizer's and the embedding's (see generate.Sampler)."""
+        return min(self.arch.vocab_size, len(self.tokenizer))
+
+    @property
     def eos_token_ids(self) -> list[int]:
         eos = self.manifest.generation.get("eos_token_id")
         if eos is None and self.tokenizer.eos_token_id is not None:

@@ -80,7 +80,7 @@ class Conversation:
 
     def __init__(self, edge: EdgeModel, session, sampling: Sampling, failover=None):
         self.edge, self.session, self.sampling, self.failover = edge, session, sampling, failover
-        self.sampler = Sampler(sampling, vocab_limit=min(edge.arch.vocab_size, len(edge.tokenizer)))
+        self.sampler = Sampler(sampling, vocab_limit=edge.vocab_limit)
         self.eos = set() if sampling.ignore_eos else set(edge.eos_token_ids)
         self.unfed: list[int] = []
         self.fed: list[int] = []
