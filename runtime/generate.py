@@ -46,23 +46,28 @@ class Sampler:
         self.rng = np.random.default_rng(sampling.seed)
 
     def __call__(self, logits: np.ndarray) -> int:
-        logits = logits[: self.vocab_limit].astype(np.float64)
         if self.s.temperature == 0:
-            return int(logits.argmax())
-        logits = logits / self.s.temperature
+            return int(logits[: self.vocab_limit].argmax())
+        probs = self.probabilities(logits)
+        return int(self.rng.choice(probs.size, p=probs))
+
+    def probabilities(self, logits: np.ndarray) -> np.ndarray:
+        """The distribution a draw at a temperature above 0 picks from: temperature, top-k, then top-p, in
+        transformers' order. Every token as likely as the k-th stays, as in transformers."""
+        logits = logits[: self.vocab_limit].astype(np.float64) / self.s.temperature
         if self.s.top_k:
             kth = np.partition(logits, -min(self.s.top_k, logits.size))[-min(self.s.top_k, logits.size)]
             logits = np.where(logits < kth, -np.inf, logits)
         probs = np.exp(logits - logits.max())
         probs /= probs.sum()
         if self.s.top_p < 1:
-            order = np.argsort(-probs)
+            order = np.argsort(-probs, kind="stable")  # of tokens tied at the edge of the mass, the lowest ids stay
             keep = np.cumsum(probs[order]) - probs[order] < self.s.top_p
             mask = np.zeros_like(probs, dtype=bool)
             mask[order[keep]] = True
             probs = np.where(mask, probs, 0.0)
             probs /= probs.sum()
-        return int(self.rng.choice(probs.size, p=probs))
+        return probs
 
 
 class Conversation:
