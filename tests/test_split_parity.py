@@ -205,3 +205,36 @@ def test_split_is_reproducible_from_seed(llama_bundle, llama_checkpoint, tmp_pat
     assert again.cloud.ab_fingerprint == read_manifest(llama_bundle / "cloud").ab_fingerprint
     assert json.loads(again.edge.to_json()) == json.loads(read_manifest(llama_bundle / "edge").to_json())
 
+
+
+@pytest.mark.parametrize("layout", ["sharded", "bfloat16", "pytorch_model.bin"])
+def test_checkpoints_as_they_ship_split_to_what_transformers_computes(llama_checkpoint, llama_bundle, bundle_factory,
+                                                                      tmp_path, layout):
+    """Real checkpoints come in shards with an index, in bfloat16, or, older ones, as `pytorch_model.bin`."""
+    from safetensors.numpy import load_file
+
+    model, ckpt = _hf_model(llama_checkpoint), tmp_path / layout
+    if layout == "sharded":
+        model.save_pretrained(ckpt, max_shard_size="100KB")
+        assert len(list(ckpt.glob("model-*.safetensors"))) > 1 and (ckpt / "model.safetensors.index.json").is_file()
+    elif layout == "bfloat16":
+        model.to(torch.bfloat16).save_pretrained(ckpt)
+        assert _config(ckpt).dtype == torch.bfloat16
+    else:
+        ckpt.mkdir()
+        shutil.copy(llama_checkpoint / "config.json", ckpt)
+        torch.save(model.state_dict(), ckpt / "pytorch_model.bin")
+    for f in llama_checkpoint.glob("tokenizer*"):
+        shutil.copy(f, ckpt)
+
+    bundle = bundle_factory(ckpt, rank=8)
+    results = verify(bundle, ckpt, decode_steps=2)
+    assert results and all(r.ok for r in results), [r for r in results if not r.ok]
+    # The same weights, however stored, give the same bundle; bfloat16 ones, the same rounded to bfloat16.
+    got, want = (load_file(str(b / "cloud" / "weights.safetensors")) for b in (bundle, llama_bundle))
+    assert got.keys() == want.keys()
+    for name in want:
+        expected = want[name]
+        if layout == "bfloat16" and ".A." not in name and ".B." not in name:  # A and B are drawn by the split, in fp32
+            expected = torch.from_numpy(expected).to(torch.bfloat16).float().numpy()
+        np.testing.assert_array_equal(got[name], expected, err_msg=name)
