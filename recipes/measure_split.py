@@ -53,13 +53,14 @@ def run_split_child(model_dir: Path, out_dir: Path, cache: Path, rank: int, targ
             "peak_rss_bytes": usage.ru_maxrss * 1024, "summary": json.loads(out)}
 
 
-def measure(work: Path, rank: int, targets: str, progress) -> dict:
+def measure(work: Path, rank: int, targets: str, progress, shape: dict = TINYLLAMA_SHAPE) -> dict:
+    """Build a random Llama of `shape` under `work` and measure its first split there."""
     from plcli.recipes.checkpoints import make_random_checkpoint
 
-    model_dir, out_dir, cache = work / "tinyllama-random", work / "split", work / "cache"
+    model_dir, out_dir, cache = work / "random-llama", work / "split", work / "cache"
     progress("building the random checkpoint")
     started = time.perf_counter()
-    make_random_checkpoint(model_dir, "llama", **TINYLLAMA_SHAPE)
+    make_random_checkpoint(model_dir, "llama", **shape)
     build_seconds = time.perf_counter() - started
     checkpoint_bytes = _dir_bytes(model_dir)
 
@@ -67,7 +68,7 @@ def measure(work: Path, rank: int, targets: str, progress) -> dict:
     child = run_split_child(model_dir, out_dir, cache, rank, targets)
     s = child["summary"]
     return {
-        "shape": TINYLLAMA_SHAPE,
+        "shape": shape,
         "rank": rank,
         "targets": targets.split(","),
         "checkpoint_bytes": checkpoint_bytes,

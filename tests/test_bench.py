@@ -104,3 +104,22 @@ def test_bench_group_cost_runs_every_group_size(llama_bundle):
         # Every session's every segment answered, in groups no larger than asked and, sessions in lockstep, that large.
         assert r["session_steps"] == 3 * 2 * segments and r["largest_group"] == r["group"]
         assert r["cpu_us_per_session_step"] > 0 and r["cpu_ms_per_token"] > 0
+
+
+def test_measure_split_reports_a_first_split_of_a_small_shape(tmp_path, capsys):
+    from plcli.recipes.measure_split import measure, print_table
+    from plcli.runtime.bundle import read_manifest
+
+    shape = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                 intermediate_size=160, vocab_size=256, max_position_embeddings=128)
+    said = []
+    r = measure(tmp_path, 8, "q_proj,v_proj", said.append, shape=shape)
+    assert said and r["shape"] == shape and r["rank"] == 8 and r["targets"] == ["q_proj", "v_proj"]
+    assert r["split_wall_seconds"] >= r["split_reported_seconds"] > 0 and r["split_cpu_seconds"] > 0
+    assert r["split_peak_rss_bytes"] > r["checkpoint_bytes"] > 0  # the child loads torch, and the weights
+    cloud = read_manifest(tmp_path / "split" / "cloud", side="cloud")
+    assert r["cloud"]["parameters"] > r["edge"]["parameters"] > 0 and cloud.targets == ("q_proj", "v_proj")
+    assert r["per_token"]["float32"]["round_trips"] == len(cloud.plan.segments)
+    assert any((tmp_path / "cache").iterdir())  # the split ran with its own, first-use graph cache
+    print_table(r)
+    assert "peak resident memory" in capsys.readouterr().out
