@@ -256,6 +256,34 @@ def test_inspect_refuses_non_bundles(good_bundle, damage, target, says):
     assert_refused(plcli("inspect", target(good_bundle)), says=says)
 
 
+def test_commands_that_load_a_bundle_refuse_a_damaged_or_wrong_side_one(llama_bundle, llama_checkpoint, tmp_path):
+    """`serve-cloud`, `run-edge` and `tune`: one line and exit 2 before anything listens or connects."""
+    damaged = tmp_path / "damaged"
+    shutil.copytree(llama_bundle, damaged)
+    for side in ("cloud", "edge"):
+        w = damaged / side / "weights.safetensors"
+        w.write_bytes(w.read_bytes()[:64])
+    data = tmp_path / "notes.txt"
+    data.write_text("private text\n" * 50)
+
+    def serve_cloud(bundle: Path) -> subprocess.CompletedProcess:
+        # A process of its own: were the bundle accepted, it would serve until the timeout kills it.
+        return subprocess.run([sys.executable, "-m", "plcli.cli", "serve-cloud", str(bundle), "--bind", "tcp://127.0.0.1:*",
+                               "--no-tune"], capture_output=True, text=True, timeout=120)
+
+    for done, says in ((serve_cloud(damaged / "cloud"), "unreadable weights"),
+                       (serve_cloud(llama_bundle / "edge"), "expected the cloud bundle")):
+        assert (done.returncode, done.stdout) == (2, ""), done
+        lines = done.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: ") and says in lines[0], done.stderr
+
+    nowhere = "tcp://127.0.0.1:1"  # refused before any connection is tried
+    assert_refused(plcli("run-edge", damaged / "edge", "--connect", nowhere, "--prompt", "hi"), says="unreadable weights")
+    assert_refused(plcli("run-edge", llama_bundle / "cloud", "--connect", nowhere, "--prompt", "hi"),
+                   says="expected the edge bundle")
+    assert_refused(plcli("tune", damaged / "edge", "--connect", nowhere, "--data", data), says="unreadable weights")
+
+
 def test_verify_refuses_missing_or_mismatched_inputs(good_bundle, llama_checkpoint, checkpoint_factory,
                                                      bundle_factory, tmp_path):
     missing = tmp_path / "nowhere"
