@@ -140,6 +140,39 @@ def test_generation_stops_at_a_stop_string(model):
         assert list(chat.turn(prompt_ids)) == free[:at + 1] and chat.stop_reason == "stop"
 
 
+def test_generation_stops_at_eos_where_transformers_generate_does(model):
+    ckpt, bundle, cloud = model("llama")
+    edge = edge_of(bundle, "random")
+    prompt_ids = edge.tokenizer(PROMPT)["input_ids"]
+    free = local_ids(edge, cloud, prompt_ids, Sampling(max_new_tokens=16, ignore_eos=True))
+    at = next(i for i in range(3, 16) if free[i] not in free[:i])  # the first time this token comes up
+    edge.manifest.generation["eos_token_id"] = [free[at]]  # as a bundle split from a checkpoint with that EOS holds it
+    reference = merged_reference(ckpt, cloud, edge.adapter_matrices())
+    with torch.no_grad():
+        want = reference.generate(torch.tensor([prompt_ids]), max_new_tokens=16, do_sample=False, eos_token_id=free[at],
+                                  pad_token_id=0)[0, len(prompt_ids):].tolist()
+    assert want == free[:at + 1]  # transformers keeps the EOS it stopped at; plcli does not show it
+    with serve(cloud) as (_, endpoint, _), RemoteCloudSession(endpoint, edge.manifest, timeout=TIMEOUT) as session:
+        chat = Conversation(edge, session, Sampling(max_new_tokens=16))
+        assert list(chat.turn(prompt_ids)) == free[:at] and chat.stop_reason == "eos"
+        assert chat.unfed == [free[at]]  # sampled, not yet through the model: the next turn feeds it first
+
+
+def test_generation_stops_when_the_context_is_full_and_then_refuses_more(model):
+    _, bundle, cloud = model("llama")
+    edge = edge_of(bundle)
+    prompt_ids = edge.tokenizer(PROMPT)["input_ids"][:5]
+    sampling = Sampling(max_new_tokens=10, ignore_eos=True)
+    free = local_ids(edge, cloud, prompt_ids, sampling)
+    chat = Conversation(edge, cloud.new_session(max_context=8), sampling)
+    with pytest.raises(ValueError, match="the prompt is empty"):
+        next(chat.turn([]))
+    # Every token but the last is fed back: 5 prompt tokens and 3 generated fill 8 positions, and a 4th is sampled.
+    assert list(chat.turn(prompt_ids)) == free[:4] and chat.stop_reason == "context"
+    with pytest.raises(ValueError, match="the context is full: 2 new tokens, room for 0"):
+        next(chat.turn(prompt_ids[:1]))
+
+
 def test_eight_edges_at_once_each_get_what_they_get_alone(model):
     _, bundle, cloud = model("llama")
     edge = edge_of(bundle, "random")
