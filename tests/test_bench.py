@@ -48,10 +48,10 @@ def test_bench_decode_reports_every_method_and_ratio(llama_checkpoint, llama_bun
 
 def test_bench_decode_table_names_every_method_and_the_ceiling(llama_checkpoint, llama_bundle):
     code, out, err = run_cli("bench", "decode", llama_checkpoint, "--bundles", llama_bundle, "--new-tokens", 2,
-                             "--prompt-len", 4, "--rounds", 1)
+                             "--prompt-len", 4, "--rounds", 1, "--edges", 2)
     assert code == 0, err
     for text in ("transformers", "onnx", "split-link", "split / onnx", "an empty round trip to the cloud takes",
-                 "at 3 per token"):
+                 "at 3 per token", "2 edges at once:", "each edge's ids as alone: yes"):
         assert text in " ".join(out.split()), text
 
 
@@ -63,6 +63,12 @@ def test_bench_tune_reports_both_methods_and_their_losses_agree(llama_checkpoint
     assert [row["method"] for row in r["rows"]] == ["one-process", "split"]
     assert all(row["tokens_per_s"] > 0 and row["steps"] == 2 for row in r["rows"])
     assert r["losses_agree"] and r["ratios"]["split_vs_one_process"] > 0 and r["low_latency"] is False
+
+    code, out, err = run_cli("bench", "tune", llama_checkpoint, "--bundles", llama_bundle, "--steps", 1, "--batch-size", 1,
+                             "--seq-len", 8, "--rounds", 1)
+    assert code == 0, err
+    for text in ("one-process", "split", "training tok/s", "losses agree"):
+        assert text in out, text
 
 
 def test_links_parse_and_bad_input_is_one_line_exit_2(llama_checkpoint, tmp_path):
