@@ -256,7 +256,7 @@ def test_inspect_refuses_non_bundles(good_bundle, damage, target, says):
     assert_refused(plcli("inspect", target(good_bundle)), says=says)
 
 
-def test_commands_that_load_a_bundle_refuse_a_damaged_or_wrong_side_one(llama_bundle, llama_checkpoint, tmp_path):
+def test_commands_that_load_a_bundle_refuse_a_damaged_or_wrong_side_one(llama_bundle, tmp_path):
     """`serve-cloud`, `run-edge` and `tune`: one line and exit 2 before anything listens or connects."""
     damaged = tmp_path / "damaged"
     shutil.copytree(llama_bundle, damaged)

@@ -206,7 +206,6 @@ def test_split_is_reproducible_from_seed(llama_bundle, llama_checkpoint, tmp_pat
     assert json.loads(again.edge.to_json()) == json.loads(read_manifest(llama_bundle / "edge").to_json())
 
 
-
 @pytest.mark.parametrize("layout", ["sharded", "bfloat16", "pytorch_model.bin"])
 def test_checkpoints_as_they_ship_split_to_what_transformers_computes(llama_checkpoint, llama_bundle, bundle_factory,
                                                                       tmp_path, layout):
