@@ -17,6 +17,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from plcli.runtime.errors import PlcliError
 
+
 def _quiet_libraries() -> None:
     # transformers draws its own tqdm bars and advice on stderr; plcli reports for itself.
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -32,6 +33,34 @@ app = typer.Typer(
 )
 console = Console()
 err_console = Console(stderr=True)
+
+
+def version_line() -> str:
+    """plcli's version and the formats it speaks: a bundle or an edge of another version is refused by these."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from plcli.runtime.bundle import FORMAT_VERSION
+    from plcli.runtime.wire import PROTOCOL_VERSION
+
+    try:
+        mine = version("plcli")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        mine = "unknown"
+    return f"plcli {mine} (bundle format {FORMAT_VERSION}, wire protocol {PROTOCOL_VERSION})"
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        console.print(version_line(), highlight=False)
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                 help="Print plcli's version, bundle format and wire protocol, and exit."),
+) -> None:
+    pass  # the app's help is its own (typer.Typer(help=...)); this callback only adds --version
 
 
 class UserError(PlcliError):
