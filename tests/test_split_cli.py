@@ -230,7 +230,6 @@ def test_installed_command_reports_one_line(tmp_path):
     assert done.stderr.strip().splitlines() == [f"error: {tmp_path / 'nowhere'}: no such directory"]
 
 
-
 def test_version_names_the_formats_it_speaks():
     from importlib.metadata import version
 
@@ -240,6 +239,7 @@ def test_version_names_the_formats_it_speaks():
     result = plcli("--version")
     assert result.exit_code == 0, result.output
     assert result.stdout.strip() == f"plcli {version('plcli')} (bundle format {FORMAT_VERSION}, wire protocol {PROTOCOL_VERSION})"
+
 
 # -- inspect and verify on things that are not (matching) bundles ----------------------------------------------
 
