@@ -35,8 +35,10 @@ console = Console()
 err_console = Console(stderr=True)
 
 
-def version_line() -> str:
-    """plcli's version and the formats it speaks: a bundle or an edge of another version is refused by these."""
+def _print_version(value: bool) -> None:
+    """plcli's version and the formats it speaks: bundles and edges of another format or protocol are refused."""
+    if not value:
+        return
     from importlib.metadata import PackageNotFoundError, version
 
     from plcli.runtime.bundle import FORMAT_VERSION
@@ -46,13 +48,8 @@ def version_line() -> str:
         mine = version("plcli")
     except PackageNotFoundError:  # run from a source tree that was never installed
         mine = "unknown"
-    return f"plcli {mine} (bundle format {FORMAT_VERSION}, wire protocol {PROTOCOL_VERSION})"
-
-
-def _print_version(value: bool) -> None:
-    if value:
-        console.print(version_line(), highlight=False)
-        raise typer.Exit()
+    console.print(f"plcli {mine} (bundle format {FORMAT_VERSION}, wire protocol {PROTOCOL_VERSION})", highlight=False)
+    raise typer.Exit()
 
 
 @app.callback()
