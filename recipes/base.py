@@ -17,6 +17,9 @@ from plcli.runtime.errors import PlcliError
 # frozen into a graph; transformers recomputes them per call.
 STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 
+# transformers' other names for activations the split decoder computes (runtime/decoder.py): the same formulas.
+ACTIVATION_ALIASES = {"swish": "silu", "gelu_new": "gelu_pytorch_tanh", "gelu_fast": "gelu_pytorch_tanh"}
+
 
 class UnsupportedModel(PlcliError):
     """The checkpoint is not something plcli can split; the message says why."""
@@ -47,6 +50,12 @@ class Family:
         return f"{prefix}{block}.{module}.{'weight' if kind == 'w' else 'bias'}"
 
     def architecture(self, config) -> Architecture:
+        from plcli.runtime.decoder import ACTIVATIONS
+
+        act = ACTIVATION_ALIASES.get(config.hidden_act, config.hidden_act)
+        if act not in ACTIVATIONS:
+            known = sorted(set(ACTIVATIONS) | set(ACTIVATION_ALIASES))
+            raise UnsupportedModel(f"activation {config.hidden_act!r} is not supported (supported: {', '.join(known)})")
         rope = dict(getattr(config, "rope_parameters", None) or {})
         rope_type = rope.get("rope_type", "default")
         if rope_type not in STATIC_ROPE_TYPES:
@@ -65,7 +74,7 @@ class Family:
             intermediate_size=config.intermediate_size,
             vocab_size=config.vocab_size,
             rms_norm_eps=float(config.rms_norm_eps),
-            hidden_act=config.hidden_act,
+            hidden_act=act,
             qkv_bias=bool(self.qkv_bias(config)),
             o_bias=bool(self.o_bias(config)),
             mlp_bias=bool(self.mlp_bias(config)),

@@ -39,6 +39,9 @@ CASES = {
                                          {"rank": 32, "targets": "down_proj"}),
     "llama-rope-yarn-gate-up": ("llama-rope-yarn", "llama", {"rope_parameters": YARN_ROPE},
                                 {"rank": 8, "targets": "gate_proj,up_proj"}),
+    # transformers' names for the same formulas as ours: swish is silu, gelu_new the tanh approximation.
+    "llama-swish": ("llama-swish", "llama", {"hidden_act": "swish"}, {"rank": 8}),
+    "llama-gelu-new": ("llama-gelu-new", "llama", {"hidden_act": "gelu_new"}, {"rank": 8}),
     "mistral-window": ("mistral-window", "mistral", {"sliding_window": WINDOW}, {"rank": 8}),
     "qwen2": ("qwen2", "qwen2", {}, {"rank": 8}),
     "qwen2-window": ("qwen2-window", "qwen2",
