@@ -72,9 +72,6 @@ class CheckpointTensors:
                 self._bin.update(sd)
             self._index = {k: Path("bin") for k in self._bin}
 
-    def __contains__(self, name: str) -> bool:
-        return name in self._index
-
     def get(self, name: str) -> np.ndarray:
         import torch
         from safetensors import safe_open

@@ -117,7 +117,8 @@ def split_checkpoint(
             notify("layers", layer + 1, arch.num_layers)
 
         embed = tensors.get(family.embed)
-        lm_head = embed if arch.tie_word_embeddings or family.lm_head not in tensors else tensors.get(family.lm_head)
+        # An untied checkpoint without its head is damaged: its embedding is no stand-in for the head it trained.
+        lm_head = embed if arch.tie_word_embeddings else tensors.get(family.lm_head)
         if not arch.tie_word_embeddings:
             edge_w["embed_tokens"] = _checked(embed, (arch.vocab_size, arch.hidden_size), "embed_tokens")
         edge_w["lm_head.w"] = _checked(np.ascontiguousarray(lm_head.T), (arch.hidden_size, arch.vocab_size), "lm_head")

@@ -86,6 +86,22 @@ def _dynamic_rope(tmp: Path, llama: Path) -> Path:
     return _config_file(json.dumps(config))(tmp, llama)
 
 
+def _unknown_activation(tmp: Path, llama: Path) -> Path:
+    config = json.loads((llama / "config.json").read_text())
+    config["hidden_act"] = "mish"
+    return _config_file(json.dumps(config))(tmp, llama)
+
+
+def _untied_without_head(tmp: Path, llama: Path) -> Path:
+    from safetensors.numpy import load_file, save_file
+
+    d = _copy_without(llama, tmp / "ckpt", drop=())
+    weights = load_file(d / "model.safetensors")
+    del weights["lm_head.weight"]
+    save_file(weights, d / "model.safetensors", metadata={"format": "pt"})
+    return d
+
+
 def _truncated_weights(tmp: Path, llama: Path) -> Path:
     d = _copy_without(llama, tmp / "ckpt", drop=())
     (d / "model.safetensors").write_bytes((llama / "model.safetensors").read_bytes()[:100])
@@ -111,6 +127,8 @@ BAD_CHECKPOINTS = {
     "bert (not a causal LM)": (_bert, "is not a causal language model"),
     "gpt2 (unsupported family)": (_gpt2, "model type 'gpt2' is not supported"),
     "dynamic rope": (_dynamic_rope, "rope type 'dynamic' is not supported"),
+    "unknown activation": (_unknown_activation, "activation 'mish' is not supported (supported: gelu, gelu_fast"),
+    "untied, no lm_head": (_untied_without_head, "weight 'lm_head.weight' is missing from the checkpoint"),
     "no tokenizer": (lambda tmp, llama: _copy_without(llama, tmp / "ckpt", drop=("tokenizer",)), "no tokenizer files"),
     "no weights": (lambda tmp, llama: _copy_without(llama, tmp / "ckpt", drop=("model.",)), "no weights"),
     "truncated weights": (_truncated_weights, "unreadable weights"),
