@@ -161,18 +161,39 @@ def _checked(w: np.ndarray, shape: tuple[int, ...], name: str) -> np.ndarray:
     return w
 
 
+# What run-edge applies of a checkpoint's generation config (see generate.Sampling.checkpoint_defaults).
+APPLIED_GENERATION = ("bos_token_id", "eos_token_id", "pad_token_id", "do_sample", "temperature", "top_k", "top_p",
+                      "repetition_penalty")
+# Settings that change which token `generate` picks and that plcli does not apply, with the values that change
+# nothing (transformers' defaults). A checkpoint that sets one is split all the same, with a note in the bundle.
+UNAPPLIED_GENERATION = {
+    "num_beams": (None, 1), "num_beam_groups": (None, 1), "penalty_alpha": (None,), "dola_layers": (None,),
+    "no_repeat_ngram_size": (None, 0), "bad_words_ids": (None,), "sequence_bias": (None,), "suppress_tokens": (None,),
+    "begin_suppress_tokens": (None,), "forced_bos_token_id": (None,), "forced_eos_token_id": (None,),
+    "min_length": (None, 0), "min_new_tokens": (None, 0), "exponential_decay_length_penalty": (None,),
+    "guidance_scale": (None, 1), "min_p": (None,), "top_h": (None,), "typical_p": (None, 1), "epsilon_cutoff": (None, 0),
+    "eta_cutoff": (None, 0),
+}
+
+
 def _generation_defaults(model_dir: Path) -> dict:
-    """Special token ids and sampling defaults, from generation_config.json or the config."""
+    """Special token ids and generation settings, from generation_config.json or else the config.
+
+    `unapplied` lists the settings there that would change `generate`'s tokens and that plcli does not apply.
+    """
     import json
 
-    gen = {}
+    settings = {}
     for name in ("generation_config.json", "config.json"):
         p = model_dir / name
         if p.is_file():
-            raw = json.loads(p.read_text())
-            for k in ("bos_token_id", "eos_token_id", "pad_token_id", "temperature", "top_k", "top_p", "do_sample"):
-                if k in raw and raw[k] is not None and k not in gen:
-                    gen[k] = raw[k]
+            for k, v in json.loads(p.read_text()).items():
+                if v is not None:
+                    settings.setdefault(k, v)
+    gen = {k: settings[k] for k in APPLIED_GENERATION if k in settings}
+    unapplied = {k: settings[k] for k, neutral in UNAPPLIED_GENERATION.items() if settings.get(k) not in neutral}
     if isinstance(gen.get("eos_token_id"), int):
         gen["eos_token_id"] = [gen["eos_token_id"]]
+    if unapplied:
+        gen["unapplied"] = unapplied
     return gen

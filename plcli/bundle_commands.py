@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from .app import UserError, app, console, print_json, progress_bar, reports_errors, status
@@ -99,6 +100,8 @@ def inspect(
 
 
 def _print_summary(s: dict) -> None:
+    from plcli.runtime.generate import unapplied_note
+
     table = Table(title=f"{s['family']} · {s['layers']} layers · hidden {s['hidden_size']} · rank {s['rank']} · {','.join(s['targets'])}")
     table.add_column("side")
     table.add_column("parameters", justify="right")
@@ -116,6 +119,9 @@ def _print_summary(s: dict) -> None:
     console.print(traffic)
     if "paired" in s and not s["paired"]:
         console.print("[red]cloud and edge were not split together (A/B fingerprints differ)[/]")
+    note = unapplied_note(s.get("generation", {}))
+    if note:
+        console.print(f"[yellow]note:[/] {escape(note)}", highlight=False, soft_wrap=True)
 
 
 def _bytes(n: int) -> str:

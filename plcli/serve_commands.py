@@ -16,6 +16,7 @@ from typing import Callable, Optional
 
 import typer
 from rich.live import Live
+from rich.markup import escape
 from rich.text import Text
 
 from plcli.runtime.cpu_latency import hold_low_latency
@@ -23,6 +24,7 @@ from plcli.runtime.cpu_latency import hold_low_latency
 from .app import LOW_LATENCY_HELP, UserError, app, console, err_console, print_json, reports_errors, status
 
 DEFAULT_ENDPOINT = "tcp://127.0.0.1:5555"  # loopback: serving beyond this machine is a deliberate choice
+CHECKPOINT_DEFAULT = "Default: the checkpoint's when its generation config samples (do_sample), else greedy."
 WIRE_DTYPE_HELP = "Activations on the wire: float32 (exact) or float16 (half the bytes); the same on both sides."
 CURVE_SECRET_HELP = "This edge's NAME.key_secret (`plcli keys generate`): encrypt and authenticate; needs --server-key."
 SERVER_KEY_HELP = "The cloud's public NAME.key: only a cloud holding its secret is answered; needs --curve-secret."
@@ -255,9 +257,12 @@ def run_edge(
     reconnect_timeout: float = typer.Option(30.0, "--reconnect-timeout", help=RECONNECT_HELP),
     prompt: Optional[str] = typer.Option(None, "--prompt", help="Generate once from this text; without it, chat on stdin."),
     max_new_tokens: int = typer.Option(64, "--max-new-tokens", help="Tokens to generate (per chat turn)."),
-    temperature: float = typer.Option(0.0, "--temperature", help="0 is greedy."),
-    top_k: int = typer.Option(0, "--top-k", help="Sample among the k likeliest tokens (0: all)."),
-    top_p: float = typer.Option(1.0, "--top-p", help="Sample within this probability mass."),
+    temperature: Optional[float] = typer.Option(None, "--temperature", help="0 is greedy. " + CHECKPOINT_DEFAULT),
+    top_k: Optional[int] = typer.Option(None, "--top-k", help="Sample among the k likeliest tokens (0: all). " + CHECKPOINT_DEFAULT),
+    top_p: Optional[float] = typer.Option(None, "--top-p", help="Sample within this probability mass. " + CHECKPOINT_DEFAULT),
+    repetition_penalty: Optional[float] = typer.Option(
+        None, "--repetition-penalty", help="Divide the logits of tokens already in the text by this, as transformers "
+                                           "does (1: off). Default: the checkpoint's, else 1."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed for sampling."),
     stop: Optional[list[str]] = typer.Option(None, "--stop", help="Stop when the text contains this (repeatable)."),
     ignore_eos: bool = typer.Option(False, "--ignore-eos", help="Keep generating past end-of-sequence tokens."),
@@ -273,7 +278,7 @@ def run_edge(
     """Generate with an edge bundle against a running `plcli serve-cloud`: text and token ids stay here."""
     from plcli.runtime.client import RemoteCloudSession
     from plcli.runtime.edge import EdgeModel
-    from plcli.runtime.generate import Conversation, Sampling
+    from plcli.runtime.generate import Conversation, Sampling, unapplied_note
 
     if as_json and prompt is None:
         raise UserError("--json needs --prompt (chat mode streams text)")
@@ -283,15 +288,18 @@ def run_edge(
         raise UserError("--timeout must be positive")
     if threads is not None and threads < 1:
         raise UserError(f"--threads {threads} is out of range: must be at least 1")
-    sampling = Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
-                        stop=list(stop or []), ignore_eos=ignore_eos)
-    try:
-        sampling.validate()
-    except ValueError as e:
-        raise UserError(str(e)) from None
+    given = {k: v for k, v in dict(temperature=temperature, top_k=top_k, top_p=top_p,
+                                   repetition_penalty=repetition_penalty).items() if v is not None}
+    sampling = _sampling(given, max_new_tokens=max_new_tokens, seed=seed, stop=list(stop or []), ignore_eos=ignore_eos)
     curve = client_keys(curve_secret, server_key)
     with hold_low_latency(low_latency):
         edge = EdgeModel(edge_dir, adapter=adapter, threads=threads)
+        # What the flags leave open, the checkpoint's generation config settles, as in transformers' generate.
+        sampling = _sampling({**Sampling.checkpoint_defaults(edge.manifest.generation), **given},
+                             max_new_tokens=max_new_tokens, seed=seed, stop=list(stop or []), ignore_eos=ignore_eos)
+        note = unapplied_note(edge.manifest.generation)
+        if note:
+            err_console.print(f"[yellow]note:[/] {escape(note)}", highlight=False, soft_wrap=True)
         failover = make_failover(
             connect, lambda url, t: RemoteCloudSession(url, edge.manifest, wire_dtype=wire_dtype, timeout=t, curve=curve),
             timeout=timeout, reconnect_timeout=reconnect_timeout)
@@ -305,6 +313,17 @@ def run_edge(
             raise UserError(str(e)) from None
         finally:
             conversation.session.close()
+
+
+def _sampling(settings: dict, **fixed):
+    from plcli.runtime.generate import Sampling
+
+    try:
+        sampling = Sampling(**fixed, **settings)
+        sampling.validate()
+    except (TypeError, ValueError) as e:  # a bundle's own settings can be of the wrong type, too
+        raise UserError(f"generation settings: {e}") from None
+    return sampling
 
 
 def _write(text: str) -> None:
@@ -321,7 +340,9 @@ def _generate_once(conversation, prompt: str, sampling, as_json: bool) -> None:
                         f"{needed} tokens; the cloud allows {session.max_context}")
     result = timed_turn(conversation, ids, None if as_json else _write, sampling.stop)
     if as_json:
-        print_json({"prompt_token_ids": ids, "token_ids": result.token_ids, "text": result.text, "stats": result.stats})
+        settings = {k: getattr(sampling, k) for k in ("temperature", "top_k", "top_p", "repetition_penalty", "seed")}
+        print_json({"prompt_token_ids": ids, "token_ids": result.token_ids, "text": result.text, "sampling": settings,
+                    "stats": result.stats})
         return
     _write("\n")
     _print_stats(result.stats)

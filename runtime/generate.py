@@ -6,6 +6,7 @@ leave the device; the cloud only sees embeddings of them.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Iterator
 
@@ -22,6 +23,7 @@ class Sampling:
     temperature: float = 0.0  # 0 is greedy
     top_k: int = 0
     top_p: float = 1.0
+    repetition_penalty: float = 1.0
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
     ignore_eos: bool = False
@@ -29,12 +31,40 @@ class Sampling:
     def validate(self) -> None:
         if self.max_new_tokens < 1:
             raise ValueError("--max-new-tokens must be at least 1")
-        if self.temperature < 0:
+        if not self.temperature >= 0:
             raise ValueError("--temperature must be >= 0")
         if self.top_k < 0:
             raise ValueError("--top-k must be >= 0")
         if not 0 < self.top_p <= 1:
             raise ValueError("--top-p must be in (0, 1]")
+        if not 0 < self.repetition_penalty < float("inf"):
+            raise ValueError("--repetition-penalty must be positive")
+
+    @staticmethod
+    def checkpoint_defaults(generation: dict) -> dict:
+        """The settings a bundle's generation config (the checkpoint's, see split) asks of generation, as fields.
+
+        Read as transformers' `generate` reads them: temperature, top-k and top-p
+        only when it samples (`do_sample`), with transformers' defaults for those
+        it leaves out (1.0, 50, 1.0); the repetition penalty either way.
+        """
+        out = {}
+        if generation.get("do_sample"):
+            out.update(temperature=generation.get("temperature", 1.0), top_k=generation.get("top_k", 50),
+                       top_p=generation.get("top_p", 1.0))
+        if "repetition_penalty" in generation:
+            out["repetition_penalty"] = generation["repetition_penalty"]
+        return out
+
+
+def unapplied_note(generation: dict) -> str | None:
+    """A line for people when a bundle's generation config sets what plcli does not apply (see split)."""
+    unapplied = generation.get("unapplied")
+    if not unapplied:
+        return None
+    settings = ", ".join(f"{k}={json.dumps(v)}" for k, v in unapplied.items())
+    return (f"the checkpoint's generation config sets {settings}, which plcli does not apply: tokens can differ "
+            f"from transformers' generate")
 
 
 class Sampler:
@@ -45,11 +75,26 @@ class Sampler:
         self.vocab_limit = vocab_limit
         self.rng = np.random.default_rng(sampling.seed)
 
-    def __call__(self, logits: np.ndarray) -> int:
+    def __call__(self, logits: np.ndarray, seen: list[int] = ()) -> int:
+        """The next token after the ids `seen` so far (prompt and generated; the repetition penalty reads them)."""
+        logits = self.penalize(logits[: self.vocab_limit], seen)
         if self.s.temperature == 0:
-            return int(logits[: self.vocab_limit].argmax())
+            return int(logits.argmax())
         probs = self.probabilities(logits)
         return int(self.rng.choice(probs.size, p=probs))
+
+    def penalize(self, logits: np.ndarray, seen: list[int]) -> np.ndarray:
+        """transformers' repetition penalty, in float32 as there: a seen token's logit divided by the penalty if
+        positive, multiplied if negative, however often it was seen."""
+        penalty = np.float32(self.s.repetition_penalty)
+        if penalty == 1 or not len(seen):
+            return logits
+        ids = np.unique(np.asarray(seen, np.int64))
+        ids = ids[ids < logits.size]
+        out = logits.astype(np.float32)  # a copy: the caller's logits stay as they were
+        score = out[ids]
+        out[ids] = np.where(score < 0, score * penalty, score / penalty)
+        return out
 
     def probabilities(self, logits: np.ndarray) -> np.ndarray:
         """The distribution a draw at a temperature above 0 picks from: temperature, top-k, then top-p, in
@@ -136,7 +181,7 @@ class Conversation:
         self.unfed = []
         generated: list[int] = []
         for i in range(self.sampling.max_new_tokens):
-            token = self.sampler(logits)
+            token = self.sampler(logits, self.fed)
             self.unfed = [token]
             if token in self.eos:
                 self.stop_reason = "eos"

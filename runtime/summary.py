@@ -76,4 +76,6 @@ def summarize(path: str | Path) -> dict:
         rank=m.rank, targets=list(m.targets), dtype=m.dtype, format_version=m.format_version,
         per_token={dt: per_token_traffic(m, dt) for dt in WIRE_BYTES},
     )
+    if "edge" in sides:
+        out["generation"] = sides["edge"][1].generation
     return out

@@ -1,11 +1,16 @@
-"""Sampling (`run-edge --temperature --top-k --top-p`) against transformers' own logits warpers, in generate's order."""
+"""Sampling (`run-edge --temperature --top-k --top-p --repetition-penalty`) against transformers' own logits
+processors, in generate's order, and a checkpoint's generation config applied as generate applies it."""
 
 from __future__ import annotations
+
+import json
+import shutil
 
 import numpy as np
 import pytest
 import torch
-from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+from transformers.generation.logits_process import (RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper,
+                                                    TopKLogitsWarper, TopPLogitsWarper)
 
 from plcli.runtime.generate import Sampler, Sampling
 
@@ -68,8 +73,58 @@ def test_greedy_never_picks_a_padding_row():
 
 @pytest.mark.parametrize("field, value, says", [
     ("max_new_tokens", 0, "--max-new-tokens"), ("temperature", -0.5, "--temperature"), ("top_k", -1, "--top-k"),
-    ("top_p", 0.0, "--top-p"), ("top_p", 1.5, "--top-p"),
+    ("top_p", 0.0, "--top-p"), ("top_p", 1.5, "--top-p"), ("repetition_penalty", 0.0, "--repetition-penalty"),
+    ("repetition_penalty", float("nan"), "--repetition-penalty"),
 ])
 def test_bad_settings_are_refused_by_flag_name(field, value, says):
     with pytest.raises(ValueError, match=says):
         Sampler(Sampling(**{field: value}), vocab_limit=LIMIT)
+
+
+def test_repetition_penalty_equals_transformers_processor():
+    logits = (3 * np.random.default_rng(5).standard_normal(VOCAB)).astype(np.float32)
+    seen = [3, 3, 9, 40, 12, LIMIT + 3]  # repeats count once; a padding row's id penalizes nothing
+    ours = Sampler(Sampling(repetition_penalty=1.3), vocab_limit=LIMIT).penalize(logits[:LIMIT], seen)
+    theirs = RepetitionPenaltyLogitsProcessor(1.3)(torch.tensor([seen]), torch.tensor(logits[None, :LIMIT]))[0].numpy()
+    assert not np.array_equal(ours, logits[:LIMIT])
+    np.testing.assert_allclose(ours, theirs, rtol=1e-6)
+
+
+@pytest.mark.parametrize("generation, expected", [
+    ({}, {}),
+    ({"temperature": 0.6, "top_p": 0.9}, {}),  # without do_sample, generate is greedy and ignores them
+    ({"do_sample": True}, {"temperature": 1.0, "top_k": 50, "top_p": 1.0}),  # transformers' defaults
+    ({"do_sample": True, "temperature": 0.7, "top_k": 20, "top_p": 0.8, "repetition_penalty": 1.05},
+     {"temperature": 0.7, "top_k": 20, "top_p": 0.8, "repetition_penalty": 1.05}),
+    ({"repetition_penalty": 1.2}, {"repetition_penalty": 1.2}),  # applies to greedy decoding too
+])
+def test_checkpoint_defaults_read_as_generate_reads_them(generation, expected):
+    assert Sampling.checkpoint_defaults(generation) == expected
+
+
+def test_a_checkpoints_repetition_penalty_gives_generates_greedy_ids(llama_checkpoint, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from plcli.exporters.split import split_checkpoint
+    from plcli.runtime.cloud import CloudModel
+    from plcli.runtime.edge import EdgeModel
+    from plcli.runtime.generate import generate
+
+    ckpt = shutil.copytree(llama_checkpoint, tmp_path / "ckpt")
+    (ckpt / "generation_config.json").write_text(json.dumps({"repetition_penalty": 1.5, "pad_token_id": 0}))
+    split_checkpoint(ckpt, tmp_path / "out", rank=8)
+    edge, cloud = EdgeModel(tmp_path / "out" / "edge"), CloudModel(tmp_path / "out" / "cloud")
+    prompt_ids = edge.tokenizer("the cloud never sees this text")["input_ids"]
+    new_tokens = 24
+    sampling = Sampling(max_new_tokens=new_tokens, ignore_eos=True, **Sampling.checkpoint_defaults(edge.manifest.generation))
+    got = list(generate(edge, cloud.new_session(), prompt_ids, sampling))
+
+    model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32, local_files_only=True).eval()
+    assert model.generation_config.repetition_penalty == 1.5  # generate reads it from the checkpoint, as we do
+    model.generation_config.eos_token_id = None
+    with torch.no_grad():
+        want = model.generate(torch.tensor([prompt_ids]), attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long),
+                              max_new_tokens=new_tokens, min_new_tokens=new_tokens)[0, len(prompt_ids):].tolist()
+    assert got == want
+    plain = list(generate(edge, cloud.new_session(), prompt_ids, Sampling(max_new_tokens=new_tokens, ignore_eos=True)))
+    assert plain != got  # the penalty changed the tokens, so the equality above tested it

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -548,6 +549,29 @@ def _invoke(*args: str, input: str | None = None):
     return CliRunner().invoke(app, list(args), input=input)
 
 
+def test_run_edge_takes_the_checkpoints_generation_settings_unless_flags_say_otherwise(checkpoint_factory, bundle_factory,
+                                                                                        tmp_path):
+    ckpt = shutil.copytree(checkpoint_factory("llama"), tmp_path / "ckpt")
+    (ckpt / "generation_config.json").write_text(json.dumps(
+        {"do_sample": True, "temperature": 0.8, "top_k": 5, "repetition_penalty": 1.2, "num_beams": 2}))
+    bundle = bundle_factory(ckpt, rank=8)
+    edge, cloud = edge_of(bundle), CloudModel(bundle / "cloud", threads=1)
+    prompt_ids = edge.tokenizer(PROMPT)["input_ids"]
+    common = ["--connect", "", "--prompt", PROMPT, "--max-new-tokens", "8", "--ignore-eos", "--json"]
+    with serve(cloud) as (_, endpoint, _):
+        common[1] = endpoint
+        sampled = _invoke("run-edge", str(bundle / "edge"), *common, "--seed", "3")
+        greedy = _invoke("run-edge", str(bundle / "edge"), *common, "--temperature", "0", "--repetition-penalty", "1")
+    assert sampled.exit_code == 0, sampled.output
+    report = json.loads(sampled.stdout)
+    assert report["sampling"] == {"temperature": 0.8, "top_k": 5, "top_p": 1.0, "repetition_penalty": 1.2, "seed": 3}
+    assert report["token_ids"] == local_ids(edge, cloud, prompt_ids, Sampling(max_new_tokens=8, ignore_eos=True, seed=3,
+                                                                                temperature=0.8, top_k=5, repetition_penalty=1.2))
+    assert "note: the checkpoint's generation config sets num_beams=2, which plcli does not apply" in " ".join(sampled.stderr.split())
+    assert greedy.exit_code == 0, greedy.output
+    assert json.loads(greedy.stdout)["token_ids"] == local_ids(edge, cloud, prompt_ids, Sampling(max_new_tokens=8, ignore_eos=True))
+
+
 def test_serve_cloud_refuses_a_group_limit_of_zero_a_negative_wait_and_no_threads(model):
     _, bundle, _ = model("llama")
     for options, message in [(["--max-group", "0"], "--max-group must be at least 1"),
@@ -579,7 +603,8 @@ def test_run_edge_json_chat_and_adapter_through_a_cloud(model, bundle_factory, c
                              "--connect", endpoint, "--prompt", PROMPT)
     assert once.exit_code == 0, once.output
     report = json.loads(once.stdout)
-    assert set(report) == {"prompt_token_ids", "token_ids", "text", "stats"}
+    assert set(report) == {"prompt_token_ids", "token_ids", "text", "sampling", "stats"}
+    assert report["sampling"] == {"temperature": 0.0, "top_k": 0, "top_p": 1.0, "repetition_penalty": 1.0, "seed": None}
     assert set(report["stats"]) == {"ttft_s", "decode_tokens_per_s", "bytes_up", "bytes_down", "round_trips", "new_tokens"}
     assert report["prompt_token_ids"] == prompt_ids
     assert report["token_ids"] == local_ids(edge, cloud, prompt_ids, sampling)

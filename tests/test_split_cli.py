@@ -340,6 +340,7 @@ def test_split_inspect_verify_json(tmp_path, llama_checkpoint):
     assert split.exit_code == 0 and split.stderr == "", split.output
     s = json.loads(split.stdout)
     assert s["paired"] is True and s["seconds"] > 0
+    assert "unapplied" not in s["generation"]
     assert (s["family"], s["rank"], s["targets"], s["layers"]) == ("llama", 8, ["q_proj", "k_proj", "v_proj"], 2)
     assert set(s["sides"]) == {"cloud", "edge"}
     for side in s["sides"].values():
@@ -361,3 +362,20 @@ def test_split_inspect_verify_json(tmp_path, llama_checkpoint):
 
     table = plcli("verify", out, "--reference", llama_checkpoint, "--decode-steps", "1")
     assert table.exit_code == 0 and "parity holds" in table.stdout
+
+
+def test_generation_settings_plcli_does_not_apply_are_named_not_dropped(tmp_path, llama_checkpoint):
+    ckpt = shutil.copytree(llama_checkpoint, tmp_path / "ckpt")
+    (ckpt / "generation_config.json").write_text(json.dumps(
+        {"num_beams": 4, "no_repeat_ngram_size": 3, "min_length": 0, "repetition_penalty": 1.1, "eos_token_id": 2}))
+    out = tmp_path / "out"
+    split = plcli("split", ckpt, out, "--rank", "8", "--json")
+    assert split.exit_code == 0, split.output
+    generation = json.loads(split.stdout)["generation"]
+    # min_length 0 changes nothing; the penalty and eos are applied (tests/test_sampling.py)
+    assert (generation["eos_token_id"], generation["repetition_penalty"]) == ([2], 1.1)
+    assert generation["unapplied"] == {"num_beams": 4, "no_repeat_ngram_size": 3}
+    table = plcli("inspect", out)
+    assert table.exit_code == 0
+    assert ("note: the checkpoint's generation config sets no_repeat_ngram_size=3, num_beams=4, which plcli does not "
+            "apply") in " ".join(table.stdout.split())
