@@ -51,6 +51,7 @@ if TYPE_CHECKING:
 
 # As plain ints: socket options and events are Python enums, whose `&` costs tens of us on a cold cache, per message.
 _EVENTS, _POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)
+MESSAGES_QUEUED_PER_PEER = 4
 POLL_S = 0.05  # how often the loop wakes to expire sessions and notice a stop request
 RATE_WINDOW_S = 5.0
 
@@ -185,6 +186,12 @@ class CloudServer:
         self._own_context = zmq.Context() if curve is not None and context is None else None
         self.socket = (context or self._own_context or zmq.Context.instance()).socket(zmq.ROUTER)
         self.socket.setsockopt(zmq.LINGER, 0)
+        # An edge waits for each reply before its next request, so a connection never has more than one or two
+        # messages queued either way. A peer that floods, or stops reading, would otherwise have up to 1000 of up to
+        # max_message_bytes each queued here, outside every memory budget: past this, ZeroMQ stops reading its
+        # connection, and ROUTER drops its replies.
+        self.socket.setsockopt(zmq.SNDHWM, MESSAGES_QUEUED_PER_PEER)
+        self.socket.setsockopt(zmq.RCVHWM, MESSAGES_QUEUED_PER_PEER)
         # libzmq drops a connection that sends a frame over this; smaller excesses get an `error` reply.
         self.socket.setsockopt(zmq.MAXMSGSIZE, self.max_message_bytes)
         self._auth = secure_server(self.socket, curve) if curve is not None else None

@@ -19,8 +19,8 @@ Edge -> cloud (requests)
 
     open    ab_fingerprint, wire_dtype, batch, mode
             Handshake. `ab_fingerprint` is the sha256 of the A/B the edge's
-            bundle was split with; the cloud refuses any other (an M is
-            useless with other A/B). `wire_dtype` is "float32" (exact) or
+            bundle was split with ("sha256:" and 64 hex digits); the cloud
+            refuses any other (an M is useless with other A/B). `wire_dtype` is "float32" (exact) or
             "float16" (half the bytes) and must be the cloud's. `mode` is
             "generate" (a KV cache grows step by step) or "tune" (passes over
             independent batches, forward and backward, no cache). `batch` is
@@ -57,6 +57,11 @@ Tune sessions (mode "tune") run passes numbered 0, 1, ... instead of steps:
             cut 0 (training) or with `abort`; the next one is `step` + 1.
     status  (no fields)
             Server counters; needs no session.
+
+A connection has one request in flight: it reads the reply before it sends
+again. The cloud queues at most a few messages per connection either way;
+past that it stops reading a connection, and drops replies its peer does not
+read, so that a peer cannot park gigabytes of replies in the cloud.
 
 Cloud -> edge (replies; exactly one per request)
 
@@ -168,10 +173,15 @@ def _one_of(choices) -> Check:
 
 
 _SESSION_ID = re.compile(r"[0-9a-f]{32}")
+_SHA256 = re.compile(r"sha256:[0-9a-f]{64}")
 
 
 def _session(v: object) -> bool:
     return type(v) is str and _SESSION_ID.fullmatch(v) is not None
+
+
+def _sha256(v: object) -> bool:
+    return type(v) is str and _SHA256.fullmatch(v) is not None
 
 
 def _lengths(v: object) -> bool:
@@ -191,7 +201,7 @@ _COUNT = _integer(0, MAX_STEP)
 _CUT = _integer(0, 1 << 16)
 
 REQUESTS: dict[str, dict[str, Check]] = {
-    "open": {"ab_fingerprint": _text(128), "wire_dtype": _one_of(WIRE_DTYPES), "batch": _integer(1, 1 << 16),
+    "open": {"ab_fingerprint": _sha256, "wire_dtype": _one_of(WIRE_DTYPES), "batch": _integer(1, 1 << 16),
              "mode": _one_of(MODES)},
     "step": {"session": _session, "step": _STEP, "shape": _shape},
     "madx": {"session": _session, "step": _STEP, "cut": _CUT, "shape": _shape},
@@ -293,7 +303,7 @@ def decode(frames: Sequence, table: dict[str, dict[str, Check]], *, max_message_
         fields = set(header) - {"v", "op"}
         missing, extra = sorted(set(schema) - fields), sorted(fields - set(schema))
         detail = "; ".join(s for s in (missing and f"missing {', '.join(missing)}",
-                                       extra and f"unexpected {', '.join(f[:40] for f in extra[:5])}") if s)
+                                       extra and f"unexpected {', '.join(repr(f[:40]) for f in extra[:5])}") if s)
         raise ProtocolError("bad_message", f"{op}: {detail}")
     for name, check in schema.items():
         if not check(header[name]):

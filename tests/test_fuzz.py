@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import json
 import pickle
+import re
+import signal
 import socket
 import struct
 import threading
@@ -199,7 +201,7 @@ def test_junk_on_the_tcp_port_never_stops_the_cloud(models):
 
 
 # -- random and lying messages through ZeroMQ ------------------------------------------------
-WINDOW = 64  # messages in flight per round: the cloud answers each, the test then checks every answer
+WINDOW = 64  # messages per round, spread over the peers: the cloud answers each, the test checks every answer
 EVIL = [-1, -(1 << 63), 1 << 64, 1 << 53, 0.0, 1.5, 1e308, True, False, None, "", "0", "\U0010ffff" * 40, [], {}, [1],
         {"a": 1}, float("nan"), float("inf"), float("-inf")]
 
@@ -288,13 +290,15 @@ def test_random_and_lying_messages_get_errors_and_the_cloud_serves_exactly_after
             valid, sessions = _valid_requests(edge, peers[0], peers[1], seed)
             replies: list[dict] = []
             for _ in range(rounds):
-                sent = [0] * len(peers)
+                waiting = [False] * len(peers)  # one request in flight per connection, as the protocol allows
                 for _ in range(WINDOW):
                     i = int(rng.integers(len(peers)))
+                    if waiting[i]:
+                        replies += [header for header, _ in peers[i].replies(1, seed)]
                     peers[i].send(_random_frames(rng) if rng.integers(4) == 0 else _lie(rng, valid, sessions))
-                    sent[i] += 1
-                for peer, count in zip(peers, sent):
-                    replies += [header for header, _ in peer.replies(count, seed)]
+                    waiting[i] = True
+                for peer, count in zip(peers, waiting):
+                    replies += [header for header, _ in peer.replies(int(count), seed)]
         finally:
             for peer in peers:
                 peer.close()
@@ -346,6 +350,78 @@ def test_replayed_steps_are_refused_and_change_nothing(models):
             peer.close()
             stranger.close()
         assert_still_serves_exactly(server, endpoint, edge, cloud, seed)
+
+
+def _rss_mib() -> float:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
+
+
+def test_a_peer_that_never_reads_has_its_replies_dropped_not_queued(models):
+    """Replies pile up nowhere: past a few per connection, the ones its peer does not read are dropped."""
+    _, cloud, edge = models
+    rows, seq, warm, passes = 64, 256, 4, 12  # each pass answered with 7 MiB: 4 of last hidden state, 3 of `A x`
+    with serve(cloud, max_train_tokens=rows * seq) as (server, endpoint):
+        hostile = zmq.Context.instance().socket(zmq.DEALER)
+        hostile.setsockopt(zmq.LINGER, 0)
+        hostile.setsockopt(zmq.RCVHWM, 1)
+        hostile.setsockopt(zmq.RCVBUF, 4096)
+        hostile.connect(endpoint)
+        try:
+            hostile.send_multipart(_open(edge, "tune"))
+            assert hostile.poll(int(TIMEOUT * 1000))
+            session = server.sessions[json.loads(hostile.recv_multipart()[0])["session"]]
+            embeds = np.zeros((rows, seq, edge.arch.hidden_size), np.float32)
+
+            def until(done) -> None:  # the peer paces itself by the server's state, never by reading
+                deadline = time.monotonic() + 30
+                while not (not session.busy and done()):
+                    assert time.monotonic() < deadline, (session.trainer.phase, session.cut)
+                    time.sleep(0.002)
+
+            def evaluation_pass(step: int) -> None:
+                hostile.send_multipart(wire.encode("train_step", {"session": session.id, "step": step, "lengths": [seq] * rows,
+                                                                  "grad": False}, embeds))
+                for cut in range(len(edge.plan.segments) - 1):
+                    until(lambda: session.trainer.phase == "forward" and session.cut == cut)
+                    madx = np.zeros(session.trainer.expected_shape, np.float32)
+                    hostile.send_multipart(wire.encode("madx", {"session": session.id, "step": step, "cut": cut}, madx))
+                until(lambda: session.trainer.phase == "idle")
+
+            for step in range(warm):  # what stays queued, and the allocator's own pools, in place
+                evaluation_pass(step)
+            before = _rss_mib()
+            for step in range(warm, warm + passes):
+                evaluation_pass(step)
+            grown = _rss_mib() - before
+            assert server.counters.rejected == 0
+            assert grown < 70, f"{grown:.0f} MiB more after {passes * 7} MiB of replies nobody read"
+        finally:
+            hostile.close()
+        assert_still_serves_exactly(server, endpoint, edge, cloud, seed=0)
+
+
+def test_words_of_a_peer_reach_the_log_escaped_and_the_cloud_serves_on(llama_bundle):
+    """A field name with a lone surrogate once stopped `serve-cloud` (its log could not encode it); escape codes
+    went to the operator's terminal."""
+    from processes import spawn_plcli
+
+    server = spawn_plcli("serve-cloud", llama_bundle / "cloud", "--bind", "tcp://127.0.0.1:*", "--no-tune", "--threads", 1)
+    try:
+        first = next(line for line in server.stdout if " serving " in line)
+        endpoint = re.search(r"serving (tcp://\S+)", first).group(1)
+        peer = Peer(endpoint)
+        for evil in ("\ud800", "\x1b[2J\nforged log line"):
+            head = json.dumps({"v": wire.PROTOCOL_VERSION, "op": "status", evil: 1}).encode()
+            header, _ = peer.ask([head])
+            assert header["code"] == "bad_message" and all(c.isprintable() for c in header["message"]), header
+        peer.close()
+        assert cloud_status(endpoint, timeout=TIMEOUT)["rejected"] == 2
+    finally:
+        server.send_signal(signal.SIGINT)
+        log = server.communicate(timeout=30)[0]
+    assert server.returncode == 0, log
+    assert "\x1b" not in log and "forged" in log and "\nforged" not in log
 
 
 class FileMaker:
