@@ -13,6 +13,7 @@ import sys
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from plcli.runtime.errors import PlcliError
@@ -89,9 +90,21 @@ def reports_errors(fn):
 
 
 def fail(message: str, code: int):
-    message = " ".join(str(message).split())
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    err_console.print(f"[bold red]error:[/] {shown(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
+
+
+def printable(text: str) -> str:
+    """`text` with what a terminal would act on rather than show (escape sequences, lone surrogates) escaped.
+
+    Messages carry paths, a peer's words and generated text: none of it may steer the terminal or fail to encode.
+    """
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
+def shown(message) -> str:
+    """A message as one line of plain text inside rich markup: printable, its brackets not taken for markup."""
+    return escape(printable(" ".join(str(message).split())))
 
 
 def progress_bar() -> Progress:

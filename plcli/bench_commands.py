@@ -10,7 +10,7 @@ from rich.table import Table
 
 from plcli.runtime.cpu_latency import hold_low_latency
 
-from .app import LOW_LATENCY_HELP, UserError, app, console, print_json, progress_bar, reports_errors, status
+from .app import LOW_LATENCY_HELP, UserError, app, console, print_json, progress_bar, reports_errors, shown, status
 
 bench_app = typer.Typer(no_args_is_help=True, help="Measure speed: every method side by side in one run, as ratios.")
 app.add_typer(bench_app, name="bench")
@@ -94,7 +94,7 @@ def bench_decode(
                           f"{'yes' if e['identical'] else 'no'}; largest group {e['largest_group']}; CPU per token: "
                           f"edges {e['edge_cpu_ms_per_token']:.1f} ms" + _cloud_cpu(e))
     if plot is not None:
-        console.print(f"plot: [bold]{plot}[/]")
+        console.print(f"plot: [bold]{shown(plot)}[/]")
 
 
 def _cloud_cpu(e: dict) -> str:

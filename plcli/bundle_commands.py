@@ -5,10 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
-from rich.markup import escape
 from rich.table import Table
 
-from .app import UserError, app, console, print_json, progress_bar, reports_errors, status
+from .app import UserError, app, console, print_json, progress_bar, reports_errors, shown, status
 
 
 def split_with_progress(model_dir: Path, out_dir: Path, **kwargs):
@@ -46,7 +45,7 @@ def split(
     if as_json:
         print_json(summary)
         return
-    console.print(f"split [bold]{model_dir}[/] into [bold]{out_dir}[/] in {result.seconds:.1f} s")
+    console.print(f"split [bold]{shown(model_dir)}[/] into [bold]{shown(out_dir)}[/] in {result.seconds:.1f} s")
     _print_summary(summary)
 
 
@@ -121,7 +120,7 @@ def _print_summary(s: dict) -> None:
         console.print("[red]cloud and edge were not split together (A/B fingerprints differ)[/]")
     note = unapplied_note(s.get("generation", {}))
     if note:
-        console.print(f"[yellow]note:[/] {escape(note)}", highlight=False, soft_wrap=True)
+        console.print(f"[yellow]note:[/] {shown(note)}", highlight=False, soft_wrap=True)
 
 
 def _bytes(n: int) -> str:

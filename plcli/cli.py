@@ -23,7 +23,7 @@ def main():
     except ImportError:
         from click import exceptions as click_exceptions
 
-    from .app import err_console
+    from .app import err_console, shown
 
     try:
         code = app(standalone_mode=False)
@@ -31,7 +31,7 @@ def main():
         sys.exit(0)  # typer has already printed the help
     except click_exceptions.UsageError as e:
         where = f" (see `{e.ctx.command_path} --help`)" if e.ctx else ""
-        err_console.print(f"[bold red]error:[/] {e.format_message()}{where}", highlight=False, soft_wrap=True)
+        err_console.print(f"[bold red]error:[/] {shown(e.format_message() + where)}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except (typer.Abort, KeyboardInterrupt):
         sys.exit(130)

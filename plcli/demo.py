@@ -12,8 +12,9 @@ from typing import Optional
 
 import typer
 from rich.table import Table
+from rich.text import Text
 
-from .app import app, console, print_json, reports_errors
+from .app import app, console, print_json, printable, reports_errors, shown
 from .bundle_commands import split_with_progress
 from .serve_commands import timed_turn
 
@@ -38,7 +39,7 @@ def run_demo(out: Path | None, *, as_json: bool = False) -> dict:
     out = Path(out) if out else cache_root() / "demo"
     bundles = out / "bundles"
 
-    say(f"[bold]1. split[/] the embedded demo model ({model_dir.name}) into {bundles}")
+    say(f"[bold]1. split[/] the embedded demo model ({model_dir.name}) into {shown(bundles)}")
     result = split_with_progress(model_dir, bundles, force=True)
     summary = summarize(bundles)
     say(f"   cloud {summary['sides']['cloud']['parameters']:,} parameters · edge {summary['sides']['edge']['parameters']:,} parameters · "
@@ -67,8 +68,8 @@ def run_demo(out: Path | None, *, as_json: bool = False) -> dict:
     table = Table(show_header=True)
     table.add_column("source")
     table.add_column("completion")
-    table.add_row("split (ONNX Runtime)", DEMO_PROMPT + text)
-    table.add_row("transformers generate", DEMO_PROMPT + edge.tokenizer.decode(ref))
+    table.add_row("split (ONNX Runtime)", Text(printable(DEMO_PROMPT + text)))
+    table.add_row("transformers generate", Text(printable(DEMO_PROMPT + edge.tokenizer.decode(ref))))
     if not as_json:
         console.print(table)
     say(f"   token ids identical: {'[green]yes[/]' if identical else '[red]no[/]'} · "
@@ -86,7 +87,7 @@ def run_demo(out: Path | None, *, as_json: bool = False) -> dict:
     # but none of their facts (recipes/tune_quality.py measures both), so the tuning act adapts all seven projections.
     tune_bundles = out / "tune-bundles"
     say(f"[bold]5. tune[/] M on synthetic private notes through a loopback cloud, as `plcli tune --connect` does; "
-        f"split again with all seven projections adapted into {tune_bundles}")
+        f"split again with all seven projections adapted into {shown(tune_bundles)}")
     split_with_progress(model_dir, tune_bundles, targets=ALL_TARGETS, force=True)
     tuned = serve_and_tune(CloudModel(tune_bundles / "cloud"), EdgeModel(tune_bundles / "edge"), tune_bundles,
                            out / "tune", say=say)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from .app import app, console, print_json, reports_errors
+from .app import app, console, print_json, reports_errors, shown
 
 keys_app = typer.Typer(no_args_is_help=True, help="CURVE key pairs for serve-cloud, run-edge and tune.")
 app.add_typer(keys_app, name="keys")
@@ -26,6 +26,6 @@ def generate(
     if as_json:
         print_json({"public_key_file": str(public_file), "secret_key_file": str(secret_file), "public_key": public_key})
         return
-    console.print(f"wrote [bold]{public_file}[/] (public: copy it into the cloud's --authorized-keys directory, or give it "
-                  f"to edges as --server-key) and [bold]{secret_file}[/] (secret, mode 0600: it stays on this machine)",
+    console.print(f"wrote [bold]{shown(public_file)}[/] (public: copy it into the cloud's --authorized-keys directory, or give it "
+                  f"to edges as --server-key) and [bold]{shown(secret_file)}[/] (secret, mode 0600: it stays on this machine)",
                   highlight=False)

@@ -16,12 +16,12 @@ from typing import Callable, Optional
 
 import typer
 from rich.live import Live
-from rich.markup import escape
 from rich.text import Text
 
 from plcli.runtime.cpu_latency import hold_low_latency
 
-from .app import LOW_LATENCY_HELP, UserError, app, console, err_console, print_json, reports_errors, status
+from .app import (LOW_LATENCY_HELP, UserError, app, console, err_console, print_json, printable, reports_errors, shown,
+                  status)
 
 DEFAULT_ENDPOINT = "tcp://127.0.0.1:5555"  # loopback: serving beyond this machine is a deliberate choice
 CHECKPOINT_DEFAULT = "Default: the checkpoint's when its generation config samples (do_sample), else greedy."
@@ -47,12 +47,12 @@ def make_failover(connect: list[str] | None, open_session, *, timeout: float, re
 
     def report(e: dict) -> None:
         if e["event"] == "lost":
-            err_console.print(f"[yellow]lost the cloud at {e['url']}[/] ({e['message']}); reconnecting for up to "
+            err_console.print(f"[yellow]lost the cloud at {shown(e['url'])}[/] ({shown(e['message'])}); reconnecting for up to "
                               f"{reconnect_timeout:g} s", highlight=False, soft_wrap=True)
         elif e["event"] == "reconnected":
-            err_console.print(f"reconnected to {e['url']}; replaying this session's tokens", highlight=False, soft_wrap=True)
+            err_console.print(f"reconnected to {shown(e['url'])}; replaying this session's tokens", highlight=False, soft_wrap=True)
         elif e["event"] == "unreachable":
-            err_console.print(f"[yellow]{e['url']}[/]: {e['message']}; trying the next cloud", highlight=False, soft_wrap=True)
+            err_console.print(f"[yellow]{shown(e['url'])}[/]: {shown(e['message'])}; trying the next cloud", highlight=False, soft_wrap=True)
 
     return Failover(urls, open_session, timeout=timeout, reconnect_timeout=reconnect_timeout, on_event=report)
 
@@ -124,7 +124,7 @@ def serve_cloud(
             raise UserError(str(e)) from None
         reporter.server = server
         if curve is None and not _is_local(server.endpoint):
-            err_console.print(f"[yellow]warning:[/] {server.endpoint} is reachable from other machines without encryption or "
+            err_console.print(f"[yellow]warning:[/] {shown(server.endpoint)} is reachable from other machines without encryption or "
                               "authentication (--insecure): anyone who reaches it can use this cloud and read its traffic",
                               highlight=False, soft_wrap=True)
         if not as_json:
@@ -176,7 +176,8 @@ class _Reporter:
 
     def line(self, text: str) -> None:
         stamp = datetime.now().strftime("%H:%M:%S")
-        (self._live.console if self._live else console).print(f"{stamp} {text}", highlight=False, markup=False, soft_wrap=True)
+        (self._live.console if self._live else console).print(f"{stamp} {printable(text)}", highlight=False, markup=False,
+                                                              soft_wrap=True)
         sys.stdout.flush()
 
     def event(self, e: dict) -> None:
@@ -299,7 +300,7 @@ def run_edge(
                              max_new_tokens=max_new_tokens, seed=seed, stop=list(stop or []), ignore_eos=ignore_eos)
         note = unapplied_note(edge.manifest.generation)
         if note:
-            err_console.print(f"[yellow]note:[/] {escape(note)}", highlight=False, soft_wrap=True)
+            err_console.print(f"[yellow]note:[/] {shown(note)}", highlight=False, soft_wrap=True)
         failover = make_failover(
             connect, lambda url, t: RemoteCloudSession(url, edge.manifest, wire_dtype=wire_dtype, timeout=t, curve=curve),
             timeout=timeout, reconnect_timeout=reconnect_timeout)

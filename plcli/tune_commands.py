@@ -8,8 +8,9 @@ from typing import Optional
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
+from rich.text import Text
 
-from .app import UserError, app, console, err_console, fail, print_json, reports_errors
+from .app import UserError, app, console, err_console, fail, print_json, printable, reports_errors, shown
 from .serve_commands import CURVE_SECRET_HELP, RECONNECT_HELP, SERVER_KEY_HELP, WIRE_DTYPE_HELP, client_keys, make_failover
 
 
@@ -122,7 +123,7 @@ def tune(
         table.add_row("eval loss", _num(summary.eval_loss_before), _num(summary.eval_loss_after))
         table.add_row("eval perplexity", _num(summary.eval_perplexity_before, 2), _num(summary.eval_perplexity_after, 2))
     console.print(table)
-    console.print(f"{summary.tokens_per_s:,.0f} tokens/s · adapter in [bold]{summary.out}[/]"
+    console.print(f"{summary.tokens_per_s:,.0f} tokens/s · adapter in [bold]{shown(summary.out)}[/]"
                   + ("" if eval_data else " · no --eval-data: nothing held out was measured"))
 
 
@@ -171,7 +172,8 @@ def export_peft(
     if as_json:
         print_json({"out": str(written), "files": files})
     else:
-        console.print(f"wrote a peft LoRA adapter to [bold]{written}[/]: load it with PeftModel.from_pretrained(base_model, {str(written)!r})")
+        console.print(f"wrote a peft LoRA adapter to [bold]{shown(written)}[/]: load it with "
+                      f"PeftModel.from_pretrained(base_model, {shown(repr(str(written)))})")
 
 
 def tune_demo(bundles: Path, work: Path, link, *, config=None, say=console.print) -> dict:
@@ -200,8 +202,8 @@ def tune_demo(bundles: Path, work: Path, link, *, config=None, say=console.print
     table.add_column("M")
     table.add_column("held-out perplexity", justify="right")
     table.add_column(f"{prompt} …")
-    table.add_row("before tuning (zeros)", f"{summary.eval_perplexity_before:.2f}", before)
-    table.add_row(f"after {summary.steps} steps", f"{summary.eval_perplexity_after:.2f}", after)
+    table.add_row("before tuning (zeros)", f"{summary.eval_perplexity_before:.2f}", Text(printable(before)))
+    table.add_row(f"after {summary.steps} steps", f"{summary.eval_perplexity_after:.2f}", Text(printable(after)))
     say(table)
     learned = after.startswith(answer) and not before.startswith(answer)
     say(f"   the notes say{answer}: " + ("[green]learned[/]" if learned else "[red]not learned[/]")

@@ -120,6 +120,7 @@ def _empty_dir(tmp: Path, llama: Path) -> Path:
 
 BAD_CHECKPOINTS = {
     "missing directory": (lambda tmp, llama: tmp / "nowhere", "no such directory"),
+    "a path that looks like markup": (lambda tmp, llama: tmp / "[/]x[bold]y\x1b[31m", "[/]x[bold]y\\x1b[31m: no such directory"),
     "a file": (_a_file, "not a directory"),
     "no config.json": (_empty_dir, "no config.json"),
     "garbage config.json": (_config_file("{not json"), "unreadable config"),
