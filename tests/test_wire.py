@@ -12,6 +12,7 @@ import pytest
 from plcli.runtime import wire
 
 SID = "0123456789abcdef0123456789abcdef"
+FINGERPRINT = "sha256:" + "ab" * 32
 LIMIT = 1 << 20
 
 
@@ -20,7 +21,7 @@ def _header(**fields) -> bytes:
 
 
 VALID_REQUESTS = {
-    "open": ({"ab_fingerprint": "sha256:ab", "wire_dtype": "float32", "batch": 1, "mode": "generate"}, None),
+    "open": ({"ab_fingerprint": FINGERPRINT, "wire_dtype": "float32", "batch": 1, "mode": "generate"}, None),
     "step": ({"session": SID, "step": 0}, np.ones((1, 3, 8), np.float32)),
     "madx": ({"session": SID, "step": 4, "cut": 1}, np.ones((1, 1, 3, 2), np.float32)),
     "train_step": ({"session": SID, "step": 2, "lengths": [3, 1], "grad": True}, np.ones((2, 3, 8), np.float32)),
@@ -137,8 +138,8 @@ def test_received_tensors_are_aligned_float32_even_at_odd_offsets():
     ([_header(op=7)], "bad_message"),
     ([b'{"v": 1, "op": "status"}'], "unsupported_version"),
     ([_header(op="hello")], "unknown_op"),
-    ([_header(op="open", ab_fingerprint="x", wire_dtype="float32", batch=1)], "bad_message"),  # no mode
-    ([_header(op="open", ab_fingerprint="x", wire_dtype="float32", batch=1, mode="train")], "bad_message"),
+    ([_header(op="open", ab_fingerprint=FINGERPRINT, wire_dtype="float32", batch=1)], "bad_message"),  # no mode
+    ([_header(op="open", ab_fingerprint=FINGERPRINT, wire_dtype="float32", batch=1, mode="train")], "bad_message"),
     ([_header(op="train_step", session=SID, step=0, lengths=[], grad=True, shape=[1, 1, 8]), b"\0" * 32], "bad_message"),
     ([_header(op="train_step", session=SID, step=0, lengths=[0], grad=True, shape=[1, 1, 8]), b"\0" * 32], "bad_message"),
     ([_header(op="train_step", session=SID, step=0, lengths=[1], grad=1, shape=[1, 1, 8]), b"\0" * 32], "bad_message"),
@@ -150,11 +151,14 @@ def test_received_tensors_are_aligned_float32_even_at_odd_offsets():
     ([_header(op="close")], "bad_message"),
     ([_header(op="close", session="XYZ")], "bad_message"),
     ([_header(op="close", session=SID.upper())], "bad_message"),
-    ([_header(op="open", ab_fingerprint="x", wire_dtype="float64", batch=1, mode="generate")], "bad_message"),
-    ([_header(op="open", ab_fingerprint="x", wire_dtype="float32", batch=0, mode="generate")], "bad_message"),
-    ([b'{"v": 2, "op": "open", "ab_fingerprint": "x", "wire_dtype": "float32", "batch": NaN, "mode": "tune"}'],
-     "bad_message"),
+    ([_header(op="open", ab_fingerprint=FINGERPRINT, wire_dtype="float64", batch=1, mode="generate")], "bad_message"),
+    ([_header(op="open", ab_fingerprint=FINGERPRINT, wire_dtype="float32", batch=0, mode="generate")], "bad_message"),
+    ([b'{"v": 2, "op": "open", "ab_fingerprint": "' + FINGERPRINT.encode()
+      + b'", "wire_dtype": "float32", "batch": NaN, "mode": "tune"}'], "bad_message"),
     ([_header(op="open", ab_fingerprint="x" * 200, wire_dtype="float32", batch=1, mode="generate")], "bad_message"),
+    ([_header(op="open", ab_fingerprint=FINGERPRINT.upper(), wire_dtype="float32", batch=1, mode="generate")], "bad_message"),
+    ([_header(op="open", ab_fingerprint=FINGERPRINT[:-1] + "\x1b", wire_dtype="float32", batch=1, mode="generate")],
+     "bad_message"),
     ([_header(op="step", session=SID, step=0, shape=[1, 1, 8])], "bad_message"),  # tensor frame missing
     ([_header(op="step", session=SID, step=0, shape=[1, 1, 8]), b"\0" * 32, b"\0" * 32], "bad_message"),
     ([_header(op="step", session=SID, step=-1, shape=[1, 1, 8]), b"\0" * 32], "bad_message"),
