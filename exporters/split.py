@@ -71,6 +71,8 @@ def split_checkpoint(
         arch = family.architecture(config)
     except (CheckpointError, UnsupportedModel) as e:
         raise SplitError(str(e)) from None
+    if seed < 0:
+        raise SplitError(f"--seed {seed} is out of range: must be 0 or more")
     if not 1 <= rank <= arch.hidden_size // 2:
         raise SplitError(f"--rank {rank} is out of range: use 1 to {arch.hidden_size // 2} (half the hidden size {arch.hidden_size})")
     if out_dir.exists() and not force:

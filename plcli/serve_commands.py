@@ -304,8 +304,9 @@ def run_edge(
         failover = make_failover(
             connect, lambda url, t: RemoteCloudSession(url, edge.manifest, wire_dtype=wire_dtype, timeout=t, curve=curve),
             timeout=timeout, reconnect_timeout=reconnect_timeout)
-        conversation = Conversation(edge, failover.open(), sampling, failover=failover)
-        try:
+        session, conversation = failover.open(), None
+        try:  # whatever fails from here on, the cloud gets its session back (the one in use, after a failover)
+            conversation = Conversation(edge, session, sampling, failover=failover)
             if prompt is not None:
                 _generate_once(conversation, prompt, sampling, as_json)
             else:
@@ -313,7 +314,7 @@ def run_edge(
         except ValueError as e:  # a prompt the model cannot take: token ids out of range, context full
             raise UserError(str(e)) from None
         finally:
-            conversation.session.close()
+            (conversation.session if conversation is not None else session).close()
 
 
 def _sampling(settings: dict, **fixed):

@@ -39,6 +39,8 @@ class Sampling:
             raise ValueError("--top-p must be in (0, 1]")
         if not 0 < self.repetition_penalty < float("inf"):
             raise ValueError("--repetition-penalty must be positive")
+        if self.seed is not None and self.seed < 0:
+            raise ValueError("--seed must be >= 0")
 
     @staticmethod
     def checkpoint_defaults(generation: dict) -> dict:

@@ -89,16 +89,17 @@ def check_config(c: TuneConfig, max_context: int) -> None:
         raise TuneError("give --steps or --epochs, not both")
     for name, value, ok, rule in (
         ("--steps", c.steps, c.steps is None or c.steps >= 1, "at least 1"),
-        ("--epochs", c.epochs, c.epochs is None or c.epochs > 0, "positive"),
+        ("--epochs", c.epochs, c.epochs is None or 0 < c.epochs < math.inf, "positive"),
         ("--lr", c.lr, c.lr > 0 and math.isfinite(c.lr), "positive"),
         ("--batch-size", c.batch_size, c.batch_size >= 1, "at least 1"),
         ("--seq-len", c.seq_len, c.seq_len >= 1, "at least 1"),
         ("--grad-accum", c.grad_accum, c.grad_accum >= 1, "at least 1"),
         ("--warmup", c.warmup, c.warmup >= 0, "0 or more"),
-        ("--weight-decay", c.weight_decay, c.weight_decay >= 0, "0 or more"),
-        ("--max-grad-norm", c.max_grad_norm, c.max_grad_norm >= 0, "0 (off) or more"),
+        ("--weight-decay", c.weight_decay, 0 <= c.weight_decay < math.inf, "0 or more"),
+        ("--max-grad-norm", c.max_grad_norm, 0 <= c.max_grad_norm < math.inf, "0 (off) or more"),
         ("--eval-every", c.eval_every, c.eval_every >= 0, "0 (off) or more"),
         ("--save-every", c.save_every, c.save_every >= 0, "0 (off) or more"),
+        ("--seed", c.seed, c.seed >= 0, "0 or more"),
     ):
         if not ok:
             raise TuneError(f"{name} {value} is out of range: must be {rule}")

@@ -74,7 +74,7 @@ def test_greedy_never_picks_a_padding_row():
 @pytest.mark.parametrize("field, value, says", [
     ("max_new_tokens", 0, "--max-new-tokens"), ("temperature", -0.5, "--temperature"), ("top_k", -1, "--top-k"),
     ("top_p", 0.0, "--top-p"), ("top_p", 1.5, "--top-p"), ("repetition_penalty", 0.0, "--repetition-penalty"),
-    ("repetition_penalty", float("nan"), "--repetition-penalty"),
+    ("repetition_penalty", float("nan"), "--repetition-penalty"), ("seed", -1, "--seed"),
 ])
 def test_bad_settings_are_refused_by_flag_name(field, value, says):
     with pytest.raises(ValueError, match=says):

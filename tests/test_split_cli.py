@@ -153,6 +153,7 @@ def test_split_refuses_bad_checkpoint(case, tmp_path, llama_checkpoint):
     (["--rank", "8", "--targets", ""], "no targets given"),
     (["--rank", "8", "--targets", " , "], "no targets given"),
     (["--rank", "8", "--targets", "v_proj,v_proj"], "targets repeat a name"),
+    (["--rank", "8", "--seed", "-1"], "--seed -1 is out of range: must be 0 or more"),
 ])
 def test_split_refuses_bad_rank_or_targets(options, says, tmp_path, llama_checkpoint):
     out = tmp_path / "out"

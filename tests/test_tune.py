@@ -223,6 +223,11 @@ def test_bad_options_and_foreign_adapters_are_refused(llama_bundle, bundle_facto
     common = ("--data", data / "train.txt", "--steps", 2, "--seq-len", 16, "--batch-size", 2)
     code, _, err = run_cli("tune", edge, "--cloud", cloud, "--data", data / "train.txt", "--seq-len", 100000, "--out", tmp_path / "a")
     assert code == 2 and "exceeds the model's context" in err and len(err.strip().splitlines()) == 1
+    for option, value in (("--weight-decay", "inf"), ("--max-grad-norm", "nan"), ("--epochs", "inf"), ("--seed", "-1")):
+        given = common[:2] + common[4:] if option == "--epochs" else common  # not --steps and --epochs
+        code, _, err = run_cli("tune", edge, "--cloud", cloud, *given, "--out", tmp_path / "c", option, value)
+        assert code == 2 and f"{option} {value} is out of range" in err and len(err.strip().splitlines()) == 1, err
+        assert not (tmp_path / "c").exists()
 
     # An adapter tuned for another split of the same checkpoint (other A and B).
     other = bundle_factory(llama_checkpoint, rank=8, seed=1)
