@@ -291,7 +291,8 @@ def run_edge(
         raise UserError(f"--threads {threads} is out of range: must be at least 1")
     given = {k: v for k, v in dict(temperature=temperature, top_k=top_k, top_p=top_p,
                                    repetition_penalty=repetition_penalty).items() if v is not None}
-    sampling = _sampling(given, max_new_tokens=max_new_tokens, seed=seed, stop=list(stop or []), ignore_eos=ignore_eos)
+    # Bad flags fail here, before the bundle loads; the bundle's own settings join them below.
+    _sampling(given, max_new_tokens=max_new_tokens, seed=seed, stop=list(stop or []), ignore_eos=ignore_eos)
     curve = client_keys(curve_secret, server_key)
     with hold_low_latency(low_latency):
         edge = EdgeModel(edge_dir, adapter=adapter, threads=threads)
