@@ -35,8 +35,9 @@ CONNECT_HELP = ("The cloud's ZeroMQ endpoint; repeat it (or separate with commas
 RECONNECT_HELP = "Seconds to spend reopening a lost session on the clouds of --connect (0: no failover)."
 
 
-def make_failover(connect: list[str] | None, open_session, *, timeout: float, reconnect_timeout: float):
-    """A `Failover` over the --connect URLs, reporting losses and reconnects on stderr."""
+def make_failover(connect: list[str] | None, open_session, *, timeout: float, reconnect_timeout: float,
+                  carrying_on: str = "replaying this session's tokens"):
+    """A `Failover` over the --connect URLs, reporting losses and reconnects (and then `carrying_on`) on stderr."""
     from plcli.runtime.failover import Failover
 
     urls = [u.strip() for value in (connect or [DEFAULT_ENDPOINT]) for u in value.split(",") if u.strip()]
@@ -50,7 +51,7 @@ def make_failover(connect: list[str] | None, open_session, *, timeout: float, re
             err_console.print(f"[yellow]lost the cloud at {shown(e['url'])}[/] ({shown(e['message'])}); reconnecting for up to "
                               f"{reconnect_timeout:g} s", highlight=False, soft_wrap=True)
         elif e["event"] == "reconnected":
-            err_console.print(f"reconnected to {shown(e['url'])}; replaying this session's tokens", highlight=False, soft_wrap=True)
+            err_console.print(f"reconnected to {shown(e['url'])}; {carrying_on}", highlight=False, soft_wrap=True)
         elif e["event"] == "unreachable":
             err_console.print(f"[yellow]{shown(e['url'])}[/]: {shown(e['message'])}; trying the next cloud", highlight=False, soft_wrap=True)
 

@@ -40,7 +40,7 @@ def run_tuner(tuner, *, quiet: bool = False):
         try:
             return tuner.run(on_step=on_step, on_eval=on_eval)
         except TuneInterrupted as e:
-            fail(str(e), 130 if e.reason == "interrupted" else 1)
+            fail(str(e), e.exit_code)
 
 
 @app.command()
@@ -100,7 +100,8 @@ def tune(
     failover = None
     if connect is not None:
         failover = make_failover(connect, lambda url, t: _remote_link(url, edge, wire_dtype, t, curve),
-                                 timeout=timeout, reconnect_timeout=reconnect_timeout)
+                                 timeout=timeout, reconnect_timeout=reconnect_timeout,
+                                 carrying_on="doing the interrupted step again")
         link = failover.open()
     else:
         link = _local_link(cloud_dir, edge, threads)

@@ -11,6 +11,7 @@ stream, and the round trips.
 
 from __future__ import annotations
 
+import time
 from typing import NoReturn
 
 import numpy as np
@@ -21,6 +22,9 @@ from .bundle import Manifest
 from .cloud import StepOutput
 from .secure import ClientKeys, secure_client
 from .train_link import GradOutput, LinkError
+
+
+CLOSE_LINGER_MS = 200  # how long a `close` sent on giving up may still take to leave
 
 
 class CloudError(LinkError):
@@ -44,6 +48,8 @@ class WireConnection:
     reply raises CloudError and changes nothing, except `internal` in the
     middle of a generate step: the cloud failed to run it and dropped it.
     """
+
+    too_large_hint = ""  # what to change when a message is over the cloud's limit
 
     def __init__(self, url: str, manifest: Manifest, *, mode: str, wire_dtype: str = "float32", timeout: float = 10.0,
                  batch: int = 1, context: zmq.Context | None = None, curve: ClientKeys | None = None):
@@ -81,14 +87,29 @@ class WireConnection:
         self.max_message_bytes = reply["max_message_bytes"]
         if reply["wire_dtype"] != wire_dtype:
             self._broken(f"the cloud opened a {reply['wire_dtype']} session, the edge asked for {wire_dtype}")
+        widest = max([manifest.architecture.hidden_size] + [len(s.kind.out_cut.targets) * manifest.rank
+                                                            for s in self.plan.segments if s.kind.out_cut is not None])
+        one_token = wire.MAX_HEADER_BYTES + batch * widest * wire.WIRE_DTYPES[wire_dtype].itemsize
+        if self.max_message_bytes < one_token:
+            self._broken(f"the cloud takes messages of at most {self.max_message_bytes} bytes, "
+                         f"less than the {one_token} of one token's step")
 
     def close(self) -> None:
-        """Free the session on the cloud (best effort, briefly) and the socket; safe to call twice."""
+        """Free the session on the cloud (best effort, waiting up to a second for its word) and the socket; safe to call twice."""
         if self._socket.closed:
             return
         try:
             self._socket.send_multipart(wire.encode("close", {"session": self.session_id}), zmq.NOBLOCK)
-            self._socket.poll(int(min(self.timeout, 1.0) * 1000))
+            deadline = time.monotonic() + min(self.timeout, 1.0)
+            while (left := deadline - time.monotonic()) > 0 and self._socket.poll(max(1, int(left * 1000))):
+                # The reply to a step that Ctrl-C left in flight may come first: the cloud's `closed` is what counts.
+                reply = self._socket.recv_multipart(zmq.NOBLOCK)
+                try:
+                    header, _ = wire.decode(reply, wire.REPLIES, max_message_bytes=self.max_message_bytes)
+                except wire.ProtocolError:
+                    continue
+                if header["op"] in ("closed", "error"):
+                    break
         except zmq.ZMQError:
             pass
         self._socket.close()
@@ -112,6 +133,11 @@ class WireConnection:
     def _send(self, frames: list, silence: str | None = None) -> None:
         if self._socket.closed:
             raise CloudError(f"the connection to the cloud at {self.url} is closed", "closed")
+        size = sum(memoryview(f).nbytes for f in frames)
+        if size > self.max_message_bytes:
+            # Sent, libzmq at the cloud would drop the connection without a word, which looks like a lost cloud.
+            raise CloudError(f"a message of {size} bytes exceeds the cloud's limit of {self.max_message_bytes} bytes"
+                             f"{self.too_large_hint}", "too_large")
         try:
             wire.send(self._socket, frames)
         except zmq.Again:
@@ -157,6 +183,14 @@ class WireConnection:
 
     def _broken(self, message: str, code: str = "bad_reply") -> NoReturn:
         """Give up on this connection: after a silence or a bad reply the stream can no longer be trusted."""
+        session = getattr(self, "session_id", None)
+        if session is not None:
+            # A cloud that is only slow frees the session now rather than when it expires; nothing waits for its word.
+            try:
+                self._socket.send_multipart(wire.encode("close", {"session": session}), zmq.NOBLOCK)
+                self._socket.setsockopt(zmq.LINGER, CLOSE_LINGER_MS)
+            except zmq.ZMQError:
+                pass
         self._socket.close()
         raise CloudError(message, code)
 
@@ -257,6 +291,8 @@ class RemoteTrainLink(WireConnection):
     `M A x` and gradients at `A x` up, and each row's length (the padding mask
     of right-padded rows). Token ids, labels and the loss stay here.
     """
+
+    too_large_hint = "; a pass carries --batch-size x --seq-len tokens: make them smaller"
 
     def __init__(self, url: str, manifest: Manifest, *, wire_dtype: str = "float32", timeout: float = 10.0,
                  context: zmq.Context | None = None, curve: ClientKeys | None = None):

@@ -277,14 +277,17 @@ class CloudServer:
             if session is None or session.peer != peer or session.key != key:
                 # One answer for both, so that a stranger cannot probe which session ids exist.
                 raise wire.ProtocolError("unknown_session", "no such session on this connection (closed, expired or never opened)")
-            if session.busy:
-                raise wire.ProtocolError("out_of_order", "one message at a time per session")
             if op == "close":
+                # Even mid-step: an edge stopped by Ctrl-C closes without waiting for the reply it asked for,
+                # and its session must not hold a slot and its memory until it expires. `_run_next` and `_take`
+                # drop the steps of sessions that are gone.
                 del self.sessions[session.id]
                 self._send(peer, wire.encode("closed", {"session": session.id}))
                 self.on_event({"event": "closed", "session": session.id[:8], "tokens": session.tokens,
                                "sessions": len(self.sessions)})
                 return None
+            if session.busy:
+                raise wire.ProtocolError("out_of_order", "one message at a time per session")
             if op not in (GENERATE_OPS if session.mode == "generate" else TUNE_OPS):
                 raise wire.ProtocolError("wrong_mode", f"{op} does not belong to a {session.mode} session")
             session.last_seen = time.monotonic()
@@ -409,6 +412,8 @@ class CloudServer:
         now = time.monotonic()
         for request in requests:
             session = request.session
+            if self.sessions.get(session.id) is not session:  # closed after its step was admitted, in the same turn
+                continue
             if session.mode == "tune":
                 session.busy = False
                 self._execute_tune(request)

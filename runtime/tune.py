@@ -51,10 +51,15 @@ class TuneError(PlcliError):
 
 
 class TuneInterrupted(Exception):
-    """Training stopped early (cloud lost, Ctrl-C); `saved_step` is what the output directory now holds."""
+    """Training stopped early (cloud lost or refusing a step, Ctrl-C); `saved_step` is what the output directory now holds."""
 
-    def __init__(self, reason: str, failed_step: int, saved_step: int | None, out: Path):
+    def __init__(self, reason: str, failed_step: int, saved_step: int | None, out: Path, *, exit_code: int = 1):
         self.reason, self.failed_step, self.saved_step, self.out = reason, failed_step, saved_step, out
+        self.exit_code = exit_code
+        if exit_code == 2:  # refused: the same step would be refused again, so rerunning alone does not help
+            where = f"{out} holds step {saved_step}" if saved_step else f"nothing was saved to {out}"
+            super().__init__(f"step {failed_step}: {reason}; {where}")
+            return
         where = (f"{out} holds step {saved_step}: rerun with --resume to continue from it" if saved_step
                  else f"nothing was saved to {out}: rerun to start again")
         super().__init__(f"{reason} during step {failed_step}; the step was not applied and {where}")
@@ -386,8 +391,13 @@ class Tuner:
             if self.step_count and self.step_count != saved:
                 self.save()  # the last completed step: nothing done is lost
                 saved = self.step_count
-            reason = "interrupted" if isinstance(e, KeyboardInterrupt) else f"lost the cloud ({e})"
-            raise TuneInterrupted(reason, self.step_count + 1, saved, self.out) from None
+            if isinstance(e, KeyboardInterrupt):
+                reason, code = "interrupted", 130
+            elif is_loss(e):
+                reason, code = f"lost the cloud ({e})", 1
+            else:  # refused: a pass over the cloud's limits would be refused again, whichever cloud
+                reason, code = str(e), 2 if getattr(e, "code", None) in ("limit", "too_large") else 1
+            raise TuneInterrupted(reason, self.step_count + 1, saved, self.out, exit_code=code) from None
         self.save()
         try:
             eval_after = self._surviving(self.evaluate)

@@ -35,7 +35,9 @@ Edge -> cloud (requests)
             The edge's `M A x` for cut `cut` (0, 1, ... within the step) of
             the open step; shape exactly that of the `ax` it answers.
     close   session
-            Frees the session and its KV cache.
+            Frees the session and its KV cache, at once, even while a step
+            is in flight (an edge that stops mid-step): that step is dropped
+            unanswered, and `closed` is the reply.
 
 Tune sessions (mode "tune") run passes numbered 0, 1, ... instead of steps:
 
@@ -59,7 +61,7 @@ Tune sessions (mode "tune") run passes numbered 0, 1, ... instead of steps:
             Server counters; needs no session.
 
 A connection has one request in flight: it reads the reply before it sends
-again. The cloud queues at most a few messages per connection either way;
+again (`close` excepted). The cloud queues at most a few messages per connection either way;
 past that it stops reading a connection, and drops replies its peer does not
 read, so that a peer cannot park gigabytes of replies in the cloud.
 

@@ -540,6 +540,47 @@ def test_malformed_and_out_of_order_messages_get_errors_and_change_nothing(model
             np.testing.assert_array_equal(forward(edge, session, np.asarray([[5, 6, 7]])), want)
 
 
+def test_an_edge_that_closes_or_gives_up_mid_step_frees_its_session_at_once(model):
+    _, bundle, cloud = model("llama")
+    edge = edge_of(bundle)
+    x = edge.embed(np.asarray([[5, 6, 7]]))
+    server = CloudServer(cloud, bind="tcp://127.0.0.1:*")  # turned by hand, so that messages meet as the test wants
+
+    def while_serving(work) -> None:
+        worker = threading.Thread(target=work)
+        worker.start()
+        while worker.is_alive():
+            server.turn(0.01)
+
+    def opened(timeout: float) -> RemoteCloudSession:
+        box: list[RemoteCloudSession] = []
+        while_serving(lambda: box.append(RemoteCloudSession(server.endpoint, edge.manifest, timeout=timeout)))
+        return box[0]
+
+    try:
+        # Ctrl-C mid-step: `close` reaches the cloud while the step it interrupts still waits to run.
+        session = opened(TIMEOUT)
+        session.post_start(x)
+        closing = threading.Thread(target=session.close)
+        closing.start()
+        time.sleep(0.3)  # both messages are at the cloud, so the next turn takes them in together
+        while closing.is_alive():
+            server.turn(0.01)
+        assert server.sessions == {} and server.counters.rejected == 0
+
+        # An edge that gives up on a slow cloud tells it as it goes, rather than holding a slot until it expires.
+        session = opened(0.3)
+        with pytest.raises(CloudError) as gave_up:
+            session.start(x)
+        assert gave_up.value.code == "timeout"
+        deadline = time.monotonic() + TIMEOUT
+        while server.sessions:
+            assert time.monotonic() < deadline, "the session given up on was not freed"
+            server.turn(0.01)
+    finally:
+        server.close()
+
+
 # -- the commands -------------------------------------------------------------------------
 def _invoke(*args: str, input: str | None = None):
     from typer.testing import CliRunner

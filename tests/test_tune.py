@@ -251,10 +251,11 @@ def test_bad_options_and_foreign_adapters_are_refused(llama_bundle, bundle_facto
 
 
 class FailingLink:
-    """Passes calls to the cloud until call number `fail_at`, which fails like a lost connection."""
+    """Passes calls to the cloud until call number `fail_at`, which fails with `error` (a lost connection)."""
 
-    def __init__(self, inner, fail_at: int):
+    def __init__(self, inner, fail_at: int, error: LinkError | None = None):
         self.inner, self.calls, self.fail_at = inner, 0, fail_at
+        self.error = error or LinkError("connection reset")
 
     def __getattr__(self, name):
         fn = getattr(self.inner, name)
@@ -263,7 +264,7 @@ class FailingLink:
             if name != "abort":
                 self.calls += 1
                 if self.calls == self.fail_at:
-                    raise LinkError("connection reset")
+                    raise self.error
             return fn(*args, **kwargs)
 
         return call
@@ -301,6 +302,20 @@ def test_lost_cloud_keeps_last_step_and_resume_continues_exactly(llama_bundle, d
     final, reference = load_adapter(tmp_path / "run", manifest), load_adapter(tmp_path / "whole", manifest)
     for k in reference:
         np.testing.assert_array_equal(final[k], reference[k])
+
+
+def test_a_step_the_cloud_refuses_stops_with_exit_2_and_keeps_the_last_checkpoint(llama_bundle, data, tmp_path):
+    cuts = len(EdgeModel(llama_bundle / "edge").plan.segments) - 1
+    inner = TorchSegments(CloudModel(llama_bundle / "cloud")).new_session()
+    refusal = CloudError("the cloud refused: a pass of 3 x 16 tokens exceeds this cloud's limits", "limit")
+    tuner = make_tuner(llama_bundle, [data / "train.txt"], tmp_path / "run", link=FailingLink(inner, 2 * (2 * cuts + 1) + 1, refusal),
+                       steps=4)
+    with pytest.raises(TuneInterrupted) as info:
+        tuner.run()
+    # Not "lost the cloud ... rerun": the same step would be refused again, by any cloud with these limits.
+    assert info.value.exit_code == 2
+    assert str(info.value) == f"step 3: {refusal}; {tmp_path / 'run'} holds step 2"
+    assert json.loads((tmp_path / "run" / "training" / "state.json").read_text())["step"] == 2
 
 
 def test_resume_refuses_changed_options_or_data(llama_bundle, data, tmp_path):
@@ -495,10 +510,10 @@ def test_over_the_wire_only_activations_cross_never_text_ids_labels_or_loss(llam
             assert x.shape in ((b, s, hidden), (b, s, 3, r)), header
             assert not x.any() or not np.array_equal(x, np.round(x)), header  # activations, not ids cast to float
         else:
-            assert len(frames) == 1 and header["op"] == "close", header
+            assert len(frames) == 1 and header["op"] in ("close", "closed"), header
     # (The handshake went before the log started: it carries the A/B fingerprint and the wire dtype.)
     assert ops == {("up", "train_step"), ("down", "ax"), ("up", "madx"), ("down", "hidden"), ("up", "grad_hidden"),
-                   ("down", "grad"), ("up", "grad_ax"), ("up", "close")}
+                   ("down", "grad"), ("up", "grad_ax"), ("up", "close"), ("down", "closed")}
     # What the relay saw on the TCP stream holds no text, no token ids (as 64- or 32-bit integers), no loss.
     stream = bytes(relay.up + relay.down)
     ids = tuner.train.rows[0].ids[:6]
@@ -514,6 +529,11 @@ def test_tune_session_refuses_out_of_order_and_oversized_passes(llama_bundle):
     embeds = edge.embed(np.asarray([[3, 4, 5, 6], [7, 8, 9, 9]]))
     mask = np.asarray([[1, 1, 1, 1], [1, 1, 0, 0]])
     with remote_link(llama_bundle, max_train_tokens=8) as link:
+        # Over the cloud's message limit: refused before sending (libzmq would drop the connection without a word).
+        too_many = link.max_message_bytes // (edge.arch.hidden_size * 4) + 1
+        with pytest.raises(CloudError, match="--batch-size x --seq-len") as refused:
+            link.forward_start(np.zeros((1, too_many, edge.arch.hidden_size), np.float32))
+        assert refused.value.code == "too_large"
         with pytest.raises(CloudError) as refused:
             link.forward_start(edge.embed(np.ones((3, 4), np.int64)))  # 12 tokens > 8
         assert refused.value.code == "limit"
