@@ -20,7 +20,7 @@ import numpy as np
 from plcli.recipes.base import UnsupportedModel, family_for, rope_frequencies
 from plcli.runtime.arch import layer_weight_shapes
 from plcli.runtime.errors import PlcliError
-from plcli.runtime.bundle import GRAPHS, MANIFEST, WEIGHTS, Manifest, atomic_directory, fingerprint
+from plcli.runtime.bundle import GRAPHS, MANIFEST, WEIGHTS, Manifest, atomic_directory, check_target, fingerprint
 from plcli.runtime.plan import ALL_TARGETS, DEFAULT_TARGETS, SplitPlan, normalize_targets
 
 from .checkpoint import CheckpointError, CheckpointTensors, load_config, tokenizer_files
@@ -75,8 +75,7 @@ def split_checkpoint(
         raise SplitError(f"--seed {seed} is out of range: must be 0 or more")
     if not 1 <= rank <= arch.hidden_size // 2:
         raise SplitError(f"--rank {rank} is out of range: use 1 to {arch.hidden_size // 2} (half the hidden size {arch.hidden_size})")
-    if out_dir.exists() and not force:
-        raise SplitError(f"{out_dir} exists (use --force to replace it)")
+    check_target(out_dir, replace=force)
     if out_dir.resolve() == model_dir.resolve() or out_dir.resolve() in model_dir.resolve().parents:
         # With --force, replacing OUT_DIR would delete the checkpoint being split.
         raise SplitError(f"{out_dir} holds the checkpoint {model_dir}: choose another output directory")

@@ -74,7 +74,7 @@ def reports_errors(fn):
             return fn(*args, **kwargs)
         except typer.Exit:
             raise
-        except (PlcliError, FileExistsError) as e:
+        except PlcliError as e:
             fail(str(e), 2)
         except OSError as e:
             where = f"{e.filename}: " if getattr(e, "filename", None) else ""

@@ -7,6 +7,7 @@ graphs compute `x @ W` without transposing a weight on every call.
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
@@ -115,27 +116,87 @@ def hash_files(paths: list[Path]) -> str:
     return "sha256:" + h.hexdigest()
 
 
+def restore_interrupted(final: Path) -> None:
+    """Put back what a replacement killed between its two renames (SIGKILL, a power cut) left beside `final`.
+
+    `atomic_directory` moves the old `final` aside to `.NAME.old-PID` before it
+    renames the new one into place. A process killed in between leaves no
+    `final` and the only good copy hidden under that name; any error or Ctrl-C
+    there is rolled back by the process itself. Here, with `final` missing:
+    one such copy is renamed back to `final`, so the result is where the user
+    left it, and several are refused (which one is newest cannot be told).
+    With `final` present, they are older copies the killed process was about
+    to delete, and are deleted.
+    """
+    final = Path(final)
+    left = sorted(final.parent.glob(f".{glob.escape(final.name)}.old-*"))
+    if not left:
+        return
+    if final.exists():
+        for old in left:
+            _remove(old)
+    elif len(left) == 1:
+        os.rename(left[0], final)
+    else:
+        raise BundleError(f"{final} is missing and interrupted replacements left {len(left)} earlier copies "
+                          f"({', '.join(p.name for p in left)}): rename the one to keep to {final.name}")
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
 @contextmanager
 def atomic_directory(final: Path, *, replace: bool):
     """Yield a temporary directory beside `final`; move it into place only if the block succeeds.
 
     A half-written result never replaces a good one: on any error the temporary
-    directory is removed and `final` is untouched.
+    directory is removed and `final` is untouched. Replacing renames the old
+    `final` aside, the new one into place, then deletes the old; an error or
+    Ctrl-C between the two renames puts the old one back. What a process
+    killed there leaves is put back by the next call (`restore_interrupted`).
+    Only directories are replaced: a file at `final` is refused, never deleted.
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
+    check_target(final, replace=replace)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=final.parent))
     try:
         yield tmp
+        _refuse(final, replace)  # something may have appeared there while the block ran
         if final.exists():
-            if not replace:
-                raise FileExistsError(f"{final} exists (use --force to replace it)")
             old = final.with_name(f".{final.name}.old-{os.getpid()}")
-            os.rename(final, old)
-            os.rename(tmp, final)
+            try:
+                os.rename(final, old)
+                os.rename(tmp, final)
+            except BaseException:
+                # Judged by what is on disk, not by which call raised: an interrupt can land between a rename
+                # returning and the next line.
+                if old.exists() and not final.exists():
+                    os.rename(old, final)
+                raise
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.rename(tmp, final)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def check_target(final: Path, *, replace: bool) -> None:
+    """Refuse `final` unless it is missing, or a directory and `replace`; after `restore_interrupted`.
+
+    `atomic_directory` checks on entry; callers with long work before it call this first, to refuse before the work.
+    """
+    restore_interrupted(final)
+    _refuse(final, replace)
+
+
+def _refuse(final: Path, replace: bool) -> None:
+    if final.exists() and not final.is_dir():
+        raise BundleError(f"{final} exists and is not a directory")
+    if final.exists() and not replace:
+        raise BundleError(f"{final} exists (use --force to replace it)")

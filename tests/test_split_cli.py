@@ -169,6 +169,14 @@ def test_split_keeps_existing_out_dir_without_force(tmp_path, llama_checkpoint):
     assert snapshot(out) == {"keep.txt": b"mine"} and leftovers(tmp_path) == []
 
 
+@pytest.mark.parametrize("force", [(), ("--force",)], ids=["plain", "force"])
+def test_split_refuses_a_file_as_out_dir(tmp_path, llama_checkpoint, force):
+    out = tmp_path / "out"
+    out.write_text("mine")
+    assert_refused(plcli("split", llama_checkpoint, out, "--rank", "8", *force), says=f"{out} exists and is not a directory")
+    assert out.read_text() == "mine" and leftovers(tmp_path) == []
+
+
 def test_split_never_replaces_its_own_checkpoint(tmp_path, llama_checkpoint):
     ckpt = _copy_without(llama_checkpoint, tmp_path / "ckpt", drop=())
     before = snapshot(ckpt)

@@ -417,6 +417,19 @@ def test_export_peft_matches_the_split(llama_checkpoint, llama_bundle, tmp_path)
     assert np.abs(got - want).max() / np.abs(want).max() < TOLERANCE
 
 
+@pytest.mark.parametrize("force", [(), ("--force",)], ids=["plain", "force"])
+def test_export_peft_refuses_a_file_as_out(llama_bundle, tmp_path, force):
+    edge = EdgeModel(llama_bundle / "edge")
+    (tmp_path / "adapter").mkdir()
+    write_adapter(tmp_path / "adapter", edge.manifest, random_adapter(edge, seed=2))
+    out = tmp_path / "peft"
+    out.write_text("mine")
+    code, _, err = run_cli("export-peft", "--cloud", llama_bundle / "cloud", "--edge", llama_bundle / "edge",
+                           "--adapter", tmp_path / "adapter", "--out", out, *force)
+    assert code == 2 and f"{out} exists and is not a directory" in err and len(err.strip().splitlines()) == 1, err
+    assert out.read_text() == "mine" and sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "peft"]
+
+
 # -- over the wire: the same tuning against a cloud server ----------------------------
 # Servers bind 127.0.0.1 on a port the OS picks and are stopped by the test that started them.
 
