@@ -25,10 +25,8 @@ import inspect
 import json
 import math
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -282,6 +280,8 @@ def build(out_dir: str | os.PathLike, *, steps: int | None = None) -> dict:
     import torch
     from transformers import GenerationConfig
 
+    from plcli.runtime.bundle import atomic_directory
+
     torch.set_num_threads(2)  # the reference machine has 2 cores; more threads only add noise
     torch.manual_seed(SEED)
     t_start = time.time()
@@ -320,23 +320,10 @@ def build(out_dir: str | os.PathLike, *, steps: int | None = None) -> dict:
         "rebuild_command": REBUILD_COMMAND,
     }
 
-    # Build beside the target, then swap: a crash never leaves a half-written model.
-    out = Path(out_dir).resolve()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_directory(Path(out_dir).resolve(), replace=True) as tmp:
         model.save_pretrained(tmp)  # float32 safetensors, tied head stored once
         tokenizer.save_pretrained(tmp)
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-        old = out.with_name(f".{out.name}.old")
-        if out.exists():
-            shutil.rmtree(old, ignore_errors=True)
-            out.rename(old)
-        tmp.rename(out)
-        shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return metrics
 
 

@@ -66,3 +66,29 @@ def test_greedy_generation_is_text(assets, tokenizer):
     assert text.startswith("The list") and len(text) > len("The list") + 20
     words = text.split()
     assert sum(w.strip(".,;:()'\"").isalpha() for w in words) >= len(words) // 2
+
+
+def test_a_rebuild_that_fails_to_swap_in_keeps_the_model_it_replaces(tmp_path, monkeypatch):
+    """`build` writes beside the old model and swaps; a failure between the two renames puts the old one back."""
+    import errno
+    import os
+
+    docs = [f"Document {i} says that the list type is a mutable sequence of {i} items." for i in range(60)]
+    monkeypatch.setattr(dm, "collect_corpus", lambda: docs)
+    monkeypatch.setattr(dm, "train", lambda *args, **kwargs: None)  # the swap is under test, not the training
+    monkeypatch.setattr(dm, "evaluate_perplexity", lambda *args, **kwargs: 1.0)
+    out = tmp_path / "model"
+    out.mkdir()
+    (out / "metrics.json").write_text("old")
+    real_rename, calls = os.rename, []
+
+    def second_rename_fails(src, dst):
+        calls.append(src)
+        if len(calls) == 2:
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        return real_rename(src, dst)
+
+    monkeypatch.setattr(os, "rename", second_rename_fails)
+    with pytest.raises(OSError):
+        dm.build(out, steps=1)
+    assert (out / "metrics.json").read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["model"]
