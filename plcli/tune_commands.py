@@ -74,11 +74,12 @@ def tune(
     out: Optional[Path] = typer.Option(None, "--out", help="Adapter directory (default EDGE_DIR/adapter)."),
     threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads of the in-process cloud with --cloud (default: torch's)."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run checkpointed in --out, exactly where it stopped."),
+    force: bool = typer.Option(False, "--force", help="Replace the adapter in --out, finished or not, instead of refusing."),
     as_json: bool = typer.Option(False, "--json", help="Print a summary as JSON."),
 ):
     """Tune the adapter M on your own text: data, labels and loss never leave this device."""
     from plcli.runtime.edge import EdgeModel
-    from plcli.runtime.tune import Tuner, TuneConfig, default_adapter_dir, resume_config
+    from plcli.runtime.tune import Tuner, TuneConfig, check_out, default_adapter_dir, resume_config
 
     if (connect is None) == (cloud_dir is None):
         raise UserError("give the cloud's endpoint with --connect URL, or --cloud CLOUD_DIR to run it in this process")
@@ -95,8 +96,10 @@ def tune(
         steps=steps, epochs=epochs, lr=lr, batch_size=batch_size, seq_len=seq_len, grad_accum=grad_accum, warmup=warmup,
         weight_decay=weight_decay, max_grad_norm=max_grad_norm, seed=seed, eval_every=eval_every, save_every=save_every,
     ).items() if v is not None}
-    config = resume_config(out, given) if resume else TuneConfig(**given)
     edge = EdgeModel(edge_dir)
+    # Before the checkpoint is read and the cloud connected: a refused --out should cost neither.
+    check_out(out, edge.manifest, resume=resume, force=force)
+    config = resume_config(out, given) if resume else TuneConfig(**given)
     failover = None
     if connect is not None:
         failover = make_failover(connect, lambda url, t: _remote_link(url, edge, wire_dtype, t, curve),
@@ -107,7 +110,8 @@ def tune(
         link = _local_link(cloud_dir, edge, threads)
     tuner = None
     try:
-        tuner = Tuner(edge, link, data, config, out, eval_data=eval_data or None, resume=resume, failover=failover)
+        tuner = Tuner(edge, link, data, config, out, eval_data=eval_data or None, resume=resume, force=force,
+                      failover=failover)
         summary = run_tuner(tuner, quiet=as_json)
     finally:
         if connect is not None:
@@ -193,7 +197,8 @@ def tune_demo(bundles: Path, work: Path, link, *, config=None, say=console.print
     edge, cloud = EdgeModel(bundles / "edge"), CloudModel(bundles / "cloud")
     prompt, answer = demo_fact()
     before = complete(edge, cloud, prompt, 6)
-    tuner = Tuner(edge, link, [train], config or TuneConfig(), work / "adapter", eval_data=[held_out])
+    # The demo splits anew each run, with the same seed: the last run's adapter is of this bundle, and replaced.
+    tuner = Tuner(edge, link, [train], config or TuneConfig(), work / "adapter", eval_data=[held_out], force=True)
     say(f"   {len(tuner.train.rows)} rows of {tuner.config.seq_len} tokens of one fictional person's notes, "
         f"{tuner.total_steps} steps; text, ids and loss stay on the edge")
     summary = run_tuner(tuner, quiet=True)

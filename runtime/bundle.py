@@ -10,6 +10,7 @@ from __future__ import annotations
 import glob
 import hashlib
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -94,6 +95,15 @@ def read_manifest(bundle_dir: str | Path, side: str | None = None) -> Manifest:
     if side is not None and manifest.side != side:
         raise BundleError(f"{bundle_dir}: this is the {manifest.side} bundle, expected the {side} bundle")
     return manifest
+
+
+def is_int(v) -> bool:
+    """A JSON integer: Python's bools are ints too, but `true` is no rank or step count."""
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def is_number(v) -> bool:
+    return (is_int(v) or isinstance(v, float)) and math.isfinite(v)
 
 
 def fingerprint(tensors: dict[str, np.ndarray]) -> str:

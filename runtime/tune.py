@@ -27,7 +27,7 @@ from typing import Callable, TypeVar
 
 import numpy as np
 
-from .bundle import atomic_directory
+from .bundle import atomic_directory, is_int, is_number, restore_interrupted
 from .edge import ADAPTER_CONFIG, ADAPTER_WEIGHTS, EdgeModel, load_adapter
 from .errors import PlcliError
 from .failover import is_loss
@@ -246,7 +246,7 @@ class Tuner:
     """One tuning run: data on the edge, a cloud behind `link`, checkpoints in `out`."""
 
     def __init__(self, edge: EdgeModel, link: TrainLink, data: list[Path], config: TuneConfig, out: Path,
-                 *, eval_data: list[Path] | None = None, resume: bool = False, failover=None):
+                 *, eval_data: list[Path] | None = None, resume: bool = False, force: bool = False, failover=None):
         # With a `failover` (failover.py), a lost cloud is replaced and the interrupted step or evaluation done again.
         self.edge, self.link, self.config, self.out, self.failover = edge, link, config, Path(out), failover
         manifest = edge.manifest
@@ -273,7 +273,7 @@ class Tuner:
         self.evals: list[dict] = []
         self.eval_before: float | None = None
         self.resumed_from: int | None = None
-        self._check_out(resume)
+        check_out(self.out, manifest, resume=resume, force=force)
         if resume:
             self._load()
 
@@ -429,21 +429,6 @@ class Tuner:
                 out[f"layers.{key[0]}.{t}.M"] = np.ascontiguousarray(self.m[key][i])
         return out
 
-    def _check_out(self, resume: bool) -> None:
-        out = self.out
-        if resume:
-            if not (out / TRAINING / STATE_JSON).is_file():
-                raise TuneError(f"{out}: nothing to resume (no {TRAINING}/{STATE_JSON}); run without --resume to start")
-            return
-        if out.exists() and not out.is_dir():
-            raise TuneError(f"{out} exists and is not a directory")
-        if out.is_dir() and any(out.iterdir()):
-            if not (out / ADAPTER_CONFIG).is_file():
-                raise TuneError(f"{out} exists and is not an adapter directory; choose another --out")
-            theirs = _read_json(out / ADAPTER_CONFIG).get("ab_fingerprint")
-            if theirs != self.edge.manifest.ab_fingerprint:
-                raise TuneError(f"{out} holds an adapter for another bundle (A/B {theirs}); choose another --out")
-
     def save(self) -> None:
         from safetensors.numpy import save_file
 
@@ -463,7 +448,7 @@ class Tuner:
             }) + "\n")
 
     def _load(self) -> None:
-        state = _read_json(self.out / TRAINING / STATE_JSON)
+        state = read_state(self.out)
         if state.get("ab_fingerprint") != self.edge.manifest.ab_fingerprint:
             raise TuneError(f"{self.out}: the checkpoint belongs to another bundle (A/B {state.get('ab_fingerprint')})")
         saved = state["config"]
@@ -486,9 +471,50 @@ class Tuner:
             except (KeyError, ValueError):
                 raise TuneError(f"{self.out}: the checkpoint lacks or misshapes the state of cut {key}") from None
         self.optimizer.t = state["optimizer_steps"]
-        self.order.restore(state["data_position"])
+        try:
+            self.order.restore(state["data_position"])
+        except (KeyError, TypeError, ValueError):
+            raise TuneError(f"{self.out / TRAINING / STATE_JSON}: malformed checkpoint (data_position)") from None
         self.step_count = self.resumed_from = state["step"]
         self.losses, self.evals, self.eval_before = state["losses"], state["evals"], state["eval_loss_before"]
+
+
+def check_out(out: Path, manifest, *, resume: bool, force: bool) -> None:
+    """Refuse an --out this run must not write: a file, a directory that is no adapter, or an adapter that is kept.
+
+    An adapter of this bundle is kept unless `force`; an unfinished run of it is what `resume` continues. What a
+    save killed mid-replacement left beside `out` is put back first (bundle.restore_interrupted), so that neither
+    the check nor --resume misses the checkpoint.
+    """
+    out = Path(out)
+    if resume and force:
+        raise TuneError("give --resume to continue the run in --out or --force to replace it, not both")
+    restore_interrupted(out)
+    if out.exists() and not out.is_dir():
+        raise TuneError(f"{out} exists and is not a directory")
+    if resume:
+        if not (out / TRAINING / STATE_JSON).is_file():
+            raise TuneError(f"{out}: nothing to resume (no {TRAINING}/{STATE_JSON}); run without --resume to start")
+        return
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    if not (out / ADAPTER_CONFIG).is_file():
+        raise TuneError(f"{out} exists and is not an adapter directory; choose another --out")
+    if force:
+        return
+    theirs = _read_json(out / ADAPTER_CONFIG).get("ab_fingerprint")
+    if theirs != manifest.ab_fingerprint:
+        raise TuneError(f"{out} holds an adapter for another bundle (A/B {theirs}); choose another --out, "
+                        "or --force to replace it")
+    if not (out / TRAINING / STATE_JSON).is_file():
+        raise TuneError(f"{out} holds an adapter for this bundle; --force replaces it, or choose another --out")
+    state = read_state(out)
+    step, total = state["step"], state["total_steps"]
+    if step < total:
+        raise TuneError(f"{out} holds an unfinished run for this bundle (step {step} of {total}): --resume continues "
+                        "it, --force starts over")
+    raise TuneError(f"{out} holds a finished adapter for this bundle (step {step} of {total}); --force replaces it, "
+                    "or choose another --out")
 
 
 def write_adapter(directory: Path, manifest, m: dict[str, np.ndarray], **info) -> None:
@@ -504,11 +530,42 @@ def write_adapter(directory: Path, manifest, m: dict[str, np.ndarray], **info) -
 
 def resume_config(out: Path, given: dict) -> TuneConfig:
     """The checkpoint's hyperparameters, with the options given on this command line on top."""
-    state = _read_json(Path(out) / TRAINING / STATE_JSON) if (Path(out) / TRAINING / STATE_JSON).is_file() else {}
+    state = read_state(out) if (Path(out) / TRAINING / STATE_JSON).is_file() else {}
     saved = {k: v for k, v in state.get("config", {}).items() if k in {f.name for f in fields(TuneConfig)}}
     if "steps" in given or "epochs" in given:
         saved.pop("steps", None), saved.pop("epochs", None)
     return TuneConfig(**{**saved, **given})
+
+
+# What each field of training/state.json must be, so that a damaged checkpoint is one line, not a crash mid-resume.
+STATE_FIELDS = {
+    "ab_fingerprint": (lambda v: isinstance(v, str), "a string"),
+    "step": (lambda v: is_int(v) and v >= 0, "an integer of 0 or more"),
+    "total_steps": (lambda v: is_int(v) and v >= 1, "a positive integer"),
+    "optimizer_steps": (lambda v: is_int(v) and v >= 0, "an integer of 0 or more"),
+    "config": (lambda v: isinstance(v, dict), "an object"),
+    "data": (lambda v: isinstance(v, str), "a string"),
+    "data_position": (lambda v: isinstance(v, dict), "an object"),
+    "losses": (lambda v: isinstance(v, list) and all(map(is_number, v)), "a list of numbers"),
+    "evals": (lambda v: isinstance(v, list) and all(isinstance(e, dict) for e in v), "a list of objects"),
+    "eval_loss_before": (lambda v: v is None or is_number(v), "a number or null"),
+}
+
+
+def read_state(out: Path) -> dict:
+    """`training/state.json` of the adapter directory `out`, every field it is read for checked."""
+    path = Path(out) / TRAINING / STATE_JSON
+    state = _read_json(path)
+    for name, (ok, what) in STATE_FIELDS.items():
+        if name not in state or not ok(state[name]):
+            raise TuneError(f"{path}: malformed checkpoint ({name} must be {what})")
+    for f in fields(TuneConfig):
+        value = state["config"].get(f.name)
+        kind, _, optional = f.type.partition(" | ")  # "int", "float", "int | None", "float | None"
+        if f.name in state["config"] and not ((value is None and optional == "None")
+                                               or (is_int(value) if kind == "int" else is_number(value))):
+            raise TuneError(f"{path}: malformed checkpoint (config.{f.name} must be {'an integer' if kind == 'int' else 'a number'})")
+    return state
 
 
 def _expect(a: np.ndarray | None, shape: tuple[int, ...], what: str) -> None:

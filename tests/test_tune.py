@@ -326,6 +326,109 @@ def test_resume_refuses_changed_options_or_data(llama_bundle, data, tmp_path):
         resume_tuner(llama_bundle, [data / "train.txt", data / "eval.txt"], tmp_path / "out", steps=2)
 
 
+def snapshot(d) -> dict:
+    return {str(f.relative_to(d)): f.read_bytes() for f in sorted(d.rglob("*")) if f.is_file()}
+
+
+def interrupted_run(bundle, files, out, stop_after: int, **config):
+    """A run stopped by Ctrl-C after `stop_after` of its steps: `out` holds that step, unfinished."""
+    tuner = make_tuner(bundle, files, out, **config)
+
+    def ctrl_c(report):
+        if report.step == stop_after:
+            raise KeyboardInterrupt
+
+    with pytest.raises(TuneInterrupted):
+        tuner.run(on_step=ctrl_c)
+
+
+def test_an_adapter_in_out_is_kept_unless_force_and_an_unfinished_run_points_at_resume(llama_bundle, data, tmp_path):
+    edge, cloud = llama_bundle / "edge", llama_bundle / "cloud"
+    common = ("tune", edge, "--cloud", cloud, "--data", data / "train.txt", "--seq-len", 16, "--batch-size", 3,
+              "--warmup", 2, "--lr", 0.03, "--save-every", 0)
+
+    def refused(out, *args, says):
+        before = snapshot(out)
+        code, _, err = run_cli(*common, "--out", out, *args)
+        assert code == 2 and says in err and len(err.strip().splitlines()) == 1, err
+        assert snapshot(out) == before
+
+    finished = tmp_path / "finished"
+    assert run_cli(*common, "--steps", 2, "--out", finished)[0] == 0
+    refused(finished, "--steps", 2, says=f"{finished} holds a finished adapter for this bundle (step 2 of 2); --force replaces it")
+    code, stdout, err = run_cli(*common, "--steps", 1, "--out", finished, "--force", "--json")
+    assert code == 0 and json.loads(stdout)["steps"] == 1, err
+    assert json.loads((finished / "adapter.json").read_text())["steps"] == 1
+
+    unfinished = tmp_path / "unfinished"
+    interrupted_run(llama_bundle, [data / "train.txt"], unfinished, 2, steps=4)
+    refused(unfinished, "--steps", 4,
+            says=f"{unfinished} holds an unfinished run for this bundle (step 2 of 4): --resume continues it, --force starts over")
+    refused(unfinished, "--steps", 4, "--resume", "--force", says="give --resume to continue the run in --out or --force")
+    code, stdout, err = run_cli(*common, "--steps", 4, "--out", unfinished, "--resume", "--json")
+    assert code == 0 and json.loads(stdout)["resumed_from"] == 2, err
+
+    bare = tmp_path / "bare"  # an adapter without a training state, as export tools write them
+    bare.mkdir()
+    write_adapter(bare, EdgeModel(edge).manifest, random_adapter(EdgeModel(edge), seed=2))
+    refused(bare, "--steps", 1, says=f"{bare} holds an adapter for this bundle; --force replaces it")
+
+
+def test_the_demo_tune_act_runs_again_over_the_adapter_of_its_last_run(llama_bundle, tmp_path):
+    """`plcli demo` splits with the same seed every run, so its last adapter belongs to the new bundle: it is replaced."""
+    from plcli.tune_commands import tune_demo
+
+    config = TuneConfig(steps=1, seq_len=16, batch_size=2, save_every=0)
+    for _ in range(2):
+        link = TorchSegments(CloudModel(llama_bundle / "cloud")).new_session()
+        assert tune_demo(llama_bundle, tmp_path, link, config=config, say=lambda *_: None)["steps"] == 1
+
+
+def test_resume_finds_a_checkpoint_a_killed_save_left_aside(llama_bundle, data, tmp_path):
+    """SIGKILL between a save's two renames leaves the checkpoint at .NAME.old-PID: --resume puts it back and goes on."""
+    out = tmp_path / "run"
+    interrupted_run(llama_bundle, [data / "train.txt"], out, 1, steps=2)
+    out.rename(tmp_path / ".run.old-4242")
+    code, stdout, err = run_cli("tune", llama_bundle / "edge", "--cloud", llama_bundle / "cloud", "--data", data / "train.txt",
+                                "--steps", 2, "--seq-len", 16, "--batch-size", 3, "--warmup", 2, "--lr", 0.03,
+                                "--save-every", 0, "--out", out, "--resume", "--json")
+    assert code == 0 and json.loads(stdout)["resumed_from"] == 1, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+def _set(path, value):
+    def damage(state):
+        *parents, last = path.split(".")
+        for key in parents:
+            state = state[key]
+        state[last] = value
+    return damage
+
+
+@pytest.mark.parametrize("damage, says", [
+    (lambda state: [state], "not a JSON object"),
+    (_set("step", "1"), "step must be an integer of 0 or more"),
+    (_set("total_steps", True), "total_steps must be a positive integer"),
+    (_set("config", []), "config must be an object"),
+    (_set("config.lr", "fast"), "config.lr must be a number"),
+    (_set("config.steps", 2.5), "config.steps must be an integer"),
+    (_set("losses", ["low"]), "losses must be a list of numbers"),
+    (_set("data_position.rng", 5), "malformed checkpoint (data_position)"),
+], ids=["a list", "step", "total_steps", "config", "config.lr", "config.steps", "losses", "data_position"])
+def test_a_malformed_training_state_is_one_line(llama_bundle, data, tmp_path, damage, says):
+    out = tmp_path / "run"
+    interrupted_run(llama_bundle, [data / "train.txt"], out, 1, steps=2)
+    path = out / "training" / "state.json"
+    state = json.loads(path.read_text())
+    path.write_text(json.dumps(damage(state) or state))
+    for resume in (("--resume",), ()):
+        code, _, err = run_cli("tune", llama_bundle / "edge", "--cloud", llama_bundle / "cloud", "--data", data / "train.txt",
+                               "--steps", 2, "--seq-len", 16, "--batch-size", 3, "--warmup", 2, "--lr", 0.03,
+                               "--save-every", 0, "--out", out, *resume)
+        if resume or "data_position" not in says:  # only a resume reads the data position
+            assert code == 2 and f"{path}: " in err and says in err and len(err.strip().splitlines()) == 1, err
+
+
 # -- what crosses the split -----------------------------------------------------------
 
 
@@ -418,16 +521,17 @@ def test_export_peft_matches_the_split(llama_checkpoint, llama_bundle, tmp_path)
 
 
 @pytest.mark.parametrize("force", [(), ("--force",)], ids=["plain", "force"])
-def test_export_peft_refuses_a_file_as_out(llama_bundle, tmp_path, force):
-    edge = EdgeModel(llama_bundle / "edge")
+def test_tune_and_export_peft_refuse_a_file_as_out(llama_bundle, data, tmp_path, force):
+    edge, cloud = llama_bundle / "edge", llama_bundle / "cloud"
     (tmp_path / "adapter").mkdir()
-    write_adapter(tmp_path / "adapter", edge.manifest, random_adapter(edge, seed=2))
-    out = tmp_path / "peft"
+    write_adapter(tmp_path / "adapter", EdgeModel(edge).manifest, random_adapter(EdgeModel(edge), seed=2))
+    out = tmp_path / "out"
     out.write_text("mine")
-    code, _, err = run_cli("export-peft", "--cloud", llama_bundle / "cloud", "--edge", llama_bundle / "edge",
-                           "--adapter", tmp_path / "adapter", "--out", out, *force)
-    assert code == 2 and f"{out} exists and is not a directory" in err and len(err.strip().splitlines()) == 1, err
-    assert out.read_text() == "mine" and sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "peft"]
+    for args in (("tune", edge, "--cloud", cloud, "--data", data / "train.txt", "--steps", 1, "--seq-len", 16),
+                 ("export-peft", "--cloud", cloud, "--edge", edge, "--adapter", tmp_path / "adapter")):
+        code, _, err = run_cli(*args, "--out", out, *force)
+        assert code == 2 and f"{out} exists and is not a directory" in err and len(err.strip().splitlines()) == 1, err
+    assert out.read_text() == "mine" and sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "out"]
 
 
 # -- over the wire: the same tuning against a cloud server ----------------------------
