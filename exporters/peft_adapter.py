@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from plcli.recipes import llama, mistral, qwen2
-from plcli.runtime.bundle import WEIGHTS, BundleError, atomic_directory, read_manifest
+from plcli.runtime.bundle import WEIGHTS, BundleError, atomic_directory, read_manifest, reported_writes
 from plcli.runtime.edge import load_adapter
 from plcli.runtime.ort import read_weights
 
@@ -76,7 +76,7 @@ def export_peft(cloud_dir: str | Path, edge_dir: str | Path, adapter_dir: str | 
     config["base_model_name_or_path"] = base_model
     edge = read_manifest(edge_dir, side="edge")
     out_dir = Path(out_dir)
-    with atomic_directory(out_dir, replace=force) as tmp:
+    with reported_writes(f"cannot write the peft adapter to {out_dir}"), atomic_directory(out_dir, replace=force) as tmp:
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={
             "format": "pt", "plcli_ab_fingerprint": edge.ab_fingerprint, "plcli_source_hash": edge.source_hash,
         })

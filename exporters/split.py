@@ -16,11 +16,13 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+from safetensors.numpy import save_file
 
 from plcli.recipes.base import UnsupportedModel, family_for, rope_frequencies
 from plcli.runtime.arch import layer_weight_shapes
 from plcli.runtime.errors import PlcliError
-from plcli.runtime.bundle import GRAPHS, MANIFEST, WEIGHTS, Manifest, atomic_directory, check_target, fingerprint
+from plcli.runtime.bundle import (GRAPHS, MANIFEST, WEIGHTS, Manifest, atomic_directory, check_target, fingerprint,
+                                 reported_writes)
 from plcli.runtime.plan import ALL_TARGETS, DEFAULT_TARGETS, SplitPlan, normalize_targets
 
 from .checkpoint import CheckpointError, CheckpointTensors, load_config, tokenizer_files
@@ -136,24 +138,15 @@ def split_checkpoint(
         cloud = Manifest(side="cloud", graphs=cloud_graphs, **common)
         edge = Manifest(side="edge", graphs=edge_graphs, generation=_generation_defaults(model_dir), **common)
 
-        _save_weights(cloud_w, cloud_dir / WEIGHTS, "plcli-cloud", out_dir)
-        _save_weights(edge_w, edge_dir / WEIGHTS, "plcli-edge", out_dir)
-        (cloud_dir / MANIFEST).write_text(cloud.to_json())
-        (edge_dir / MANIFEST).write_text(edge.to_json())
-        (edge_dir / "tokenizer").mkdir()
-        for f in tok_files:
-            shutil.copyfile(f, edge_dir / "tokenizer" / f.name)
+        with reported_writes(f"cannot write {out_dir}", SplitError):
+            save_file(cloud_w, str(cloud_dir / WEIGHTS), metadata={"format": "plcli-cloud"})
+            save_file(edge_w, str(edge_dir / WEIGHTS), metadata={"format": "plcli-edge"})
+            (cloud_dir / MANIFEST).write_text(cloud.to_json())
+            (edge_dir / MANIFEST).write_text(edge.to_json())
+            (edge_dir / "tokenizer").mkdir()
+            for f in tok_files:
+                shutil.copyfile(f, edge_dir / "tokenizer" / f.name)
     return SplitResult(out_dir, cloud, edge, time.perf_counter() - started)
-
-
-def _save_weights(tensors: dict[str, np.ndarray], path: Path, fmt: str, out_dir: Path) -> None:
-    from safetensors import SafetensorError
-    from safetensors.numpy import save_file
-
-    try:
-        save_file(tensors, str(path), metadata={"format": fmt})
-    except SafetensorError as e:  # a full disk or a file size limit surfaces here, not as OSError
-        raise SplitError(f"cannot write {out_dir}: {e}") from None
 
 
 def _checked(w: np.ndarray, shape: tuple[int, ...], name: str) -> np.ndarray:

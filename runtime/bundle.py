@@ -12,6 +12,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import shutil
 import tempfile
 from contextlib import contextmanager
@@ -124,6 +125,25 @@ def hash_files(paths: list[Path]) -> str:
             for block in iter(lambda: f.read(1 << 22), b""):
                 h.update(block)
     return "sha256:" + h.hexdigest()
+
+
+@contextmanager
+def reported_writes(message: str, error: type[PlcliError] = BundleError):
+    """Turn a write that fails in the block (a full disk, a file size limit) into `error`: one line, MESSAGE: REASON."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except (OSError, SafetensorError) as e:
+        raise error(f"{message}: {_write_failure(e)}") from None
+
+
+def _write_failure(e: Exception) -> str:
+    if isinstance(e, OSError):
+        return e.strerror or str(e)
+    # safetensors words the OS's reason as "Error while serializing: I/O error: No space left on device (os error 28)".
+    found = re.search(r"I/O error: (.+?) \(os error \d+\)", str(e))
+    return found.group(1) if found else str(e)
 
 
 def restore_interrupted(final: Path) -> None:

@@ -27,7 +27,7 @@ from typing import Callable, TypeVar
 
 import numpy as np
 
-from .bundle import atomic_directory, is_int, is_number, restore_interrupted
+from .bundle import atomic_directory, is_int, is_number, reported_writes, restore_interrupted
 from .edge import ADAPTER_CONFIG, ADAPTER_WEIGHTS, EdgeModel, load_adapter
 from .errors import PlcliError
 from .failover import is_loss
@@ -433,7 +433,8 @@ class Tuner:
         from safetensors.numpy import save_file
 
         manifest = self.edge.manifest
-        with atomic_directory(self.out, replace=True) as tmp:
+        with reported_writes(f"cannot write the adapter to {self.out}", TuneError), \
+                atomic_directory(self.out, replace=True) as tmp:
             write_adapter(tmp, manifest, self.adapter_matrices(), steps=self.step_count, total_steps=self.total_steps)
             (tmp / TRAINING).mkdir()
             moments = {f"{name}.{l}.{s}": v for name, table in (("exp_avg", self.optimizer.exp_avg),

@@ -8,7 +8,9 @@ References are transformers autograd on the checkpoint with `W + B M A`, and pef
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import subprocess
 import time
 from contextlib import contextmanager
@@ -372,6 +374,56 @@ def test_an_adapter_in_out_is_kept_unless_force_and_an_unfinished_run_points_at_
     bare.mkdir()
     write_adapter(bare, EdgeModel(edge).manifest, random_adapter(EdgeModel(edge), seed=2))
     refused(bare, "--steps", 1, says=f"{bare} holds an adapter for this bundle; --force replaces it")
+
+
+def disk_full(kind: str):
+    """What a full disk raises from safetensors' writer: its own error type, or an OSError from the file system."""
+    from safetensors import SafetensorError
+
+    if kind == "safetensors":
+        return SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+    return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+@pytest.mark.parametrize("kind", ["safetensors", "oserror"])
+def test_a_full_disk_while_saving_is_one_line_and_keeps_the_last_checkpoint(llama_bundle, data, tmp_path, monkeypatch, kind):
+    import safetensors.numpy
+
+    out, real_save, kept = tmp_path / "run", safetensors.numpy.save_file, {}
+
+    def full_from_the_second_checkpoint(tensors, path, *args, **kwargs):
+        if (out / "training" / "state.json").is_file():  # the first checkpoint is complete
+            kept.update(snapshot(out))
+            raise disk_full(kind)
+        return real_save(tensors, path, *args, **kwargs)
+
+    monkeypatch.setattr(safetensors.numpy, "save_file", full_from_the_second_checkpoint)
+    code, _, err = run_cli("tune", llama_bundle / "edge", "--cloud", llama_bundle / "cloud", "--data", data / "train.txt",
+                           "--steps", 3, "--seq-len", 16, "--batch-size", 3, "--save-every", 1, "--out", out)
+    assert code == 2 and err.strip().splitlines() == [f"error: cannot write the adapter to {out}: No space left on device"], err
+    assert kept and snapshot(out) == kept and json.loads((out / "training" / "state.json").read_text())["step"] == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+def test_a_full_disk_while_exporting_peft_is_one_line_and_keeps_the_last_export(llama_bundle, tmp_path, monkeypatch):
+    import safetensors.numpy
+
+    edge = EdgeModel(llama_bundle / "edge")
+    (tmp_path / "adapter").mkdir()
+    write_adapter(tmp_path / "adapter", edge.manifest, random_adapter(edge, seed=2))
+    export = ("export-peft", "--cloud", llama_bundle / "cloud", "--edge", llama_bundle / "edge",
+              "--adapter", tmp_path / "adapter", "--out", tmp_path / "peft", "--force")
+    assert run_cli(*export)[0] == 0
+    before = snapshot(tmp_path / "peft")
+
+    def full(*args, **kwargs):
+        raise disk_full("safetensors")
+
+    monkeypatch.setattr(safetensors.numpy, "save_file", full)
+    code, _, err = run_cli(*export)
+    assert code == 2 and err.strip().splitlines() == [
+        f"error: cannot write the peft adapter to {tmp_path / 'peft'}: No space left on device"], err
+    assert snapshot(tmp_path / "peft") == before and sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "peft"]
 
 
 def test_the_demo_tune_act_runs_again_over_the_adapter_of_its_last_run(llama_bundle, tmp_path):
