@@ -16,12 +16,12 @@ import re
 import shutil
 import tempfile
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
 
-from .arch import Architecture
+from .arch import Architecture, projection_name
 from .errors import PlcliError
 from .plan import SplitPlan, normalize_targets
 
@@ -61,6 +61,13 @@ class Manifest:
     def plan(self) -> SplitPlan:
         return SplitPlan(self.architecture.num_layers, self.targets)
 
+    @property
+    def graph_names(self) -> set[str]:
+        """The graphs this side runs: every segment kind and each cut's projection (cloud), or the head (edge)."""
+        if self.side == "edge":
+            return {"head"}
+        return set(self.plan.kinds) | {projection_name(c.stage) for c in self.plan.cuts}
+
     def to_json(self) -> str:
         d = asdict(self)
         d["targets"] = list(self.targets)
@@ -69,10 +76,95 @@ class Manifest:
 
     @classmethod
     def from_dict(cls, d: dict) -> "Manifest":
-        d = dict(d)
-        d["architecture"] = Architecture.from_dict(d["architecture"])
+        """A manifest from its JSON, every field checked: a wrong type or value is a ValueError that names the field.
+
+        Unchecked, a `"rank": "64"` or a `"graphs": {}` loads and fails later, deep inside the runtime.
+        """
+        d = dict(_fields_of(cls, d, "the manifest"))
+        for name, ok, rule in (
+            ("side", d["side"] in SIDES, "'cloud' or 'edge'"),
+            ("rank", is_int(d["rank"]) and d["rank"] >= 1, "a positive integer"),
+            ("targets", isinstance(d["targets"], list) and all(isinstance(t, str) for t in d["targets"]),
+             "a list of projection names"),
+            ("dtype", d["dtype"] in DTYPES, " or ".join(map(repr, DTYPES))),
+            ("ab_fingerprint", isinstance(d["ab_fingerprint"], str), "a string"),
+            ("source_hash", isinstance(d["source_hash"], str), "a string"),
+            ("graphs", isinstance(d["graphs"], dict) and all(isinstance(v, str) and _is_file_name(v)
+                                                             for v in d["graphs"].values()),
+             f"an object of graph names to file names under {GRAPHS}/"),
+            ("seed", is_int(d["seed"]) and d["seed"] >= 0, "an integer of 0 or more"),
+            ("generation", isinstance(d["generation"], dict), "an object"),
+        ):
+            if not ok:
+                raise ValueError(f"{name} must be {rule}, not {json.dumps(d[name])}")
+        for name, ok, rule in GENERATION_FIELDS:
+            if name in d["generation"] and not ok(d["generation"][name]):
+                raise ValueError(f"generation.{name} must be {rule}, not {json.dumps(d['generation'][name])}")
+        d["architecture"] = _architecture(d["architecture"])
         d["targets"] = normalize_targets(d["targets"])
-        return cls(**d)
+        manifest = cls(**d)
+        lacking = manifest.graph_names - set(manifest.graphs)
+        if lacking:
+            raise ValueError(f"graphs names no file for {', '.join(sorted(lacking))}")
+        return manifest
+
+
+SIDES = ("cloud", "edge")
+DTYPES = ("float32",)  # what split writes and the graphs compute in
+# The generation settings the edge reads (see split.APPLIED_GENERATION), as split writes them.
+GENERATION_FIELDS = (
+    ("eos_token_id", lambda v: isinstance(v, list) and all(is_int(i) and i >= 0 for i in v), "a list of token ids"),
+    ("bos_token_id", lambda v: is_int(v) and v >= 0, "a token id"),
+    ("pad_token_id", lambda v: is_int(v) and v >= 0, "a token id"),
+    ("do_sample", lambda v: isinstance(v, bool), "true or false"),
+    ("temperature", lambda v: is_number(v), "a number"),
+    ("top_k", lambda v: is_int(v), "an integer"),
+    ("top_p", lambda v: is_number(v), "a number"),
+    ("repetition_penalty", lambda v: is_number(v), "a number"),
+    ("unapplied", lambda v: isinstance(v, dict), "an object"),
+)
+
+
+def _fields_of(cls, d, what: str) -> dict:
+    """`d` if it is a JSON object with every field of the dataclass `cls` that has no default, and no others."""
+    if not isinstance(d, dict):
+        raise ValueError(f"{what} is not a JSON object")
+    known = {f.name for f in fields(cls)}
+    required = {f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING}
+    for names, problem in ((required - d.keys(), "lacks"), (d.keys() - known, "has unknown fields")):
+        if names:
+            raise ValueError(f"{what} {problem} {', '.join(sorted(names))}")
+    return d
+
+
+# What each type of Architecture field must hold; every size and scale in it is positive.
+_ARCHITECTURE_TYPES = {
+    "str": (lambda v: isinstance(v, str) and v != "", "a string"),
+    "int": (lambda v: is_int(v) and v >= 1, "a positive integer"),
+    "float": (lambda v: is_number(v) and v > 0, "a positive number"),
+    "bool": (lambda v: isinstance(v, bool), "true or false"),
+}
+
+
+def _architecture(d) -> Architecture:
+    d = _fields_of(Architecture, d, "architecture")
+    for f in fields(Architecture):
+        if f.name == "sliding_windows":
+            continue
+        ok, rule = _ARCHITECTURE_TYPES[f.type]
+        if not ok(d[f.name]):
+            raise ValueError(f"architecture.{f.name} must be {rule}, not {json.dumps(d[f.name])}")
+    windows = d["sliding_windows"]
+    if not (isinstance(windows, list) and len(windows) == d["num_layers"]
+            and all(w is None or (is_int(w) and w >= 1) for w in windows)):
+        raise ValueError(f"architecture.sliding_windows must be a list of num_layers ({d['num_layers']}) windows, "
+                         f"each a positive integer or null, not {json.dumps(windows)}")
+    return Architecture.from_dict(d)
+
+
+def _is_file_name(name: str) -> bool:
+    # A graph file lives in graphs/: a path that leads elsewhere is no bundle's.
+    return name not in ("", ".", "..") and Path(name).name == name
 
 
 def read_manifest(bundle_dir: str | Path, side: str | None = None) -> Manifest:
@@ -95,6 +187,9 @@ def read_manifest(bundle_dir: str | Path, side: str | None = None) -> Manifest:
         raise BundleError(f"{path}: malformed manifest ({e})") from None
     if side is not None and manifest.side != side:
         raise BundleError(f"{bundle_dir}: this is the {manifest.side} bundle, expected the {side} bundle")
+    for name in sorted(manifest.graph_names):
+        if not (Path(bundle_dir) / GRAPHS / manifest.graphs[name]).is_file():
+            raise BundleError(f"{bundle_dir}: graph {name} ({GRAPHS}/{manifest.graphs[name]}) is missing")
     return manifest
 
 

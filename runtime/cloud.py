@@ -99,10 +99,6 @@ class CloudModel:
         self.plan = self.manifest.plan
         self.weights = weights = read_weights(self.dir / WEIGHTS)
         self._check_weights(weights)
-        missing = set(self.plan.kinds) | {projection_name(c.stage) for c in self.plan.cuts}
-        missing -= set(self.manifest.graphs)
-        if missing:
-            raise BundleError(f"{self.dir}: manifest lacks graphs for {', '.join(sorted(missing))}")
 
         def feed(seg, names):
             """A graph's weight inputs, named `l{relative layer}.{name}`, from the layers of `seg`."""

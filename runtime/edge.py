@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from .arch import edge_weight_shapes
-from .bundle import GRAPHS, WEIGHTS, BundleError, Manifest, read_manifest
+from .bundle import GRAPHS, WEIGHTS, BundleError, Manifest, is_int, read_manifest
 from .ort import make_session, read_weights
 
 ADAPTER_CONFIG = "adapter.json"
@@ -118,11 +118,15 @@ def load_adapter(path: str | Path, manifest: Manifest) -> dict[str, np.ndarray]:
         raise BundleError(f"{path}: not an adapter directory (no {ADAPTER_CONFIG})") from None
     except (OSError, ValueError) as e:
         raise BundleError(f"{path / ADAPTER_CONFIG}: unreadable ({e})") from None
+    if not isinstance(config, dict):
+        raise BundleError(f"{path / ADAPTER_CONFIG}: not a JSON object")
     if config.get("ab_fingerprint") != manifest.ab_fingerprint:
         raise BundleError(
             f"{path}: adapter belongs to A/B {config.get('ab_fingerprint')!r}, this bundle has {manifest.ab_fingerprint!r}"
         )
-    if config.get("rank") != manifest.rank or tuple(config.get("targets", ())) != manifest.targets:
+    targets = config.get("targets")
+    if not (is_int(config.get("rank")) and config["rank"] == manifest.rank and isinstance(targets, list)
+            and tuple(targets) == manifest.targets):
         raise BundleError(f"{path}: adapter rank/targets do not match the bundle")
     return read_weights(path / ADAPTER_WEIGHTS)
 

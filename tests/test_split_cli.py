@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import resource
 import shutil
 import subprocess
@@ -20,6 +21,7 @@ from click.testing import Result
 from typer.testing import CliRunner
 
 from plcli.cli import app
+from plcli.runtime.bundle import BundleError
 
 
 def plcli(*args) -> Result:
@@ -321,6 +323,69 @@ def test_commands_that_load_a_bundle_refuse_a_damaged_or_wrong_side_one(llama_bu
     assert_refused(plcli("run-edge", llama_bundle / "cloud", "--connect", nowhere, "--prompt", "hi"),
                    says="expected the edge bundle")
     assert_refused(plcli("tune", damaged / "edge", "--connect", nowhere, "--data", data), says="unreadable weights")
+
+
+def _set(path: str, value):
+    """Set the manifest field at `path` ("architecture.hidden_size"); `...` deletes it."""
+    def edit(manifest: dict) -> None:
+        *parents, last = path.split(".")
+        for key in parents:
+            manifest = manifest[key]
+        if value is ...:
+            del manifest[last]
+        else:
+            manifest[last] = value
+    return edit
+
+
+# (side, edit, what the one line says). Each loaded before, and failed later with an internal error or not at all.
+BAD_MANIFESTS = {
+    "rank a string": ("cloud", _set("rank", "64"), 'rank must be a positive integer, not "64"'),
+    "rank a bool": ("edge", _set("rank", True), "rank must be a positive integer, not true"),
+    "rank zero": ("cloud", _set("rank", 0), "rank must be a positive integer, not 0"),
+    "generation a string": ("edge", _set("generation", "x"), 'generation must be an object, not "x"'),
+    "eos an int": ("edge", _set("generation.eos_token_id", 2), "generation.eos_token_id must be a list of token ids, not 2"),
+    "graphs empty": ("cloud", _set("graphs", {}), "graphs names no file for first, from_attn_in, last, project_attn_in"),
+    "no head graph": ("edge", _set("graphs", {"first": "first.onnx"}), "graphs names no file for head"),
+    "graph outside": ("edge", _set("graphs.head", "../../cloud/graphs/last.onnx"), "graphs must be an object of graph names"),
+    "targets a number": ("cloud", _set("targets", 5), "targets must be a list of projection names, not 5"),
+    "seed a string": ("cloud", _set("seed", "a"), 'seed must be an integer of 0 or more, not "a"'),
+    "side unknown": ("edge", _set("side", "both"), "side must be 'cloud' or 'edge', not \"both\""),
+    "dtype unknown": ("cloud", _set("dtype", "int4"), "dtype must be 'float32', not \"int4\""),
+    "fingerprint a list": ("edge", _set("ab_fingerprint", []), "ab_fingerprint must be a string, not []"),
+    "no rank": ("cloud", _set("rank", ...), "the manifest lacks rank"),
+    "unknown field": ("cloud", _set("ranks", 8), "the manifest has unknown fields ranks"),
+    "architecture a list": ("cloud", _set("architecture", []), "architecture is not a JSON object"),
+    "hidden size a string": ("edge", _set("architecture.hidden_size", "64"), "architecture.hidden_size must be a positive integer"),
+    "eps negative": ("cloud", _set("architecture.rms_norm_eps", -1e-6), "architecture.rms_norm_eps must be a positive number"),
+    "windows short": ("cloud", _set("architecture.sliding_windows", [None]),
+                      "architecture.sliding_windows must be a list of num_layers (2) windows"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_MANIFESTS))
+def test_commands_refuse_a_manifest_with_wrong_types_or_values(llama_bundle, tmp_path, case):
+    side, edit, says = BAD_MANIFESTS[case]
+    bundle = shutil.copytree(llama_bundle, tmp_path / "bundle")
+    path = bundle / side / "manifest.json"
+    manifest = json.loads(path.read_text())
+    edit(manifest)
+    path.write_text(json.dumps(manifest))
+    line = f"{path}: malformed manifest ({says}"
+    assert_refused(plcli("inspect", bundle), says=line)
+    if side == "edge":
+        assert_refused(plcli("run-edge", bundle / "edge", "--connect", "tcp://127.0.0.1:1", "--prompt", "hi"), says=line)
+    else:
+        from plcli.runtime.cloud import CloudModel  # what serve-cloud loads first
+
+        with pytest.raises(BundleError, match=re.escape(line)):
+            CloudModel(bundle / "cloud")
+
+
+def test_commands_refuse_a_bundle_without_a_graph_its_manifest_names(llama_bundle, tmp_path):
+    bundle = shutil.copytree(llama_bundle, tmp_path / "bundle")
+    (bundle / "cloud" / "graphs" / "last.onnx").unlink()
+    assert_refused(plcli("inspect", bundle), says=f"{bundle / 'cloud'}: graph last (graphs/last.onnx) is missing")
 
 
 def test_verify_refuses_missing_or_mismatched_inputs(good_bundle, llama_checkpoint, checkpoint_factory,

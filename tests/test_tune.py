@@ -249,6 +249,27 @@ def test_bad_options_and_foreign_adapters_are_refused(llama_bundle, bundle_facto
     assert code == 2 and "not split together" in err
 
 
+@pytest.mark.parametrize("damage, says", [
+    (lambda config: [config], "adapter.json: not a JSON object"),
+    (lambda config: {**config, "targets": 5}, "adapter rank/targets do not match the bundle"),
+    (lambda config: {**config, "targets": None}, "adapter rank/targets do not match the bundle"),
+    (lambda config: {**config, "rank": "8"}, "adapter rank/targets do not match the bundle"),
+], ids=["a list", "targets a number", "targets null", "rank a string"])
+def test_commands_that_read_an_adapter_refuse_a_malformed_adapter_json(llama_bundle, tmp_path, damage, says):
+    edge = EdgeModel(llama_bundle / "edge")
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    write_adapter(adapter, edge.manifest, random_adapter(edge, seed=2))
+    config = json.loads((adapter / "adapter.json").read_text())
+    (adapter / "adapter.json").write_text(json.dumps(damage(config)))
+    for args in (("run-edge", llama_bundle / "edge", "--adapter", adapter, "--connect", "tcp://127.0.0.1:1", "--prompt", "hi"),
+                 ("export-peft", "--cloud", llama_bundle / "cloud", "--edge", llama_bundle / "edge", "--adapter", adapter,
+                  "--out", tmp_path / "peft")):
+        code, _, err = run_cli(*args)
+        assert code == 2 and says in err and len(err.strip().splitlines()) == 1, (args[0], err)
+        assert "internal error" not in err
+
+
 # -- checkpoints, resume, faults ----------------------------------------------------
 
 
