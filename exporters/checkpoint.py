@@ -24,7 +24,14 @@ class CheckpointError(PlcliError):
     """The directory is not a checkpoint plcli can read; the message says why."""
 
 
+# Sizes the split allocates from or divides by (null: transformers' default). transformers takes 0 or a negative for
+# some without a word, then a split writes a bundle that cannot run, and divides by others before it validates them.
+POSITIVE_FIELDS = ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads",
+                   "head_dim", "vocab_size", "max_position_embeddings", "sliding_window")
+
+
 def load_config(model_dir: str | Path):
+    from huggingface_hub.errors import StrictDataclassError  # transformers' own dependency
     from transformers import AutoConfig
 
     model_dir = Path(model_dir)
@@ -33,11 +40,20 @@ def load_config(model_dir: str | Path):
     if not (model_dir / "config.json").is_file():
         raise CheckpointError(f"{model_dir}: not a Hugging Face checkpoint (no config.json)")
     try:
-        json.loads((model_dir / "config.json").read_text())
+        raw = json.loads((model_dir / "config.json").read_text())
+        for key in POSITIVE_FIELDS if isinstance(raw, dict) else ():
+            value = raw.get(key)
+            if value is not None and (type(value) is not int or value < 1):
+                raise CheckpointError(f"{model_dir / 'config.json'}: {key} is {value!r}: must be a positive integer")
         return AutoConfig.from_pretrained(model_dir, local_files_only=True)
     except (OSError, ValueError, KeyError, TypeError) as e:
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"{model_dir / 'config.json'}: unreadable config ({first_line})") from None
+    except StrictDataclassError as e:
+        # transformers' config classes validate their fields (huggingface_hub's strict dataclasses): the cause names
+        # the field, the wrapper only says which validator ran.
+        reason = e.__cause__ or e
+        raise CheckpointError(f"{model_dir / 'config.json'}: invalid config ({type(reason).__name__}: {reason})") from None
 
 
 class CheckpointTensors:

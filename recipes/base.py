@@ -63,13 +63,20 @@ class Family:
                 f"rope type {rope_type!r} is not supported (supported: {', '.join(STATIC_ROPE_TYPES)})"
             )
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        _, attention_scaling = rope_frequencies(config)
+        kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+        if config.num_attention_heads % kv_heads:
+            raise UnsupportedModel(f"num_attention_heads {config.num_attention_heads} is not a multiple of "
+                                   f"num_key_value_heads {kv_heads}")
+        try:
+            _, attention_scaling = rope_frequencies(config)
+        except (TypeError, ValueError, KeyError, ArithmeticError) as e:  # transformers checks keys, not their values
+            raise UnsupportedModel(f"rope parameters {rope} are invalid ({type(e).__name__}: {e})") from None
         return Architecture(
             family=self.name,
             hidden_size=config.hidden_size,
             num_layers=config.num_hidden_layers,
             num_heads=config.num_attention_heads,
-            num_kv_heads=getattr(config, "num_key_value_heads", None) or config.num_attention_heads,
+            num_kv_heads=kv_heads,
             head_dim=head_dim,
             intermediate_size=config.intermediate_size,
             vocab_size=config.vocab_size,

@@ -82,16 +82,14 @@ def _config_file(text: str):
     return make
 
 
-def _dynamic_rope(tmp: Path, llama: Path) -> Path:
-    config = json.loads((llama / "config.json").read_text())
-    config["rope_parameters"] = {"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0}
-    return _config_file(json.dumps(config))(tmp, llama)
+def _llama_config_with(**changes):
+    """The small Llama's config.json with `changes`: a config that transformers may or may not take."""
 
+    def make(tmp: Path, llama: Path) -> Path:
+        config = json.loads((llama / "config.json").read_text())
+        return _config_file(json.dumps({**config, **changes}))(tmp, llama)
 
-def _unknown_activation(tmp: Path, llama: Path) -> Path:
-    config = json.loads((llama / "config.json").read_text())
-    config["hidden_act"] = "mish"
-    return _config_file(json.dumps(config))(tmp, llama)
+    return make
 
 
 def _untied_without_head(tmp: Path, llama: Path) -> Path:
@@ -129,8 +127,25 @@ BAD_CHECKPOINTS = {
     "config without model_type": (_config_file('{"hidden_size": 64}'), "unreadable config"),
     "bert (not a causal LM)": (_bert, "is not a causal language model"),
     "gpt2 (unsupported family)": (_gpt2, "model type 'gpt2' is not supported"),
-    "dynamic rope": (_dynamic_rope, "rope type 'dynamic' is not supported"),
-    "unknown activation": (_unknown_activation, "activation 'mish' is not supported (supported: gelu, gelu_fast"),
+    "dynamic rope": (_llama_config_with(rope_parameters={"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0}),
+                     "rope type 'dynamic' is not supported"),
+    "unknown activation": (_llama_config_with(hidden_act="mish"),
+                           "activation 'mish' is not supported (supported: gelu, gelu_fast"),
+    # transformers' strict config validation, and what it lets through
+    "no layers": (_llama_config_with(num_hidden_layers=0), "config.json: num_hidden_layers is 0: must be a positive integer"),
+    "no attention heads": (_llama_config_with(num_attention_heads=0), "num_attention_heads is 0: must be a positive"),
+    "negative hidden size": (_llama_config_with(hidden_size=-1), "hidden_size is -1: must be a positive integer"),
+    "fractional head dim": (_llama_config_with(head_dim=16.5), "head_dim is 16.5: must be a positive integer"),
+    "heads that do not divide hidden": (_llama_config_with(num_attention_heads=5),
+                                        "invalid config (ValueError: The hidden size (64) is not a multiple"),
+    "kv heads that do not divide heads": (_llama_config_with(num_key_value_heads=3),
+                                          "num_attention_heads 4 is not a multiple of num_key_value_heads 3"),
+    "rope_scaling nonsense": (_llama_config_with(rope_scaling="nonsense"),
+                              "invalid config (TypeError: Field 'rope_parameters' with value 'nonsense'"),
+    "rope factor not a number": (_llama_config_with(rope_parameters={"rope_type": "yarn", "rope_theta": 1e4, "factor": "x"}),
+                                 "rope parameters {'rope_type': 'yarn'"),
+    "field of the wrong type": (_llama_config_with(tie_word_embeddings="yes"),
+                                "invalid config (TypeError: Field 'tie_word_embeddings' expected bool"),
     "untied, no lm_head": (_untied_without_head, "weight 'lm_head.weight' is missing from the checkpoint"),
     "no tokenizer": (lambda tmp, llama: _copy_without(llama, tmp / "ckpt", drop=("tokenizer",)), "no tokenizer files"),
     "no weights": (lambda tmp, llama: _copy_without(llama, tmp / "ckpt", drop=("model.",)), "no weights"),
