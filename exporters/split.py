@@ -9,6 +9,7 @@ the adapter path `B M A x` then has unit gain, and M alone sets its scale.
 
 from __future__ import annotations
 
+import math
 import shutil
 import time
 from dataclasses import dataclass
@@ -84,6 +85,7 @@ def split_checkpoint(
     tok_files = tokenizer_files(model_dir)
     if not tok_files:
         raise SplitError(f"{model_dir}: no tokenizer files (the edge bundle needs the tokenizer)")
+    generation = _generation_defaults(model_dir)
     try:
         tensors = CheckpointTensors(model_dir)
         source_hash = tensors.source_hash()
@@ -136,7 +138,7 @@ def split_checkpoint(
         common = dict(architecture=arch, rank=rank, targets=targets, dtype="float32", ab_fingerprint=ab_fp,
                       source_hash=source_hash, seed=seed)
         cloud = Manifest(side="cloud", graphs=cloud_graphs, **common)
-        edge = Manifest(side="edge", graphs=edge_graphs, generation=_generation_defaults(model_dir), **common)
+        edge = Manifest(side="edge", graphs=edge_graphs, generation=generation, **common)
 
         with reported_writes(f"cannot write {out_dir}", SplitError):
             save_file(cloud_w, str(cloud_dir / WEIGHTS), metadata={"format": "plcli-cloud"})
@@ -155,9 +157,26 @@ def _checked(w: np.ndarray, shape: tuple[int, ...], name: str) -> np.ndarray:
     return w
 
 
-# What run-edge applies of a checkpoint's generation config (see generate.Sampling.checkpoint_defaults).
-APPLIED_GENERATION = ("bos_token_id", "eos_token_id", "pad_token_id", "do_sample", "temperature", "top_k", "top_p",
-                      "repetition_penalty")
+def _is_id(v) -> bool:
+    return type(v) is int  # Hub checkpoints do store pad_token_id -1: transformers only warns
+
+
+def _is_number(v) -> bool:
+    return type(v) in (int, float) and math.isfinite(v)
+
+
+# What run-edge applies of a checkpoint's generation config (see generate.Sampling.checkpoint_defaults), with what
+# it can use of each (generate.Sampling.validate, EdgeModel.eos_token_ids).
+APPLIED_GENERATION = {
+    "bos_token_id": ("a token id", _is_id),
+    "eos_token_id": ("a token id or a list of them", lambda v: _is_id(v) or (type(v) is list and all(map(_is_id, v)))),
+    "pad_token_id": ("a token id", _is_id),
+    "do_sample": ("true or false", lambda v: type(v) is bool),
+    "temperature": ("a number >= 0", lambda v: _is_number(v) and v >= 0),
+    "top_k": ("an integer >= 0", lambda v: type(v) is int and v >= 0),
+    "top_p": ("a number in (0, 1]", lambda v: _is_number(v) and 0 < v <= 1),
+    "repetition_penalty": ("a positive number", lambda v: _is_number(v) and v > 0),
+}
 # Settings that change which token `generate` picks and that plcli does not apply, with the values that change
 # nothing (transformers' defaults). A checkpoint that sets one is split all the same, with a note in the bundle.
 UNAPPLIED_GENERATION = {
@@ -174,16 +193,26 @@ def _generation_defaults(model_dir: Path) -> dict:
     """Special token ids and generation settings, from generation_config.json or else the config.
 
     `unapplied` lists the settings there that would change `generate`'s tokens and that plcli does not apply.
+    Read before the export, so that a damaged file is refused before minutes of work rather than after.
     """
     import json
 
-    settings = {}
+    settings, source = {}, {}
     for name in ("generation_config.json", "config.json"):
         p = model_dir / name
         if p.is_file():
-            for k, v in json.loads(p.read_text()).items():
-                if v is not None:
-                    settings.setdefault(k, v)
+            try:
+                values = json.loads(p.read_text())
+            except (OSError, ValueError) as e:  # UnicodeDecodeError is a ValueError
+                raise SplitError(f"{p}: unreadable generation config ({e})") from None
+            if not isinstance(values, dict):
+                raise SplitError(f"{p}: not a generation config (a JSON object)")
+            for k, v in values.items():
+                if v is not None and k not in settings:
+                    settings[k], source[k] = v, p
+    for k, (expected, ok) in APPLIED_GENERATION.items():
+        if k in settings and not ok(settings[k]):
+            raise SplitError(f"{source[k]}: {k} is {json.dumps(settings[k])}: must be {expected}")
     gen = {k: settings[k] for k in APPLIED_GENERATION if k in settings}
     unapplied = {k: settings[k] for k, neutral in UNAPPLIED_GENERATION.items() if settings.get(k) not in neutral}
     if isinstance(gen.get("eos_token_id"), int):

@@ -102,6 +102,15 @@ def _untied_without_head(tmp: Path, llama: Path) -> Path:
     return d
 
 
+def _generation_config(text: str):
+    def make(tmp: Path, llama: Path) -> Path:
+        d = _copy_without(llama, tmp / "ckpt", drop=())
+        (d / "generation_config.json").write_text(text)
+        return d
+
+    return make
+
+
 def _truncated_weights(tmp: Path, llama: Path) -> Path:
     d = _copy_without(llama, tmp / "ckpt", drop=())
     (d / "model.safetensors").write_bytes((llama / "model.safetensors").read_bytes()[:100])
@@ -150,11 +159,25 @@ BAD_CHECKPOINTS = {
     "no tokenizer": (lambda tmp, llama: _copy_without(llama, tmp / "ckpt", drop=("tokenizer",)), "no tokenizer files"),
     "no weights": (lambda tmp, llama: _copy_without(llama, tmp / "ckpt", drop=("model.",)), "no weights"),
     "truncated weights": (_truncated_weights, "unreadable weights"),
+    "truncated generation config": (_generation_config('{"do_sample": true, "temperature": '),
+                                    "generation_config.json: unreadable generation config (Expecting value"),
+    "generation config not an object": (_generation_config("[1, 2]"), "generation_config.json: not a generation config"),
+    "generation setting of the wrong type": (_generation_config('{"temperature": "hot"}'),
+                                             'generation_config.json: temperature is "hot": must be a number >= 0'),
+    "eos of the wrong type": (_generation_config('{"eos_token_id": ["2"]}'),
+                              'generation_config.json: eos_token_id is ["2"]: must be a token id or a list of them'),
 }
 
 
 @pytest.mark.parametrize("case", list(BAD_CHECKPOINTS))
-def test_split_refuses_bad_checkpoint(case, tmp_path, llama_checkpoint):
+def test_split_refuses_bad_checkpoint(case, tmp_path, llama_checkpoint, monkeypatch):
+    """Refused before the graphs are exported: that export is the minutes of a split of a real model."""
+    from plcli.exporters import split
+
+    def no_export(*args, **kwargs):
+        raise AssertionError("the export ran before the refusal")
+
+    monkeypatch.setattr(split, "export_all", no_export)
     make, says = BAD_CHECKPOINTS[case]
     model_dir = make(tmp_path, llama_checkpoint)
     out = tmp_path / "out"
