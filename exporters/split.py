@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import shutil
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,8 +23,9 @@ from safetensors.numpy import save_file
 from plcli.recipes.base import UnsupportedModel, family_for, rope_frequencies
 from plcli.runtime.arch import layer_weight_shapes
 from plcli.runtime.errors import PlcliError
-from plcli.runtime.bundle import (GRAPHS, MANIFEST, WEIGHTS, Manifest, atomic_directory, check_target, fingerprint,
-                                 reported_writes)
+from plcli.runtime.bundle import (GRAPHS, MANIFEST, WEIGHTS, BundleError, Manifest, atomic_directory, check_target,
+                                 fingerprint, reported_writes)
+from plcli.runtime.edge import TOKENIZER, load_tokenizer
 from plcli.runtime.plan import ALL_TARGETS, DEFAULT_TARGETS, SplitPlan, normalize_targets
 
 from .checkpoint import CheckpointError, CheckpointTensors, load_config, tokenizer_files
@@ -85,6 +87,7 @@ def split_checkpoint(
     tok_files = tokenizer_files(model_dir)
     if not tok_files:
         raise SplitError(f"{model_dir}: no tokenizer files (the edge bundle needs the tokenizer)")
+    _check_tokenizer(model_dir, tok_files)
     generation = _generation_defaults(model_dir)
     try:
         tensors = CheckpointTensors(model_dir)
@@ -145,10 +148,22 @@ def split_checkpoint(
             save_file(edge_w, str(edge_dir / WEIGHTS), metadata={"format": "plcli-edge"})
             (cloud_dir / MANIFEST).write_text(cloud.to_json())
             (edge_dir / MANIFEST).write_text(edge.to_json())
-            (edge_dir / "tokenizer").mkdir()
+            (edge_dir / TOKENIZER).mkdir()
             for f in tok_files:
-                shutil.copyfile(f, edge_dir / "tokenizer" / f.name)
+                shutil.copyfile(f, edge_dir / TOKENIZER / f.name)
     return SplitResult(out_dir, cloud, edge, time.perf_counter() - started)
+
+
+def _check_tokenizer(model_dir: Path, files: list[Path]) -> None:
+    """Refuse a tokenizer the edge could not load, trying exactly the files the edge bundle would get, alone in a
+    folder: beside config.json, transformers can load some tokenizers that it cannot load without it."""
+    with tempfile.TemporaryDirectory(prefix="plcli-tokenizer-") as tmp:
+        for f in files:
+            shutil.copyfile(f, Path(tmp) / f.name)
+        try:
+            load_tokenizer(Path(tmp), named=model_dir)
+        except BundleError as e:
+            raise SplitError(f"{e}: the edge could not use it") from None
 
 
 def _checked(w: np.ndarray, shape: tuple[int, ...], name: str) -> np.ndarray:

@@ -16,6 +16,7 @@ from .arch import edge_weight_shapes
 from .bundle import GRAPHS, WEIGHTS, BundleError, Manifest, is_int, read_manifest
 from .ort import make_session, read_weights
 
+TOKENIZER = "tokenizer"  # the folder of the edge bundle that holds the checkpoint's tokenizer files
 ADAPTER_CONFIG = "adapter.json"
 ADAPTER_WEIGHTS = "adapter.safetensors"
 
@@ -91,9 +92,7 @@ class EdgeModel:
     @property
     def tokenizer(self):
         if self._tokenizer is None:
-            from transformers import AutoTokenizer
-
-            self._tokenizer = AutoTokenizer.from_pretrained(self.dir / "tokenizer", local_files_only=True)
+            self._tokenizer = load_tokenizer(self.dir / TOKENIZER)
         return self._tokenizer
 
     @property
@@ -107,6 +106,18 @@ class EdgeModel:
         if eos is None and self.tokenizer.eos_token_id is not None:
             eos = [self.tokenizer.eos_token_id]
         return list(eos or [])
+
+
+def load_tokenizer(directory: Path, *, named: Path | None = None):
+    """The tokenizer in `directory` as the edge loads it; a failure is a BundleError that names `named` (or the
+    directory). `plcli split` loads the checkpoint's the same way, so that it never writes a bundle the edge cannot use."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(directory, local_files_only=True)
+    except Exception as e:  # transformers and tokenizers raise whatever the files trip (KeyError, ValueError, ...)
+        reason = " ".join(str(e).split())  # transformers' reasons run over several lines
+        raise BundleError(f"{named or directory}: cannot load the tokenizer ({type(e).__name__}: {reason})") from None
 
 
 def load_adapter(path: str | Path, manifest: Manifest) -> dict[str, np.ndarray]:

@@ -111,6 +111,12 @@ def _generation_config(text: str):
     return make
 
 
+def _damaged_tokenizer(tmp: Path, llama: Path) -> Path:
+    d = _copy_without(llama, tmp / "ckpt", drop=())
+    (d / "tokenizer.json").write_text('{"version": "1.0", "model": {"type": "BPE"}}')
+    return d
+
+
 def _truncated_weights(tmp: Path, llama: Path) -> Path:
     d = _copy_without(llama, tmp / "ckpt", drop=())
     (d / "model.safetensors").write_bytes((llama / "model.safetensors").read_bytes()[:100])
@@ -159,6 +165,10 @@ BAD_CHECKPOINTS = {
     "no tokenizer": (lambda tmp, llama: _copy_without(llama, tmp / "ckpt", drop=("tokenizer",)), "no tokenizer files"),
     "no weights": (lambda tmp, llama: _copy_without(llama, tmp / "ckpt", drop=("model.",)), "no weights"),
     "truncated weights": (_truncated_weights, "unreadable weights"),
+    "tokenizer the edge cannot load": (_damaged_tokenizer, "cannot load the tokenizer (KeyError: 'added_tokens')"),
+    "tokenizer config without its vocabulary": (
+        lambda tmp, llama: _copy_without(llama, tmp / "ckpt", drop=("tokenizer.json",)),
+        "cannot load the tokenizer (ValueError: Couldn't instantiate the backend tokenizer"),
     "truncated generation config": (_generation_config('{"do_sample": true, "temperature": '),
                                     "generation_config.json: unreadable generation config (Expecting value"),
     "generation config not an object": (_generation_config("[1, 2]"), "generation_config.json: not a generation config"),
@@ -424,6 +434,11 @@ def test_commands_refuse_a_bundle_without_a_graph_its_manifest_names(llama_bundl
     bundle = shutil.copytree(llama_bundle, tmp_path / "bundle")
     (bundle / "cloud" / "graphs" / "last.onnx").unlink()
     assert_refused(plcli("inspect", bundle), says=f"{bundle / 'cloud'}: graph last (graphs/last.onnx) is missing")
+def test_a_bundle_whose_tokenizer_the_edge_cannot_load_is_one_line(llama_bundle, llama_checkpoint, tmp_path):
+    damaged = shutil.copytree(llama_bundle, tmp_path / "damaged")
+    (damaged / "edge" / "tokenizer" / "tokenizer.json").write_text("{}")
+    assert_refused(plcli("verify", damaged, "--reference", llama_checkpoint),
+                   says=f"{damaged / 'edge' / 'tokenizer'}: cannot load the tokenizer (KeyError")
 
 
 def test_verify_refuses_missing_or_mismatched_inputs(good_bundle, llama_checkpoint, checkpoint_factory,
