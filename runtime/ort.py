@@ -47,12 +47,30 @@ def _options(threads: int | None, spin: bool = True) -> ort.SessionOptions:
     return options
 
 
+def _graph_error(path: Path, error: Exception) -> BundleError:
+    """What to tell the user when the graph at `path` will not load: only a fresh split makes a graph again."""
+    if not Path(path).is_file():
+        return BundleError(f"{path}: missing; split the checkpoint again")
+    reason = " ".join(str(error).split()) or type(error).__name__
+    return BundleError(f"{path}: not a valid ONNX graph ({reason}); split the checkpoint again")
+
+
+def _load_graph(path: Path):
+    """The ONNX model at `path`, read with onnx (which the edge does not need: imported here, not above)."""
+    import onnx
+
+    try:
+        return onnx.load(str(path))
+    except Exception as e:  # protobuf's DecodeError for a damaged file, OSError, onnx's own checks
+        raise _graph_error(path, e) from None
+
+
 def make_session(path: Path, *, threads: int | None = None, spin: bool = True) -> ort.InferenceSession:
     """An ORT session on the CPU; with `spin` false, its pool's threads sleep as soon as a call is done."""
     try:
         return ort.InferenceSession(str(path), _options(threads, spin), providers=["CPUExecutionProvider"])
-    except Exception as e:  # ORT raises its own exception types for missing/corrupt graphs
-        raise BundleError(f"{path}: cannot load graph ({str(e).splitlines()[0]})") from None
+    except Exception as e:  # ORT raises its own exception types (InvalidProtobuf, Fail, NoSuchFile, ...)
+        raise _graph_error(path, e) from None
 
 
 class BoundSession:
@@ -67,10 +85,9 @@ class BoundSession:
     """
 
     def __init__(self, path: Path, weights: dict[str, np.ndarray], *, threads: int | None = None):
-        import onnx
         from onnx import TensorProto, helper
 
-        model = onnx.load(str(path))
+        model = _load_graph(path)
         graph = model.graph
         inputs = [i for i in graph.input if i.name not in weights]
         del graph.input[:]
@@ -88,7 +105,7 @@ class BoundSession:
         try:
             self.session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
         except Exception as e:  # ORT raises its own exception types
-            raise BundleError(f"{path}: cannot load graph with its weights bound ({str(e).splitlines()[0]})") from None
+            raise _graph_error(path, e) from None
 
     def run(self, outputs: list[str], feed: dict[str, np.ndarray]) -> list[np.ndarray]:
         return self.session.run(outputs, feed)

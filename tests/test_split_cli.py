@@ -352,6 +352,9 @@ def test_commands_that_load_a_bundle_refuse_a_damaged_or_wrong_side_one(llama_bu
     for side in ("cloud", "edge"):
         w = damaged / side / "weights.safetensors"
         w.write_bytes(w.read_bytes()[:64])
+    truncated = shutil.copytree(llama_bundle, tmp_path / "truncated")
+    for graph in truncated.rglob("*.onnx"):
+        graph.write_bytes(graph.read_bytes()[:200])
     data = tmp_path / "notes.txt"
     data.write_text("private text\n" * 50)
 
@@ -361,13 +364,17 @@ def test_commands_that_load_a_bundle_refuse_a_damaged_or_wrong_side_one(llama_bu
                                "--no-tune"], capture_output=True, text=True, timeout=120)
 
     for done, says in ((serve_cloud(damaged / "cloud"), "unreadable weights"),
-                       (serve_cloud(llama_bundle / "edge"), "expected the cloud bundle")):
+                       (serve_cloud(llama_bundle / "edge"), "expected the cloud bundle"),
+                       # served with grouping, the graphs are read with onnx before ONNX Runtime sees them
+                       (serve_cloud(truncated / "cloud"), "not a valid ONNX graph (Error parsing message")):
         assert (done.returncode, done.stdout) == (2, ""), done
         lines = done.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error: ") and says in lines[0], done.stderr
 
     nowhere = "tcp://127.0.0.1:1"  # refused before any connection is tried
     assert_refused(plcli("run-edge", damaged / "edge", "--connect", nowhere, "--prompt", "hi"), says="unreadable weights")
+    assert_refused(plcli("run-edge", truncated / "edge", "--connect", nowhere, "--prompt", "hi"),
+                   says=f"{truncated / 'edge' / 'graphs' / 'head.onnx'}: not a valid ONNX graph ([ONNXRuntimeError]")
     assert_refused(plcli("run-edge", llama_bundle / "cloud", "--connect", nowhere, "--prompt", "hi"),
                    says="expected the edge bundle")
     assert_refused(plcli("tune", damaged / "edge", "--connect", nowhere, "--data", data), says="unreadable weights")
