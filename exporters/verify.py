@@ -17,8 +17,9 @@ from plcli.recipes.base import UnsupportedModel, family_for
 from plcli.runtime.bundle import BundleError
 from plcli.runtime.cloud import CloudModel
 from plcli.runtime.edge import EdgeModel, forward
+from plcli.runtime.errors import PlcliError
 
-from .checkpoint import CheckpointError, load_config
+from .checkpoint import CheckpointError, CheckpointTensors, load_config
 
 PROMPTS = (
     "The quick brown fox jumps over the lazy dog.",
@@ -26,6 +27,10 @@ PROMPTS = (
     "In the beginning",
 )
 TOLERANCE = 1e-4
+
+
+class VerifyError(PlcliError):
+    """Bad input to verify; the message is one line for the user."""
 
 
 @dataclass
@@ -54,7 +59,10 @@ def merged_reference(model_dir: str | Path, cloud: CloudModel, m: dict[str, np.n
     import torch
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, local_files_only=True)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, local_files_only=True)
+    except (OSError, ValueError, RuntimeError) as e:  # RuntimeError: a weight whose shape is not its config's
+        raise CheckpointError(f"{model_dir}: transformers cannot load the checkpoint ({' '.join(str(e).split())})") from None
     model.eval()
     family = family_for(model.config)
     state = model.state_dict()
@@ -74,6 +82,8 @@ def merged_reference(model_dir: str | Path, cloud: CloudModel, m: dict[str, np.n
 def verify(bundle_dir: str | Path, model_dir: str | Path, *, decode_steps: int = 4, seed: int = 0, zero_m: bool = False) -> list[Comparison]:
     import torch
 
+    if decode_steps < 1:
+        raise VerifyError(f"--decode-steps {decode_steps} is out of range: must be at least 1")
     bundle_dir = Path(bundle_dir)
     cloud = CloudModel(bundle_dir / "cloud")
     edge = EdgeModel(bundle_dir / "edge")
@@ -86,13 +96,18 @@ def verify(bundle_dir: str | Path, model_dir: str | Path, *, decode_steps: int =
         raise CheckpointError(f"{model_dir}: {e}") from None
     if reference_arch != cloud.arch:
         raise CheckpointError(f"{model_dir}: not the checkpoint {bundle_dir} was split from (the architecture differs)")
+    prompts = [np.asarray([_encode(edge, text, seed + p)], np.int64) for p, text in enumerate(PROMPTS)]
+    longest, positions = max(ids.shape[1] for ids in prompts), cloud.arch.max_position_embeddings
+    if decode_steps > positions - longest:
+        raise VerifyError(f"--decode-steps {decode_steps} is out of range: at most {positions - longest} (the model's "
+                          f"{positions} positions less the longest prompt's {longest} tokens)")
+    CheckpointTensors(model_dir)  # a damaged weight file in one line, before transformers loads the model
     m = {k: np.zeros_like(v) for k, v in edge.adapter_matrices().items()} if zero_m else random_adapter(edge, seed)
     edge.set_adapter(m)
     reference = merged_reference(model_dir, cloud, m)
 
     results = []
-    for p, text in enumerate(PROMPTS):
-        ids = np.asarray([_encode(edge, text, seed + p)], np.int64)
+    for p, ids in enumerate(prompts):
         session = cloud.new_session()
         got = forward(edge, session, ids)
         with torch.no_grad():

@@ -123,6 +123,17 @@ def _truncated_weights(tmp: Path, llama: Path) -> Path:
     return d
 
 
+def _reshaped_norm(tmp: Path, llama: Path) -> Path:
+    """Weights that read fine but do not fit the config: the final norm has 10 entries, not 64."""
+    from safetensors.numpy import load_file, save_file
+
+    d = _copy_without(llama, tmp / "ckpt", drop=())
+    weights = load_file(d / "model.safetensors")
+    weights["model.norm.weight"] = weights["model.norm.weight"][:10]
+    save_file(weights, d / "model.safetensors", metadata={"format": "pt"})
+    return d
+
+
 def _a_file(tmp: Path, llama: Path) -> Path:
     (tmp / "model").write_text("not a checkpoint")
     return tmp / "model"
@@ -456,6 +467,15 @@ def test_verify_refuses_missing_or_mismatched_inputs(good_bundle, llama_checkpoi
     assert_refused(plcli("verify", good_bundle, "--reference", missing), says="no such directory")
     other_shape = checkpoint_factory("llama-tied", tie_word_embeddings=True)
     assert_refused(plcli("verify", good_bundle, "--reference", other_shape), says="architecture differs")
+    (tmp_path / "truncated").mkdir()
+    truncated = _truncated_weights(tmp_path / "truncated", llama_checkpoint)
+    assert_refused(plcli("verify", good_bundle, "--reference", truncated), says="model.safetensors: unreadable weights")
+    (tmp_path / "reshaped").mkdir()
+    assert_refused(plcli("verify", good_bundle, "--reference", _reshaped_norm(tmp_path / "reshaped", llama_checkpoint)),
+                   says="transformers cannot load the checkpoint")
+    for steps, says in (("-1", "--decode-steps -1 is out of range: must be at least 1"), ("0", "must be at least 1"),
+                        ("100000", "--decode-steps 100000 is out of range: at most ")):
+        assert_refused(plcli("verify", good_bundle, "--reference", llama_checkpoint, "--decode-steps", steps), says=says)
 
     mixed = tmp_path / "mixed"
     shutil.copytree(good_bundle / "edge", mixed / "edge")
