@@ -34,6 +34,22 @@ def _positive(name: str, value: int) -> int:
     return value
 
 
+def _max_positions(model_dir: Path, bundles: Path | None) -> int:
+    """Tokens a sequence may hold in every method here: the split's (its cloud's context), else the checkpoint's.
+
+    Read before any method runs: a run that needs more would split, load and generate for minutes first.
+    """
+    if bundles is not None:
+        from plcli.runtime.bundle import read_manifest
+
+        return read_manifest(bundles / "edge", side="edge").architecture.max_position_embeddings
+    from plcli.exporters.checkpoint import load_config
+    from plcli.recipes.base import family_for
+
+    config = load_config(model_dir)
+    return family_for(config).architecture(config).max_position_embeddings
+
+
 @bench_app.command("decode")
 @reports_errors
 def bench_decode(
@@ -67,6 +83,10 @@ def bench_decode(
     ranks = _ranks(rank, bundles)
     if edges < 0 or edges == 1:
         raise UserError(f"--edges {edges} is out of range: 0 (off) or at least 2")
+    positions = _max_positions(model_dir, bundles)
+    if prompt_len + new_tokens - 1 > positions:  # the last new token is never fed back
+        raise UserError(f"--prompt-len {prompt_len} and --new-tokens {new_tokens} need a context of "
+                        f"{prompt_len + new_tokens - 1} tokens; the model holds {positions}")
     results = []
     with hold_low_latency(low_latency):
         with progress_bar() as progress:
@@ -191,6 +211,9 @@ def bench_tune(
         _positive(name, value)
     if not model_dir.is_dir():
         raise UserError(f"{model_dir}: no such checkpoint directory")
+    positions = _max_positions(model_dir, bundles)
+    if seq_len > positions:
+        raise UserError(f"--seq-len {seq_len} is out of range: the model holds {positions} tokens")
     with hold_low_latency(low_latency), progress_bar() as progress:
         task = progress.add_task("benchmarking", total=rounds)
         r = run(model_dir, bundles=bundles, rank=rank, steps=steps, batch_size=batch_size, seq_len=seq_len, rounds=rounds,

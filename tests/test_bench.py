@@ -71,7 +71,7 @@ def test_bench_tune_reports_both_methods_and_their_losses_agree(llama_checkpoint
         assert text in out, text
 
 
-def test_links_parse_and_bad_input_is_one_line_exit_2(llama_checkpoint, tmp_path):
+def test_links_parse_and_bad_input_is_one_line_exit_2(llama_checkpoint, llama_bundle, tmp_path):
     assert parse_link("5g") == LINK_PRESETS["5g"] == Link(up_mbps=60, down_mbps=100, rtt_ms=20)
     assert parse_link("up=1.5,down=3,rtt=40") == Link(1.5, 3, 40)
     for args, message in [
@@ -81,11 +81,18 @@ def test_links_parse_and_bad_input_is_one_line_exit_2(llama_checkpoint, tmp_path
         (["--bundles", tmp_path, "--rank", "8,16"], "--bundles fixes the rank"),
         (["--new-tokens", 1], "at least 2"),
         (["--edges", 1], "--edges 1"),
+        # the small Llama holds 256 positions; the bundle's count when one is given
+        (["--rank", 8, "--prompt-len", 100000],
+         "--prompt-len 100000 and --new-tokens 64 need a context of 100063 tokens; the model holds 256"),
+        (["--prompt-len", 200, "--new-tokens", 58], "need a context of 257 tokens; the model holds 256"),
+        (["--bundles", llama_bundle, "--prompt-len", 256, "--new-tokens", 2], "need a context of 257 tokens"),
     ]:
         code, _, err = run_cli("bench", "decode", llama_checkpoint, *args)
         assert code == 2 and message in err and len(err.strip().splitlines()) == 1, (args, err)
     code, _, err = run_cli("bench", "tune", tmp_path / "nothing")
     assert code == 2 and "no such checkpoint" in err
+    code, _, err = run_cli("bench", "tune", llama_checkpoint, "--seq-len", 257)
+    assert code == 2 and "--seq-len 257 is out of range: the model holds 256 tokens" in err, err
 
 
 
