@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 import sys
 
@@ -114,8 +115,20 @@ def progress_bar() -> Progress:
     )
 
 
+def finite_json(obj):
+    """`obj` with each NaN and infinity as None: JSON has neither, and strict parsers refuse the NaN and Infinity
+    that Python's json writes for them."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite_json(v) for v in obj]
+    return obj
+
+
 def print_json(obj) -> None:
-    sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
+    sys.stdout.write(json.dumps(finite_json(obj), indent=2, default=str, allow_nan=False) + "\n")
 
 
 class nullcontext_status:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 from typing import Optional
 
@@ -75,7 +76,7 @@ def estimate(
         est.PAPER_DEVICE, "device", _positive("--device-bandwidth-gbs", device_bandwidth_gbs),
         _positive("--device-tflops", device_tflops), _fraction("--device-efficiency", device_efficiency),
     )
-    if rtt_ms < 0:
+    if not (math.isfinite(rtt_ms) and rtt_ms >= 0):
         raise UserError(f"--rtt-ms must be 0 or more, got {rtt_ms:g}")
     link = est.Link(_positive("--up-mbps", up_mbps), _positive("--down-mbps", down_mbps), rtt_ms)
     _positive("--bits", bits)
@@ -96,6 +97,10 @@ def estimate(
                                       device_only_bits=device_only_bits, cloud_tps=measured))
 
     report = _report(scenarios, paper)
+    # Finite figures can still overflow: 1e-320 Mbit/s takes forever to send a token.
+    overflow = _first_non_finite(report)
+    if overflow:
+        raise UserError(f"the figures given take the estimate out of range ({overflow}): give those of real hardware")
     if as_json:
         print_json(report)
     else:
@@ -132,8 +137,8 @@ def _processor(preset: est.Processor, generic_name: str, bandwidth_gbs: float, t
 
 
 def _positive(flag: str, value: float) -> float:
-    if not value > 0:
-        raise UserError(f"{flag} must be positive, got {value:g}")
+    if not (math.isfinite(value) and value > 0):
+        raise UserError(f"{flag} must be positive and finite, got {value:g}")
     return value
 
 
@@ -141,6 +146,18 @@ def _fraction(flag: str, value: float) -> float:
     if not 0 < value <= 1:
         raise UserError(f"{flag} must be in (0, 1], got {value:g}")
     return value
+
+
+def _first_non_finite(obj, where: str = "") -> str | None:
+    """`key = value` of the first NaN or infinity in a report, or None."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return f"{where} = {obj:g}"
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, list) else ()
+    for key, value in items:
+        found = _first_non_finite(value, f"{where}.{key}" if where else str(key))
+        if found:
+            return found
+    return None
 
 
 def _report(scenarios: list[est.Scenario], paper: bool) -> dict:

@@ -14,10 +14,19 @@ TABLE3_PRIVATELORA = {"llama2-7b": 27.1, "llama2-13b": 20.5, "llama-30b": 12.9}
 TABLE3_CLOUD_ONLY = {"llama2-7b": 37.2, "llama2-13b": 27.8, "llama-30b": 16.7}
 
 
+def strict_json(text: str):
+    """JSON as a strict parser reads it: Python's NaN and Infinity are not JSON."""
+
+    def refuse(constant: str):
+        raise ValueError(f"{constant} is not JSON")
+
+    return json.loads(text, parse_constant=refuse)
+
+
 def run_json(*args: str) -> dict:
     result = runner.invoke(app, ["estimate", *args, "--json"])
     assert result.exit_code == 0, result.output
-    return json.loads(result.stdout)
+    return strict_json(result.stdout)
 
 
 def row(report: dict, method: str, model: str | None = None) -> dict:
@@ -110,10 +119,26 @@ def test_custom_dimensions_match_the_preset():
     ["--model", "llama2-7b", "--targets", "x_proj"],
     ["--model", "llama2-7b", "--cloud-tps", "30", "--cloud-bandwidth-gbs", "900"],
     ["--model", "llama2-7b", "--params", "1000"],
+    # no NaN or infinity, given or reached: JSON has neither
+    ["--model", "llama2-7b", "--rtt-ms", "nan"],
+    ["--model", "llama2-7b", "--rtt-ms", "inf"],
+    ["--model", "llama2-7b", "--up-mbps", "inf"],
+    ["--model", "llama2-7b", "--cloud-tps", "inf"],
+    ["--model", "llama2-7b", "--device-only-bits", "inf"],
+    ["--model", "llama2-7b", "--up-mbps", "1e-320"],
+    ["--model", "llama2-7b", "--rtt-ms", "1e308"],
 ])
 def test_bad_flags_exit_2_with_one_line(args):
-    result = runner.invoke(app, ["estimate", *args])
+    result = runner.invoke(app, ["estimate", *args, "--json"])
     assert result.exit_code == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:"), result.stderr
     assert result.stdout == ""
+
+
+def test_json_output_has_no_nan_or_infinity(capsys):
+    """What no check foresaw (a NaN error in verify, say) still prints as JSON: null."""
+    from plcli.app import print_json
+
+    print_json({"rel_error": float("nan"), "tps": [1.5, float("inf"), -float("inf")], "ok": False})
+    assert strict_json(capsys.readouterr().out) == {"rel_error": None, "tps": [1.5, None, None], "ok": False}
