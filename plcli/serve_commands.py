@@ -35,14 +35,27 @@ CONNECT_HELP = ("The cloud's ZeroMQ endpoint; repeat it (or separate with commas
 RECONNECT_HELP = "Seconds to spend reopening a lost session on the clouds of --connect (0: no failover)."
 
 
-def make_failover(connect: list[str] | None, open_session, *, timeout: float, reconnect_timeout: float,
-                  carrying_on: str = "replaying this session's tokens"):
-    """A `Failover` over the --connect URLs, reporting losses and reconnects (and then `carrying_on`) on stderr."""
-    from plcli.runtime.failover import Failover
+def cloud_urls(connect: list[str] | None) -> list[str]:
+    """The endpoints of --connect, in order, each checked before anything loads or connects."""
+    from plcli.runtime.wire import check_endpoint
 
     urls = [u.strip() for value in (connect or [DEFAULT_ENDPOINT]) for u in value.split(",") if u.strip()]
     if not urls:
         raise UserError("--connect names no endpoint")
+    for url in urls:
+        try:
+            check_endpoint(url, bind=False)
+        except ValueError as e:
+            raise UserError(f"--connect {e}") from None
+    return urls
+
+
+def make_failover(urls: list[str], open_session, *, timeout: float, reconnect_timeout: float,
+                  carrying_on: str = "replaying this session's tokens"):
+    """A `Failover` over the URLs of --connect (see cloud_urls), reporting losses and reconnects (and then
+    `carrying_on`) on stderr."""
+    from plcli.runtime.failover import Failover
+
     if not reconnect_timeout >= 0:
         raise UserError(f"--reconnect-timeout {reconnect_timeout:g} is out of range: must be >= 0")
 
@@ -98,6 +111,7 @@ def serve_cloud(
     from plcli.runtime.cloud import CloudModel
     from plcli.runtime.secure import ServerKeys
     from plcli.runtime.server import CloudServer, memory_per_session
+    from plcli.runtime.wire import check_endpoint
 
     if threads is not None and threads < 1:
         raise UserError(f"--threads {threads} is out of range: must be at least 1")
@@ -106,6 +120,10 @@ def serve_cloud(
                         "edges' public keys")
     if curve_secret is not None and insecure:
         raise UserError("--insecure contradicts --curve-secret: a CURVE server is encrypted and authenticated")
+    try:
+        check_endpoint(bind, bind=True)
+    except ValueError as e:
+        raise UserError(f"--bind {e}") from None
     # Checked on the endpoint as given, before anything binds it.
     if curve_secret is None and not insecure and not _is_local(bind):
         raise UserError(f"{bind} is reachable from other machines: give --curve-secret and --authorized-keys "
@@ -284,6 +302,7 @@ def run_edge(
 
     if as_json and prompt is None:
         raise UserError("--json needs --prompt (chat mode streams text)")
+    urls = cloud_urls(connect)
     if wire_dtype not in ("float32", "float16"):
         raise UserError("--wire-dtype must be float32 or float16")
     if not timeout > 0:
@@ -304,7 +323,7 @@ def run_edge(
         if note:
             err_console.print(f"[yellow]note:[/] {shown(note)}", highlight=False, soft_wrap=True)
         failover = make_failover(
-            connect, lambda url, t: RemoteCloudSession(url, edge.manifest, wire_dtype=wire_dtype, timeout=t, curve=curve),
+            urls, lambda url, t: RemoteCloudSession(url, edge.manifest, wire_dtype=wire_dtype, timeout=t, curve=curve),
             timeout=timeout, reconnect_timeout=reconnect_timeout)
         session, conversation = failover.open(), None
         try:  # whatever fails from here on, the cloud gets its session back (the one in use, after a failover)

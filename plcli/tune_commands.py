@@ -11,7 +11,8 @@ from rich.table import Table
 from rich.text import Text
 
 from .app import UserError, app, console, err_console, fail, print_json, printable, reports_errors, shown
-from .serve_commands import CURVE_SECRET_HELP, RECONNECT_HELP, SERVER_KEY_HELP, WIRE_DTYPE_HELP, client_keys, make_failover
+from .serve_commands import (CURVE_SECRET_HELP, RECONNECT_HELP, SERVER_KEY_HELP, WIRE_DTYPE_HELP, client_keys, cloud_urls,
+                             make_failover)
 
 
 def tune_progress() -> Progress:
@@ -90,6 +91,7 @@ def tune(
     if connect is None and (curve_secret or server_key):
         raise UserError("--curve-secret and --server-key secure a --connect; an in-process --cloud needs neither")
     curve = client_keys(curve_secret, server_key)
+    urls = None if connect is None else cloud_urls(connect)
     data = [*data, *(more_data or [])]
     out = out or default_adapter_dir(edge_dir)
     given = {k: v for k, v in dict(
@@ -101,8 +103,8 @@ def tune(
     check_out(out, edge.manifest, resume=resume, force=force)
     config = resume_config(out, given) if resume else TuneConfig(**given)
     failover = None
-    if connect is not None:
-        failover = make_failover(connect, lambda url, t: _remote_link(url, edge, wire_dtype, t, curve),
+    if urls is not None:
+        failover = make_failover(urls, lambda url, t: _remote_link(url, edge, wire_dtype, t, curve),
                                  timeout=timeout, reconnect_timeout=reconnect_timeout,
                                  carrying_on="doing the interrupted step again")
         link = failover.open()

@@ -57,6 +57,10 @@ class WireConnection:
             raise ValueError(f"wire dtype must be one of {', '.join(wire.WIRE_DTYPES)}")
         if not timeout > 0:
             raise ValueError("timeout must be positive")
+        try:
+            wire.check_endpoint(url, bind=False)
+        except ValueError as e:  # not a loss: no cloud is there to fail over from
+            raise CloudError(str(e), "connect") from None
         self.url, self.manifest, self.wire_dtype, self.timeout, self.batch = url, manifest, wire_dtype, timeout, batch
         self.plan = manifest.plan
         self.bytes_up = self.bytes_down = self.round_trips = 0

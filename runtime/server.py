@@ -152,6 +152,7 @@ class CloudServer:
             raise ValueError("--max-group must be at least 1")
         if not batch_wait_s >= 0:
             raise ValueError("--batch-wait-us must be >= 0")
+        wire.check_endpoint(bind, bind=True)
         self.model = model
         self.max_sessions = max_sessions
         self.max_context = max_context or model.arch.max_position_embeddings

@@ -327,3 +327,25 @@ def tensor(frame: memoryview, shape: Sequence[int], wire_dtype: str) -> np.ndarr
         return array.astype(np.float32)
     # Small frames arrive inside ZeroMQ's receive buffer at any offset; large ones are aligned and used in place.
     return array if array.flags.aligned else array.copy()
+
+
+# -- endpoints -----------------------------------------------------------------
+def check_endpoint(endpoint: str, *, bind: bool) -> None:
+    """Raise ValueError for a tcp endpoint whose port is not one: ZeroMQ reads what digits it can and wraps them
+    modulo 65536 (`tcp://127.0.0.1:99999` binds port 34463, `:-1` binds 65535, `:1e3` port 1) where it should refuse.
+
+    A bind may name port 0 or `*` (a free port); ipc:// and inproc:// endpoints, and other transports, are ZeroMQ's
+    to check.
+    """
+    transport, _, address = endpoint.partition("://")
+    if transport != "tcp":
+        return
+    host, colon, port = address.rpartition(":")
+    if not (colon and host):
+        raise ValueError(f"{endpoint}: no port (tcp://HOST:PORT)")
+    if bind and port == "*":
+        return
+    lowest = 0 if bind else 1
+    if not (re.fullmatch(r"[0-9]+", port) and lowest <= int(port) <= 65535):
+        free = ", or * for a free one" if bind else ""
+        raise ValueError(f"{endpoint}: {port!r} is not a port: use {lowest} to 65535{free}")

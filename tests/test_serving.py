@@ -622,6 +622,38 @@ def test_serve_cloud_refuses_a_group_limit_of_zero_a_negative_wait_and_no_thread
         assert result.exit_code == 2 and message in result.output
 
 
+# ZeroMQ takes these ports modulo 65536 (99999 is 34463, -1 is 65535) or reads what digits it can (1e3 is 1).
+BAD_PORTS = ("99999", "-1", "1e3", "65536")
+
+
+def test_endpoints_whose_port_zeromq_would_misread_are_refused_before_anything_loads(model, tmp_path):
+    _, bundle, cloud = model("llama")
+    for port in BAD_PORTS:
+        # A process of its own: were the endpoint taken, it would serve until the timeout kills it.
+        done = subprocess.run([sys.executable, "-m", "plcli.cli", "serve-cloud", str(bundle / "cloud"), "--bind",
+                               f"tcp://127.0.0.1:{port}", "--no-tune"], capture_output=True, text=True, timeout=60)
+        assert (done.returncode, done.stdout) == (2, ""), done
+        assert done.stderr.strip().splitlines() == [f"error: --bind tcp://127.0.0.1:{port}: '{port}' is not a port: use 0 "
+                                                    "to 65535, or * for a free one"], done.stderr
+        # --timeout 1: taken, the endpoint would only be found silent
+        for command in (("run-edge", str(bundle / "edge"), "--prompt", "hi"),
+                        ("tune", str(bundle / "edge"), "--data", str(tmp_path / "never-read.txt"))):
+            result = _invoke(*command, "--timeout", "1", "--connect", f"tcp://127.0.0.1:5555,tcp://localhost:{port}")
+            assert result.exit_code == 2 and result.stdout == "", result.output
+            assert result.stderr.strip().splitlines() == [f"error: --connect tcp://localhost:{port}: '{port}' is not a port: "
+                                                          "use 1 to 65535"], result.stderr
+        with pytest.raises(ValueError, match="is not a port"):
+            CloudServer(cloud, bind=f"tcp://127.0.0.1:{port}", tune=False)
+        with pytest.raises(CloudError, match="is not a port") as refused:
+            RemoteCloudSession(f"tcp://127.0.0.1:{port}", cloud.manifest, timeout=1)
+        assert refused.value.code == "connect"
+    for bind in ("tcp://127.0.0.1:0", f"ipc://{tmp_path / 'cloud.ipc'}"):  # a free port; a socket file
+        server = CloudServer(cloud, bind=bind, tune=False)
+        server.close()
+    with pytest.raises(CloudError, match="no port"):
+        RemoteCloudSession("tcp://127.0.0.1", cloud.manifest, timeout=1)
+
+
 def test_run_edge_json_chat_and_adapter_through_a_cloud(model, bundle_factory, checkpoint_factory, tmp_path):
     from safetensors.numpy import save_file
 
