@@ -66,6 +66,17 @@ class UserError(PlcliError):
     """Bad command-line input noticed by the command itself."""
 
 
+def seconds(flag: str, value: float, *, zero_turns_off: bool = False) -> float:
+    """A wait given in seconds, checked before the command loads anything: finite, above 0 (or 0, where that turns
+    the wait off), and at most a day (runtime.wire.MAX_TIMEOUT_S)."""
+    from plcli.runtime.wire import MAX_TIMEOUT_S
+
+    lowest = 0 if zero_turns_off else "more than 0"
+    if not ((value >= 0 if zero_turns_off else value > 0) and value <= MAX_TIMEOUT_S):
+        raise UserError(f"{flag} {value:g} is out of range: {lowest} to {MAX_TIMEOUT_S} seconds (24 hours)")
+    return value
+
+
 def reports_errors(fn):
     """One clear line and a non-zero exit instead of a traceback."""
 

@@ -20,8 +20,8 @@ from rich.text import Text
 
 from plcli.runtime.cpu_latency import hold_low_latency
 
-from .app import (LOW_LATENCY_HELP, UserError, app, console, err_console, print_json, printable, reports_errors, shown,
-                  status)
+from .app import (LOW_LATENCY_HELP, UserError, app, console, err_console, print_json, printable, reports_errors, seconds,
+                  shown, status)
 
 DEFAULT_ENDPOINT = "tcp://127.0.0.1:5555"  # loopback: serving beyond this machine is a deliberate choice
 CHECKPOINT_DEFAULT = "Default: the checkpoint's when its generation config samples (do_sample), else greedy."
@@ -55,9 +55,6 @@ def make_failover(urls: list[str], open_session, *, timeout: float, reconnect_ti
     """A `Failover` over the URLs of --connect (see cloud_urls), reporting losses and reconnects (and then
     `carrying_on`) on stderr."""
     from plcli.runtime.failover import Failover
-
-    if not reconnect_timeout >= 0:
-        raise UserError(f"--reconnect-timeout {reconnect_timeout:g} is out of range: must be >= 0")
 
     def report(e: dict) -> None:
         if e["event"] == "lost":
@@ -115,6 +112,7 @@ def serve_cloud(
 
     if threads is not None and threads < 1:
         raise UserError(f"--threads {threads} is out of range: must be at least 1")
+    seconds("--session-timeout", session_timeout)
     if (curve_secret is None) != (authorized_keys is None):
         raise UserError("--curve-secret and --authorized-keys go together: the cloud's secret key and the directory of the "
                         "edges' public keys")
@@ -305,8 +303,8 @@ def run_edge(
     urls = cloud_urls(connect)
     if wire_dtype not in ("float32", "float16"):
         raise UserError("--wire-dtype must be float32 or float16")
-    if not timeout > 0:
-        raise UserError("--timeout must be positive")
+    seconds("--timeout", timeout)
+    seconds("--reconnect-timeout", reconnect_timeout, zero_turns_off=True)
     if threads is not None and threads < 1:
         raise UserError(f"--threads {threads} is out of range: must be at least 1")
     given = {k: v for k, v in dict(temperature=temperature, top_k=top_k, top_p=top_p,

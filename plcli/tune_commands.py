@@ -10,7 +10,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.text import Text
 
-from .app import UserError, app, console, err_console, fail, print_json, printable, reports_errors, shown
+from .app import UserError, app, console, err_console, fail, print_json, printable, reports_errors, seconds, shown
 from .serve_commands import (CURVE_SECRET_HELP, RECONNECT_HELP, SERVER_KEY_HELP, WIRE_DTYPE_HELP, client_keys, cloud_urls,
                              make_failover)
 
@@ -86,8 +86,8 @@ def tune(
         raise UserError("give the cloud's endpoint with --connect URL, or --cloud CLOUD_DIR to run it in this process")
     if threads is not None and threads < 1:
         raise UserError(f"--threads {threads} is out of range: must be at least 1")
-    if not timeout > 0:
-        raise UserError(f"--timeout {timeout:g} is out of range: must be positive")
+    seconds("--timeout", timeout)
+    seconds("--reconnect-timeout", reconnect_timeout, zero_turns_off=True)
     if connect is None and (curve_secret or server_key):
         raise UserError("--curve-secret and --server-key secure a --connect; an in-process --cloud needs neither")
     curve = client_keys(curve_secret, server_key)

@@ -55,8 +55,7 @@ class WireConnection:
                  batch: int = 1, context: zmq.Context | None = None, curve: ClientKeys | None = None):
         if wire_dtype not in wire.WIRE_DTYPES:
             raise ValueError(f"wire dtype must be one of {', '.join(wire.WIRE_DTYPES)}")
-        if not timeout > 0:
-            raise ValueError("timeout must be positive")
+        wait_ms = wire.timeout_ms(timeout)
         try:
             wire.check_endpoint(url, bind=False)
         except ValueError as e:  # not a loss: no cloud is there to fail over from
@@ -66,8 +65,8 @@ class WireConnection:
         self.bytes_up = self.bytes_down = self.round_trips = 0
         self._socket = (context or zmq.Context.instance()).socket(zmq.DEALER)
         self._socket.setsockopt(zmq.LINGER, 0)
-        self._socket.setsockopt(zmq.SNDTIMEO, int(timeout * 1000))
-        self._socket.setsockopt(zmq.RCVTIMEO, int(timeout * 1000))
+        self._socket.setsockopt(zmq.SNDTIMEO, wait_ms)
+        self._socket.setsockopt(zmq.RCVTIMEO, wait_ms)
         if curve is not None:
             secure_client(self._socket, curve)
         try:
@@ -390,7 +389,7 @@ def status_connection(url: str, *, context: zmq.Context | None = None, curve: Cl
 
 def ask_status(socket: zmq.Socket, url: str, *, timeout: float = 5.0, secured: bool = False) -> dict:
     """The cloud's counters (sessions, tokens, ...) from one `status` request on `socket`."""
-    socket.setsockopt(zmq.RCVTIMEO, int(timeout * 1000))  # wait in the receive, as a session does: no poll first
+    socket.setsockopt(zmq.RCVTIMEO, wire.timeout_ms(timeout))  # wait in the receive, as a session does: no poll first
     try:
         socket.send_multipart(wire.encode("status", {}))
         header, _ = wire.decode(socket.recv_multipart(), wire.REPLIES, max_message_bytes=wire.MAX_HEADER_BYTES)

@@ -138,8 +138,9 @@ class CloudServer:
             raise ValueError("--max-sessions must be at least 1")
         if max_context is not None and max_context < 1:
             raise ValueError("--max-context must be at least 1")
-        if not session_timeout > 0:
-            raise ValueError("--session-timeout must be positive")
+        if not 0 < session_timeout <= wire.MAX_TIMEOUT_S:
+            raise ValueError(f"--session-timeout {session_timeout:g} is out of range: more than 0 and at most "
+                             f"{wire.MAX_TIMEOUT_S} s")
         if wire_dtype not in wire.WIRE_DTYPES:
             raise ValueError(f"--wire-dtype must be one of {', '.join(wire.WIRE_DTYPES)}")
         if max_batch < 1:

@@ -128,6 +128,9 @@ MAX_STEP = (1 << 53) - 1  # JSON numbers stay exact up to here in every reader
 WIRE_DTYPES = {"float32": np.dtype("<f4"), "float16": np.dtype("<f2")}
 MODES = ("generate", "tune")
 MAX_BATCH = 256  # rows a tune pass may carry: `lengths` must fit in a header
+# The longest wait plcli takes anywhere (a reply, a reconnect, an idle session). ZeroMQ takes a wait as a C int of
+# milliseconds (at most 24.8 days), and a wait of more than a day is a typo rather than a plan.
+MAX_TIMEOUT_S = 24 * 3600
 
 ERROR_CODES = {
     "bad_message": "not a valid header, field or frame layout",
@@ -329,7 +332,15 @@ def tensor(frame: memoryview, shape: Sequence[int], wire_dtype: str) -> np.ndarr
     return array if array.flags.aligned else array.copy()
 
 
-# -- endpoints -----------------------------------------------------------------
+# -- endpoints and waits ---------------------------------------------------------
+def timeout_ms(seconds: float) -> int:
+    """A wait in seconds as ZeroMQ's milliseconds (at least 1: 0 would not wait at all); ValueError unless it is
+    above 0 and at most MAX_TIMEOUT_S (NaN and infinity included)."""
+    if not 0 < seconds <= MAX_TIMEOUT_S:
+        raise ValueError(f"timeout {seconds:g} s is out of range: more than 0 and at most {MAX_TIMEOUT_S} s")
+    return math.ceil(seconds * 1000)
+
+
 def check_endpoint(endpoint: str, *, bind: bool) -> None:
     """Raise ValueError for a tcp endpoint whose port is not one: ZeroMQ reads what digits it can and wraps them
     modulo 65536 (`tcp://127.0.0.1:99999` binds port 34463, `:-1` binds 65535, `:1e3` port 1) where it should refuse.

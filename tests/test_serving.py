@@ -654,6 +654,35 @@ def test_endpoints_whose_port_zeromq_would_misread_are_refused_before_anything_l
         RemoteCloudSession("tcp://127.0.0.1", cloud.manifest, timeout=1)
 
 
+def test_waits_that_are_not_finite_or_over_a_day_are_refused_in_one_line(model, tmp_path):
+    """ZeroMQ takes a wait as an int of milliseconds: inf and 1e7 s overflowed it, as internal errors."""
+    _, bundle, cloud = model("llama")
+    done = subprocess.run([sys.executable, "-m", "plcli.cli", "serve-cloud", str(bundle / "cloud"), "--bind",
+                           "tcp://127.0.0.1:*", "--no-tune", "--session-timeout", "inf"], capture_output=True, text=True,
+                          timeout=60)  # a process of its own: accepted, it would serve until killed
+    assert (done.returncode, done.stdout) == (2, ""), done
+    assert done.stderr.strip().splitlines() == ["error: --session-timeout inf is out of range: more than 0 to 86400 "
+                                                "seconds (24 hours)"]
+    nowhere = "tcp://127.0.0.1:1"  # refused before any connection is tried
+    for flag, value, says in (("--timeout", "inf", "inf is out of range: more than 0"),
+                              ("--timeout", "1e7", "1e+07 is out of range: more than 0"),
+                              ("--timeout", "nan", "nan is out of range: more than 0"),
+                              ("--reconnect-timeout", "inf", "inf is out of range: 0"),
+                              ("--reconnect-timeout", "-1", "-1 is out of range: 0")):
+        for command in (("run-edge", str(bundle / "edge"), "--prompt", "hi"),
+                        ("tune", str(bundle / "edge"), "--data", str(tmp_path / "never-read.txt"))):
+            result = _invoke(*command, "--connect", nowhere, flag, value)
+            assert result.exit_code == 2 and result.stdout == "", result.output
+            assert result.stderr.strip().splitlines() == [f"error: {flag} {says} to 86400 seconds (24 hours)"], result.stderr
+    for timeout in (float("inf"), 1e7, float("nan"), 0.0):
+        with pytest.raises(ValueError, match="out of range"):
+            RemoteCloudSession(nowhere, cloud.manifest, timeout=timeout)
+        with pytest.raises(ValueError, match="out of range"):
+            cloud_status(nowhere, timeout=timeout)
+        with pytest.raises(ValueError, match="--session-timeout"):
+            CloudServer(cloud, bind="tcp://127.0.0.1:*", session_timeout=timeout, tune=False)
+
+
 def test_run_edge_json_chat_and_adapter_through_a_cloud(model, bundle_factory, checkpoint_factory, tmp_path):
     from safetensors.numpy import save_file
 
