@@ -13,8 +13,8 @@ import json
 import math
 import os
 import re
+import secrets
 import shutil
-import tempfile
 from contextlib import contextmanager
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
@@ -288,7 +288,7 @@ def atomic_directory(final: Path, *, replace: bool):
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     check_target(final, replace=replace)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=final.parent))
+    tmp = _fresh_directory(final.parent, f".{final.name}.partial-")
     try:
         yield tmp
         _refuse(final, replace)  # something may have appeared there while the block ran
@@ -309,6 +309,18 @@ def atomic_directory(final: Path, *, replace: bool):
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _fresh_directory(parent: Path, prefix: str) -> Path:
+    """A new directory PREFIX+random in `parent`, made as `mkdir` makes one: mkdtemp's would be 0700 whatever the
+    umask, and the result is a bundle or adapter to copy and serve like any other directory."""
+    while True:
+        path = parent / f"{prefix}{secrets.token_hex(4)}"
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            continue
 
 
 def check_target(final: Path, *, replace: bool) -> None:

@@ -110,3 +110,10 @@ def test_a_file_in_the_way_is_refused_and_kept(tmp_path, replace):
         with atomic_directory(final, replace=replace):
             pytest.fail("the block ran")
     assert final.read_text() == "mine" and beside(final) == ["out"]
+
+
+def test_the_result_gets_the_permissions_of_a_directory_made_by_mkdir(tmp_path):
+    (tmp_path / "plain").mkdir()
+    with atomic_directory(tmp_path / "out", replace=False) as tmp:
+        (tmp / "result.txt").write_text("good")
+    assert (tmp_path / "out").stat().st_mode == (tmp_path / "plain").stat().st_mode
