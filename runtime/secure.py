@@ -168,8 +168,20 @@ def generate_key_pair(path: Path, *, force: bool = False) -> tuple[Path, Path, s
         os.chmod(written[0], 0o644)
         os.chmod(written[1], 0o600)
         public, _ = load_key_pair(written[1])
+        # An interrupt between the two renames would leave the new public key beside the old secret one: a pair
+        # that fails every handshake in silence. The old public key is kept aside until the secret one is in place.
+        previous = staging / "previous.key"
+        if public_file.exists():
+            os.link(public_file, previous)
         os.replace(written[0], public_file)
-        os.replace(written[1], secret_file)
+        try:
+            os.replace(written[1], secret_file)
+        except BaseException:
+            if previous.exists():
+                os.replace(previous, public_file)
+            else:
+                public_file.unlink(missing_ok=True)
+            raise
     finally:
         for leftover in staging.iterdir():
             leftover.unlink()

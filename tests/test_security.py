@@ -103,6 +103,25 @@ def test_generated_pair_is_what_zmq_auth_reads_with_a_0600_secret_and_is_never_o
     assert stat.S_IMODE(secret_file.stat().st_mode) == 0o600
 
 
+def test_a_replacement_cut_short_between_its_two_renames_keeps_the_old_pair(tmp_path, monkeypatch):
+    generate_key_pair(tmp_path / "edge")
+    files = [tmp_path / "edge.key", tmp_path / "edge.key_secret"]
+    before = [f.read_bytes() for f in files]
+    renames = []
+
+    def replace(src, dst):
+        renames.append(dst)
+        if len(renames) == 2:  # the public key is in place, the secret one is not yet
+            raise KeyboardInterrupt
+        return os.rename(src, dst)
+
+    monkeypatch.setattr("plcli.runtime.secure.os.replace", replace)
+    with pytest.raises(KeyboardInterrupt):
+        generate_key_pair(tmp_path / "edge", force=True)
+    assert [f.read_bytes() for f in files] == before  # still a pair, not a new public key beside the old secret
+    assert sorted(os.listdir(tmp_path)) == ["edge.key", "edge.key_secret"]
+
+
 def test_missing_malformed_or_mixed_up_key_files_are_one_line_errors(keys, llama_bundle, tmp_path):
     edge, cloud_dir = llama_bundle / "edge", llama_bundle / "cloud"
     (tmp_path / "bad").mkdir()
