@@ -33,9 +33,12 @@ def peft_lora(cloud_dir: str | Path, edge_dir: str | Path, adapter_dir: str | Pa
     edge = read_manifest(edge_dir, side="edge")
     if cloud.ab_fingerprint != edge.ab_fingerprint:
         raise BundleError(f"{cloud_dir} and {edge_dir} were not split together (A/B fingerprints differ)")
+    family = FAMILIES.get(cloud.architecture.family)
+    if family is None:  # its module names in transformers are what the adapter must use
+        raise BundleError(f"{cloud_dir}: family {cloud.architecture.family!r} is none that plcli splits "
+                          f"({', '.join(FAMILIES)})")
     m = load_adapter(adapter_dir, edge)
     weights = read_weights(Path(cloud_dir) / WEIGHTS)
-    family = FAMILIES[cloud.architecture.family]
     r = cloud.rank
     tensors: dict[str, np.ndarray] = {}
     for layer in range(cloud.architecture.num_layers):

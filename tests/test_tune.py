@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shutil
 import subprocess
 import time
 from contextlib import contextmanager
@@ -605,6 +606,17 @@ def test_tune_and_export_peft_refuse_a_file_as_out(llama_bundle, data, tmp_path,
         code, _, err = run_cli(*args, "--out", out, *force)
         assert code == 2 and f"{out} exists and is not a directory" in err and len(err.strip().splitlines()) == 1, err
     assert out.read_text() == "mine" and sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "out"]
+
+
+def test_export_peft_refuses_a_bundle_of_a_family_it_cannot_name_modules_for(llama_bundle, tmp_path):
+    bundle = shutil.copytree(llama_bundle, tmp_path / "bundle")
+    manifest = json.loads((bundle / "cloud" / "manifest.json").read_text())
+    manifest["architecture"]["family"] = "gpt2"
+    (bundle / "cloud" / "manifest.json").write_text(json.dumps(manifest))
+    (bundle / "edge" / "adapter").mkdir()
+    write_adapter(bundle / "edge" / "adapter", EdgeModel(bundle / "edge").manifest, random_adapter(EdgeModel(bundle / "edge"), seed=2))
+    code, _, err = run_cli("export-peft", "--cloud", bundle / "cloud", "--edge", bundle / "edge", "--out", tmp_path / "peft")
+    assert code == 2 and "family 'gpt2' is none that plcli splits" in err and len(err.strip().splitlines()) == 1, err
 
 
 # -- over the wire: the same tuning against a cloud server ----------------------------
