@@ -7,7 +7,7 @@ import json
 from typer.testing import CliRunner
 
 from plcli.cli import app
-from plcli.recipes.bench_decode import LINK_PRESETS, parse_link
+from plcli.recipes.bench_decode import LINK_PRESETS, parse_link, transformers_run
 from plcli.runtime.estimate import Link
 
 DECODE_ROW = {"method", "decode_tokens_per_s", "ttft_s", "greedy_ids_identical"}
@@ -53,6 +53,22 @@ def test_bench_decode_table_names_every_method_and_the_ceiling(llama_checkpoint,
     for text in ("transformers", "onnx", "split-link", "split / onnx", "an empty round trip to the cloud takes",
                  "at 3 per token", "2 edges at once:", "each edge's ids as alone: yes"):
         assert text in " ".join(out.split()), text
+
+
+def test_bench_reference_goes_on_past_an_end_of_text_token_as_the_split_does(llama_checkpoint, llama_bundle):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from plcli.runtime.cloud import CloudModel
+    from plcli.runtime.edge import EdgeModel
+    from plcli.runtime.generate import Sampling, generate
+
+    edge, cloud = EdgeModel(llama_bundle / "edge"), CloudModel(llama_bundle / "cloud")
+    prompt = [5, 9, 2, 7]
+    want = list(generate(edge, cloud.new_session(), prompt, Sampling(max_new_tokens=4, ignore_eos=True)))
+    model = AutoModelForCausalLM.from_pretrained(llama_checkpoint, dtype=torch.float32, local_files_only=True)
+    model.generation_config.eos_token_id = want[1]  # greedy picks the end-of-text token second, as trained models do
+    assert transformers_run(model, prompt, 4, edge.vocab_limit).ids == want
 
 
 def test_bench_tune_reports_both_methods_and_their_losses_agree(llama_checkpoint, llama_bundle):
