@@ -251,6 +251,8 @@ class Tuner:
         self.edge, self.link, self.config, self.out, self.failover = edge, link, config, Path(out), failover
         manifest = edge.manifest
         check_config(config, edge.arch.max_position_embeddings)
+        if config.eval_every and not eval_data:
+            raise TuneError(f"--eval-every {config.eval_every} evaluates on --eval-data: give held-out text, or --eval-every 0")
         self.bos, self.eos, self.pad = special_ids(edge)
         opts = dict(seq_len=config.seq_len, bos=self.bos, eos=self.eos)
         self.train = load_dataset(data, edge.tokenizer, **opts)

@@ -231,6 +231,10 @@ def test_bad_options_and_foreign_adapters_are_refused(llama_bundle, bundle_facto
         code, _, err = run_cli("tune", edge, "--cloud", cloud, *given, "--out", tmp_path / "c", option, value)
         assert code == 2 and f"{option} {value} is out of range" in err and len(err.strip().splitlines()) == 1, err
         assert not (tmp_path / "c").exists()
+    # Periodic evaluation needs something held out to evaluate on.
+    code, _, err = run_cli("tune", edge, "--cloud", cloud, *common, "--out", tmp_path / "c", "--eval-every", 1)
+    assert code == 2 and "--eval-every 1 evaluates on --eval-data" in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "c").exists()
 
     # An adapter tuned for another split of the same checkpoint (other A and B).
     other = bundle_factory(llama_checkpoint, rank=8, seed=1)
