@@ -114,6 +114,10 @@ def tune(
     try:
         tuner = Tuner(edge, link, data, config, out, eval_data=eval_data or None, resume=resume, force=force,
                       failover=failover)
+        for what, dataset in (("training", tuner.train), ("evaluation", tuner.eval)):
+            note = dataset and dataset.cut_note(what, tuner.config.seq_len)
+            if note:
+                err_console.print(f"[yellow]note:[/] {shown(note)}", highlight=False, soft_wrap=True)
         summary = run_tuner(tuner, quiet=as_json)
     finally:
         if connect is not None:

@@ -61,6 +61,14 @@ class Dataset:
     documents: int
     pairs: int
     truncated: int  # prompt/response pairs cut at seq_len + 1 tokens
+    dropped: int  # of those, pairs left out because the cut left no response
+
+    def cut_note(self, what: str, seq_len: int) -> str | None:
+        """What the cut did to the pairs, for the user: a pair cut short is silently less to learn from."""
+        if not self.truncated:
+            return None
+        note = f"{self.truncated} of {self.pairs} prompt/response pairs of the {what} data are longer than --seq-len {seq_len}: cut to it"
+        return note + (f", {self.dropped} of them left out (the prompt alone fills the row)" if self.dropped else "")
 
     @property
     def target_count(self) -> int:
@@ -140,7 +148,7 @@ def load_dataset(paths: list[Path], tokenizer, *, seq_len: int, bos: int, eos: i
         if len(chunk) >= 2:
             rows.append(Row(chunk, np.ones(len(chunk) - 1, bool)))
 
-    truncated = 0
+    truncated = dropped = 0
     prompts = _encode(tokenizer, [p for p, _ in pairs])
     responses = _encode(tokenizer, [r for _, r in pairs])
     for p_ids, r_ids in zip(prompts, responses):
@@ -152,7 +160,9 @@ def load_dataset(paths: list[Path], tokenizer, *, seq_len: int, bos: int, eos: i
             ids, loss = ids[:seq_len + 1], loss[:seq_len]
         if loss.any():
             rows.append(Row(np.asarray(ids, np.int64), loss))
-    dataset = Dataset(rows, len(docs), len(pairs), truncated)
+        else:
+            dropped += 1
+    dataset = Dataset(rows, len(docs), len(pairs), truncated, dropped)
     if not rows or dataset.target_count == 0:
         raise DataError("the data has no tokens to train on (every response is cut off by --seq-len?)")
     return dataset

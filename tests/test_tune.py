@@ -188,7 +188,14 @@ def test_truncation_keeps_rows_with_a_response(llama_bundle, tmp_path):
     f.write_text(json.dumps({"prompt": "word " * 40, "response": "answer"}) + "\n"
                  + json.dumps({"prompt": "short", "response": " answer " * 40}) + "\n")
     ds = load_dataset([f], tok, seq_len=16, bos=0, eos=0)
-    assert ds.truncated == 2 and len(ds.rows) == 1 and len(ds.rows[0].ids) == 17
+    assert ds.truncated == 2 and ds.dropped == 1 and len(ds.rows) == 1 and len(ds.rows[0].ids) == 17
+    # What was cut is said on stderr, also with --json, whose stdout stays the summary alone.
+    code, stdout, err = run_cli("tune", llama_bundle / "edge", "--cloud", llama_bundle / "cloud", "--data", f,
+                                "--eval-data", f, "--steps", 1, "--seq-len", 16, "--out", tmp_path / "out", "--json")
+    assert code == 0 and json.loads(stdout)["steps"] == 1, err
+    for what in ("training", "evaluation"):
+        assert (f"2 of 2 prompt/response pairs of the {what} data are longer than --seq-len 16: cut to it, "
+                "1 of them left out (the prompt alone fills the row)") in " ".join(err.split()), err
 
 
 # -- bad input: one line, exit 2 ----------------------------------------------------
