@@ -16,6 +16,8 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.segment import Segments
+from rich.table import Table
 
 from plcli.runtime.errors import PlcliError
 
@@ -35,6 +37,7 @@ app = typer.Typer(
 )
 console = Console()
 err_console = Console(stderr=True)
+UNBOUNDED = 1 << 20  # a width no table reaches: what print_table measures within
 
 
 def _print_version(value: bool) -> None:
@@ -117,6 +120,13 @@ def printable(text: str) -> str:
 def shown(message) -> str:
     """A message as one line of plain text inside rich markup: printable, its brackets not taken for markup."""
     return escape(printable(" ".join(str(message).split())))
+
+
+def print_table(table: Table) -> None:
+    """`table` on stdout at its natural width, even past the terminal's (80 columns where none is attached): to fit,
+    rich would cut cells to "…", and a number cut short reads as another number. A table that fits prints as ever."""
+    natural = console.measure(table, options=console.options.update_width(UNBOUNDED)).maximum
+    console.print(Segments(console.render(table, console.options.update_width(max(natural, console.width)))), crop=False)
 
 
 def progress_bar() -> Progress:

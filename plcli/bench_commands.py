@@ -10,7 +10,8 @@ from rich.table import Table
 
 from plcli.runtime.cpu_latency import hold_low_latency
 
-from .app import LOW_LATENCY_HELP, UserError, app, console, print_json, progress_bar, reports_errors, shown, status
+from .app import (LOW_LATENCY_HELP, UserError, app, console, print_json, print_table, progress_bar, reports_errors, shown,
+                  status)
 
 bench_app = typer.Typer(no_args_is_help=True, help="Measure speed: every method side by side in one run, as ratios.")
 app.add_typer(bench_app, name="bench")
@@ -105,7 +106,7 @@ def bench_decode(
         print_json(results[0] if len(results) == 1 else {"runs": results})
         return
     for result in results:
-        console.print(_decode_table(result))
+        print_table(_decode_table(result))
         if "edges" in result:
             e = result["edges"]
             console.print(f"{e['edges']} edges at once: {e['aggregate_tokens_per_s']:.1f} tok/s together, "
@@ -233,4 +234,4 @@ def bench_tune(
                       f"{row['train_loss_last']:.4f}")
     table.caption = ("losses agree" if r["losses_agree"] else "[red]losses differ[/]") + (
         " · idle cores polling (--low-latency)" if r["low_latency"] else "")
-    console.print(table)
+    print_table(table)

@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from .app import UserError, app, console, print_json, progress_bar, reports_errors, shown, status
+from .app import UserError, app, console, print_json, print_table, progress_bar, reports_errors, shown, status
 
 
 def split_with_progress(model_dir: Path, out_dir: Path, **kwargs):
@@ -76,7 +76,7 @@ def verify(
         for r in results:
             table.add_row(str(r.prompt), r.phase, str(r.tokens), f"{r.max_abs_error:.2e}", f"{r.rel_error:.2e}",
                           "same" if r.same_argmax else "[red]differs[/]", "[green]yes[/]" if r.ok else "[red]NO[/]")
-        console.print(table)
+        print_table(table)
         console.print("[green]parity holds[/]" if ok else "[red]parity FAILED[/]")
     if not ok:
         raise typer.Exit(1)
@@ -109,13 +109,13 @@ def _print_summary(s: dict) -> None:
     table.add_column("A/B fingerprint")
     for side, d in s["sides"].items():
         table.add_row(side, f"{d['parameters']:,}", _bytes(d["weight_bytes"]), _bytes(d["bundle_bytes"]), d["ab_fingerprint"][:23] + "…")
-    console.print(table)
+    print_table(table)
     traffic = Table(title="per generated token")
     for col in ("wire dtype", "bytes up", "bytes down", "round trips"):
         traffic.add_column(col, justify="right")
     for dt, t in s["per_token"].items():
         traffic.add_row(dt, f"{t['bytes_up']:,}", f"{t['bytes_down']:,}", str(t["round_trips"]))
-    console.print(traffic)
+    print_table(traffic)
     if "paired" in s and not s["paired"]:
         console.print("[red]cloud and edge were not split together (A/B fingerprints differ)[/]")
     note = unapplied_note(s.get("generation", {}))

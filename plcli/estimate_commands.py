@@ -13,7 +13,7 @@ from rich.table import Table
 from plcli.runtime import estimate as est
 from plcli.runtime.plan import DEFAULT_TARGETS, normalize_targets
 
-from .app import UserError, app, console, print_json, reports_errors
+from .app import UserError, app, console, print_json, print_table, reports_errors
 
 RTT_SWEEP_MS = (0.0, 20.0, 50.0)
 TERM_COLUMNS = {  # Terms field -> column heading (ms per token)
@@ -222,7 +222,7 @@ def _print_report(report: dict, scenarios: list[est.Scenario], paper: bool) -> N
                 p = row["tps_paper"]
                 cells += ["-", ""] if p is None else [f"{p:g}", f"{row['tps_estimated'] / p - 1:+.1%}"]
             table.add_row(*cells)
-        console.print(table)
+        print_table(table)
 
     if report["cloud_term"] == "measured":
         rates = ", ".join(f"{x.cloud_tps:g}" for x in scenarios)
@@ -253,4 +253,4 @@ def _print_report(report: dict, scenarios: list[est.Scenario], paper: bool) -> N
     for row in report["rtt_sweep"]:
         sweep.add_row(row["model"], row["method"], *(f"{v:.2f}" for v in row["tps_by_rtt_ms"].values()),
                       end_section=row["method"] == est.METHODS[-1])
-    console.print(sweep)
+    print_table(sweep)

@@ -10,7 +10,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.text import Text
 
-from .app import UserError, app, console, err_console, fail, print_json, printable, reports_errors, seconds, shown
+from .app import (UserError, app, console, err_console, fail, print_json, print_table, printable, reports_errors, seconds,
+                  shown)
 from .serve_commands import (CURVE_SECRET_HELP, RECONNECT_HELP, SERVER_KEY_HELP, WIRE_DTYPE_HELP, client_keys, cloud_urls,
                              make_failover)
 
@@ -133,7 +134,7 @@ def tune(
     if summary.eval_loss_before is not None:
         table.add_row("eval loss", _num(summary.eval_loss_before), _num(summary.eval_loss_after))
         table.add_row("eval perplexity", _num(summary.eval_perplexity_before, 2), _num(summary.eval_perplexity_after, 2))
-    console.print(table)
+    print_table(table)
     console.print(f"{summary.tokens_per_s:,.0f} tokens/s · adapter in [bold]{shown(summary.out)}[/]"
                   + ("" if eval_data else " · no --eval-data: nothing held out was measured"))
 
