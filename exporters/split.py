@@ -23,9 +23,9 @@ from safetensors.numpy import save_file
 from plcli.recipes.base import UnsupportedModel, family_for, rope_frequencies
 from plcli.runtime.arch import layer_weight_shapes
 from plcli.runtime.errors import PlcliError
-from plcli.runtime.bundle import (GRAPHS, MANIFEST, WEIGHTS, BundleError, Manifest, atomic_directory, check_target,
-                                 fingerprint, reported_writes)
-from plcli.runtime.edge import TOKENIZER, load_tokenizer
+from plcli.runtime.bundle import (GRAPHS, MANIFEST, TOKENIZER, WEIGHTS, BundleError, Manifest, atomic_directory,
+                                 check_target, fingerprint, reported_writes)
+from plcli.runtime.edge import load_tokenizer
 from plcli.runtime.plan import ALL_TARGETS, DEFAULT_TARGETS, SplitPlan, normalize_targets
 
 from .checkpoint import CheckpointError, CheckpointTensors, load_config, tokenizer_files

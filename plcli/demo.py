@@ -61,7 +61,8 @@ def run_demo(out: Path | None, *, as_json: bool = False) -> dict:
     split_s = time.perf_counter() - started
     reference = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, local_files_only=True)
     with torch.no_grad():
-        ref = reference.generate(torch.tensor([prompt_ids]), max_new_tokens=32, do_sample=False, min_new_tokens=32,
+        # No end-of-text token, as `ignore_eos`: `min_new_tokens` would ban it, where the split may pick it and go on.
+        ref = reference.generate(torch.tensor([prompt_ids]), max_new_tokens=32, do_sample=False, eos_token_id=None,
                                  pad_token_id=edge.tokenizer.pad_token_id)[0, len(prompt_ids):].tolist()
     identical = ref == split_ids
     text = edge.tokenizer.decode(split_ids)

@@ -126,7 +126,7 @@ def tune(
     if as_json:
         print_json(summary.to_json())
         return
-    table = Table(title=f"tuned M · {summary.steps} steps" + (f" (resumed at {summary.resumed_from})" if summary.resumed_from else ""))
+    table = Table(title=f"tuned M · {summary.steps} step{'s' if summary.steps != 1 else ''}" + (f" (resumed at {summary.resumed_from})" if summary.resumed_from else ""))
     table.add_column("")
     table.add_column("before", justify="right")
     table.add_column("after", justify="right")

@@ -31,6 +31,7 @@ FORMAT_VERSION = 3
 MANIFEST = "manifest.json"
 WEIGHTS = "weights.safetensors"
 GRAPHS = "graphs"
+TOKENIZER = "tokenizer"  # edge: the checkpoint's tokenizer files
 
 
 def cache_root() -> Path:

@@ -13,10 +13,9 @@ from pathlib import Path
 import numpy as np
 
 from .arch import edge_weight_shapes
-from .bundle import GRAPHS, WEIGHTS, BundleError, Manifest, is_int, read_manifest
+from .bundle import GRAPHS, TOKENIZER, WEIGHTS, BundleError, Manifest, is_int, read_manifest
 from .ort import make_session, read_weights
 
-TOKENIZER = "tokenizer"  # the folder of the edge bundle that holds the checkpoint's tokenizer files
 ADAPTER_CONFIG = "adapter.json"
 ADAPTER_WEIGHTS = "adapter.safetensors"
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .bundle import WEIGHTS, BundleError, Manifest, read_manifest
+from .bundle import GRAPHS, MANIFEST, TOKENIZER, WEIGHTS, BundleError, Manifest, read_manifest
 
 WIRE_BYTES = {"float32": 4, "float16": 2}
 
@@ -28,7 +28,9 @@ def _weights_size(path: Path) -> tuple[int, int]:
 
 
 def _bundle_bytes(d: Path) -> int:
-    return sum(p.stat().st_size for p in d.rglob("*") if p.is_file())
+    """What split wrote: the manifest, weights, graphs and (edge) tokenizer, not an adapter `tune` put beside them."""
+    files = [d / MANIFEST, d / WEIGHTS, *(p for sub in (GRAPHS, TOKENIZER) for p in (d / sub).rglob("*"))]
+    return sum(p.stat().st_size for p in files if p.is_file())
 
 
 def per_token_traffic(m: Manifest, wire_dtype: str = "float32") -> dict:
@@ -48,7 +50,7 @@ def summarize(path: str | Path) -> dict:
     """Summary of a split output directory (cloud/ and edge/) or of one side's bundle."""
     path = Path(path)
     if not path.is_dir():
-        raise BundleError(f"{path}: no such directory")
+        raise BundleError(f"{path}: {'not a directory' if path.exists() else 'no such directory'}")
     sides = {}
     if (path / "manifest.json").is_file():
         m = read_manifest(path)

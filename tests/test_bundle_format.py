@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -124,7 +125,11 @@ def _rms(v: np.ndarray) -> float:
     return float(np.sqrt(np.mean(np.square(v, dtype=np.float64))))
 
 
-def test_summary_counts(bundle):
+def test_summary_counts(bundle, tmp_path):
+    # An adapter that `tune` put at its default place, inside the edge bundle, is no part of the bundle's size.
+    bundle = shutil.copytree(bundle, tmp_path / "bundle")
+    (bundle / "edge" / "adapter" / "training").mkdir(parents=True)
+    (bundle / "edge" / "adapter" / "training" / "moments.safetensors").write_bytes(b"\0" * 4096)
     s = summarize(bundle)
     m = read_manifest(bundle / "cloud")
     arch = m.architecture
@@ -135,7 +140,8 @@ def test_summary_counts(bundle):
         got = s["sides"][side]
         assert got["parameters"] == sum(w.size for w in _weights(bundle, side).values())
         assert got["weight_bytes"] == (bundle / side / "weights.safetensors").stat().st_size
-        assert got["bundle_bytes"] == sum(p.stat().st_size for p in (bundle / side).rglob("*") if p.is_file())
+        assert got["bundle_bytes"] == sum(p.stat().st_size for p in (bundle / side).rglob("*")
+                                          if p.is_file() and p.relative_to(bundle / side).parts[0] != "adapter")
         assert got["ab_fingerprint"] == m.ab_fingerprint
     cuts = len({STAGE_OF[t] for t in m.targets})
     for dtype, size in (("float32", 4), ("float16", 2)):

@@ -482,6 +482,8 @@ def test_verify_refuses_missing_or_mismatched_inputs(good_bundle, llama_checkpoi
     shutil.copytree(bundle_factory(llama_checkpoint, rank=8, seed=1) / "cloud", mixed / "cloud")
     assert_refused(plcli("verify", mixed, "--reference", llama_checkpoint), says="not split together")
     assert_refused(plcli("inspect", mixed / "nowhere"), says="no such directory")
+    (tmp_path / "a-file").write_text("x")
+    assert_refused(plcli("inspect", tmp_path / "a-file"), says="a-file: not a directory")
     table = plcli("inspect", mixed)
     assert table.exit_code == 0 and "not split together" in table.stdout
 
