@@ -219,13 +219,20 @@ class TextStream:
 
     Held back: a trailing incomplete character (decoded as U+FFFD) and any tail
     that could still become a stop string; the stop string itself never shows.
+
+    Text once shown stays shown, and the stream goes on from its length, as
+    transformers' TextStreamer does: a decoder can rewrite text it already gave
+    (byte fallback, as in Llama 2 and Mistral, turns a whole run of byte tokens
+    into U+FFFD once the run ends in a broken character, the valid ones before
+    it too), and nothing new would show again if the stream waited for the text
+    to extend what it showed.
     """
 
     def __init__(self, tokenizer, stop: list[str] | None = None):
         self.tokenizer = tokenizer
         self.stop = [s for s in (stop or []) if s]
         self.ids: list[int] = []
-        self.shown = ""
+        self.shown = 0  # characters handed out
 
     @property
     def text(self) -> str:
@@ -254,7 +261,6 @@ class TextStream:
         return max([n for s in self.stop for n in range(min(len(s) - 1, len(text)), 0, -1) if s.startswith(text[-n:])] + [0])
 
     def _advance(self, text: str) -> str:
-        if not text.startswith(self.shown):
-            return ""
-        new, self.shown = text[len(self.shown):], text
+        new = text[self.shown:]
+        self.shown += len(new)
         return new

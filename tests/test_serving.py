@@ -127,6 +127,26 @@ def test_streamed_text_holds_back_half_characters_and_never_shows_a_stop_string(
     assert [stream.push(ord(c)) for c in "xEN"] == ["x", "", ""] and stream.finish() == "EN"
 
 
+def test_streamed_text_goes_on_after_a_byte_fallback_decoder_rewrites_what_it_showed():
+    """Llama 2's and Mistral's tokenizers decode a run of byte tokens that ends in a broken character as one U+FFFD
+    per byte, the complete characters before it too: the stream stalled for the rest of the generation."""
+    from tokenizers import Tokenizer, decoders, models
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, **{f"<0x{b:02X}>": 1 + b for b in range(256)}, "▁a": 257, "▁b": 258, "c": 259}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], byte_fallback=True, unk_token="<unk>"))
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])  # as in Llama 2's tokenizer.json
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>")
+    euro, broken = [1 + 0xE2, 1 + 0x82, 1 + 0xAC], [1 + 0xE2]
+    ids = [257, *euro, *broken, 258, 259]
+    assert tokenizer.decode(ids[:4]) == "a€" and tokenizer.decode(ids[:5]) == "a" + "\ufffd" * 4
+    stream = TextStream(tokenizer)
+    shown = [stream.push(i) for i in ids]
+    assert shown == ["a", "", "", "€", "", "\ufffd" * 3 + " b", "c"] and stream.finish() == ""
+    assert stream.text == tokenizer.decode(ids)  # --json reports the decoder's own text
+
+
 def test_generation_stops_at_a_stop_string(model):
     _, bundle, cloud = model("llama")
     edge = edge_of(bundle)
