@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
+import itertools
 import json
 import signal
 import sys
@@ -300,6 +301,8 @@ def run_edge(
 
     if as_json and prompt is None:
         raise UserError("--json needs --prompt (chat mode streams text)")
+    if prompt is not None:
+        _check_utf8(prompt, "--prompt")
     urls = cloud_urls(connect)
     if wire_dtype not in ("float32", "float16"):
         raise UserError("--wire-dtype must be float32 or float16")
@@ -347,6 +350,14 @@ def _sampling(settings: dict, **fixed):
     return sampling
 
 
+def _check_utf8(text: str, what: str) -> None:
+    """Python carries bytes of argv and stdin that are not UTF-8 as lone surrogates, which no tokenizer takes."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise UserError(f"{what} is not UTF-8 text (an invalid byte at character {e.start})") from None
+
+
 def _write(text: str) -> None:
     sys.stdout.write(text)
     sys.stdout.flush()
@@ -376,13 +387,14 @@ def _chat(conversation, sampling) -> None:
         err_console.print("[dim]chat: each line you type is added to the text (with a newline) and the model continues it; "
                           "/exit or Ctrl-D ends[/]", highlight=False)
     first = True
-    while True:
+    for number in itertools.count(1):
         try:
             line = input("> " if interactive else "")
         except EOFError:
             break
         if line.strip() == "/exit":
             break
+        _check_utf8(line, f"line {number} of the chat")
         ids = tokenizer(line + "\n", add_special_tokens=first)["input_ids"]
         first = False
         result = timed_turn(conversation, ids, _write, sampling.stop)

@@ -748,6 +748,22 @@ def test_run_edge_json_chat_and_adapter_through_a_cloud(model, bundle_factory, c
     assert "not split together" in mismatched.stderr and "Traceback" not in mismatched.output
 
 
+def test_a_prompt_or_chat_line_that_is_not_utf8_is_refused_in_one_line(model):
+    """Python hands such bytes of argv and stdin over as lone surrogates, which the tokenizer failed on as an internal
+    error. The chat runs in a process of its own: only a real stdin decodes with surrogateescape."""
+    _, bundle, cloud = model("llama")
+    once = _invoke("run-edge", str(bundle / "edge"), "--prompt", b"caf\xe9".decode("utf-8", "surrogateescape"))
+    assert (once.exit_code, once.stdout) == (2, "")
+    assert once.stderr.splitlines() == ["error: --prompt is not UTF-8 text (an invalid byte at character 3)"]
+    with serve(cloud) as (_, endpoint, _):
+        chat = subprocess.run([sys.executable, "-m", "plcli.cli", "run-edge", str(bundle / "edge"), "--connect", endpoint,
+                               "--max-new-tokens", "3", "--ignore-eos"], input=b"Private text\ncaf\xe9\nnot read\n",
+                              capture_output=True, timeout=60)
+    assert chat.returncode == 2 and chat.stdout.count(b"\n") == 1  # the first turn's answer, then nothing
+    assert chat.stderr.decode().splitlines() == ["error: line 2 of the chat is not UTF-8 text (an invalid byte at "
+                                                 "character 3)"]
+
+
 def test_the_demo_generates_over_loopback_what_it_generates_in_process(model):
     from plcli.demo import serve_and_generate
 
