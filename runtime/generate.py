@@ -31,8 +31,8 @@ class Sampling:
     def validate(self) -> None:
         if self.max_new_tokens < 1:
             raise ValueError("--max-new-tokens must be at least 1")
-        if not self.temperature >= 0:
-            raise ValueError("--temperature must be >= 0")
+        if not 0 <= self.temperature < float("inf"):
+            raise ValueError("--temperature must be a finite number >= 0")
         if self.top_k < 0:
             raise ValueError("--top-k must be >= 0")
         if not 0 < self.top_p <= 1:
@@ -101,7 +101,12 @@ class Sampler:
     def probabilities(self, logits: np.ndarray) -> np.ndarray:
         """The distribution a draw at a temperature above 0 picks from: temperature, top-k, then top-p, in
         transformers' order. Every token as likely as the k-th stays, as in transformers."""
-        logits = logits[: self.vocab_limit].astype(np.float64) / self.s.temperature
+        logits = logits[: self.vocab_limit].astype(np.float64)
+        # Shifted before the division: a temperature near 0 overflowed logits / temperature to inf, and inf - inf
+        # made the distribution NaN, where it should be all on the likeliest tokens. Shifted, what overflows goes to
+        # -inf, a probability of 0, as it should.
+        with np.errstate(over="ignore"):
+            logits = (logits - logits.max()) / self.s.temperature
         if self.s.top_k:
             kth = np.partition(logits, -min(self.s.top_k, logits.size))[-min(self.s.top_k, logits.size)]
             logits = np.where(logits < kth, -np.inf, logits)

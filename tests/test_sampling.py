@@ -64,6 +64,14 @@ def test_draws_stay_in_the_support_and_a_seed_repeats_them():
     assert set(first) == set(np.argsort(-logits[:LIMIT])[:4].tolist())
 
 
+def test_a_temperature_near_zero_draws_the_likeliest_tokens():
+    temperature = 1e-310  # 4 / temperature overflows
+    logits = np.random.default_rng(2).standard_normal(VOCAB).astype(np.float32)
+    logits[[6, 20]] = 4.0  # tied at the top: both stay as likely
+    probs = Sampler(Sampling(temperature=temperature), vocab_limit=LIMIT).probabilities(logits)
+    assert probs[6] == probs[20] == 0.5 and Sampler(Sampling(temperature=temperature, seed=0), vocab_limit=LIMIT)(logits) in (6, 20)
+
+
 def test_greedy_never_picks_a_padding_row():
     logits = np.zeros(VOCAB, np.float32)
     logits[LIMIT + 2] = 9.0  # an untrained padding row that happens to score highest
@@ -72,7 +80,8 @@ def test_greedy_never_picks_a_padding_row():
 
 
 @pytest.mark.parametrize("field, value, says", [
-    ("max_new_tokens", 0, "--max-new-tokens"), ("temperature", -0.5, "--temperature"), ("top_k", -1, "--top-k"),
+    ("max_new_tokens", 0, "--max-new-tokens"), ("temperature", -0.5, "--temperature"),
+    ("temperature", float("inf"), "--temperature"), ("temperature", float("nan"), "--temperature"), ("top_k", -1, "--top-k"),
     ("top_p", 0.0, "--top-p"), ("top_p", 1.5, "--top-p"), ("repetition_penalty", 0.0, "--repetition-penalty"),
     ("repetition_penalty", float("nan"), "--repetition-penalty"), ("seed", -1, "--seed"),
 ])
