@@ -205,29 +205,28 @@ UNAPPLIED_GENERATION = {
 
 
 def _generation_defaults(model_dir: Path) -> dict:
-    """Special token ids and generation settings, from generation_config.json or else the config.
+    """Special token ids and generation settings, from generation_config.json or, without one, the config.
 
+    As transformers reads them: a model loaded with a generation_config.json takes every setting from it alone
+    (an eos_token_id only in config.json then stops nothing), and one without takes them from config.json.
     `unapplied` lists the settings there that would change `generate`'s tokens and that plcli does not apply.
     Read before the export, so that a damaged file is refused before minutes of work rather than after.
     """
     import json
 
-    settings, source = {}, {}
-    for name in ("generation_config.json", "config.json"):
-        p = model_dir / name
-        if p.is_file():
-            try:
-                values = json.loads(p.read_text())
-            except (OSError, ValueError) as e:  # UnicodeDecodeError is a ValueError
-                raise SplitError(f"{p}: unreadable generation config ({e})") from None
-            if not isinstance(values, dict):
-                raise SplitError(f"{p}: not a generation config (a JSON object)")
-            for k, v in values.items():
-                if v is not None and k not in settings:
-                    settings[k], source[k] = v, p
+    p = model_dir / "generation_config.json"
+    if not p.is_file():
+        p = model_dir / "config.json"
+    try:
+        values = json.loads(p.read_text())
+    except (OSError, ValueError) as e:  # UnicodeDecodeError is a ValueError
+        raise SplitError(f"{p}: unreadable generation config ({e})") from None
+    if not isinstance(values, dict):
+        raise SplitError(f"{p}: not a generation config (a JSON object)")
+    settings = {k: v for k, v in values.items() if v is not None}
     for k, (expected, ok) in APPLIED_GENERATION.items():
         if k in settings and not ok(settings[k]):
-            raise SplitError(f"{source[k]}: {k} is {json.dumps(settings[k])}: must be {expected}")
+            raise SplitError(f"{p}: {k} is {json.dumps(settings[k])}: must be {expected}")
     gen = {k: settings[k] for k in APPLIED_GENERATION if k in settings}
     unapplied = {k: settings[k] for k, neutral in UNAPPLIED_GENERATION.items() if settings.get(k) not in neutral}
     if isinstance(gen.get("eos_token_id"), int):

@@ -101,10 +101,9 @@ class EdgeModel:
 
     @property
     def eos_token_ids(self) -> list[int]:
-        eos = self.manifest.generation.get("eos_token_id")
-        if eos is None and self.tokenizer.eos_token_id is not None:
-            eos = [self.tokenizer.eos_token_id]
-        return list(eos or [])
+        """Where generation stops: the generation config's end-of-text ids, as transformers' `generate` reads them
+        (split keeps them), and none without, where `generate` runs to its token limit too."""
+        return list(self.manifest.generation.get("eos_token_id") or [])
 
 
 def load_tokenizer(directory: Path, *, named: Path | None = None):

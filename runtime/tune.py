@@ -235,9 +235,10 @@ class TuneSummary:
 def special_ids(edge: EdgeModel) -> tuple[int, int, int]:
     """(bos, eos, pad) to frame documents and pad batches: the bundle's generation settings, else the tokenizer's."""
     gen, tok = edge.manifest.generation, edge.tokenizer
-    if not edge.eos_token_ids:
+    eos_ids = edge.eos_token_ids or [i for i in (tok.eos_token_id,) if i is not None]
+    if not eos_ids:
         raise TuneError(f"{edge.dir}: the model has no end-of-text token to separate documents with")
-    eos = int(edge.eos_token_ids[0])
+    eos = int(eos_ids[0])
     first = lambda *ids: next(int(i) for i in ids if i is not None)  # noqa: E731
     return first(gen.get("bos_token_id"), tok.bos_token_id, eos), eos, first(gen.get("pad_token_id"), tok.pad_token_id, eos)
 

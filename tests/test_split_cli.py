@@ -22,6 +22,7 @@ from typer.testing import CliRunner
 
 from plcli.cli import app
 from plcli.runtime.bundle import BundleError
+from plcli.runtime.edge import EdgeModel
 
 
 def plcli(*args) -> Result:
@@ -519,6 +520,27 @@ def test_split_inspect_verify_json(tmp_path, llama_checkpoint):
 
     table = plcli("verify", out, "--reference", llama_checkpoint, "--decode-steps", "1")
     assert table.exit_code == 0 and "parity holds" in table.stdout
+
+
+@pytest.mark.parametrize("generation_config", [None, {"do_sample": False}, {"eos_token_id": [3, 4], "top_k": 7}],
+                         ids=["none", "without-eos", "own-eos"])
+def test_generation_settings_come_from_where_transformers_takes_them(tmp_path, llama_checkpoint, generation_config):
+    from transformers import AutoModelForCausalLM
+
+    ckpt = shutil.copytree(llama_checkpoint, tmp_path / "ckpt")
+    config = json.loads((ckpt / "config.json").read_text())
+    (ckpt / "config.json").write_text(json.dumps({**config, "eos_token_id": 2, "bos_token_id": 1}))
+    (ckpt / "generation_config.json").unlink(missing_ok=True)
+    if generation_config is not None:  # then transformers reads it alone: config.json's eos stops nothing
+        (ckpt / "generation_config.json").write_text(json.dumps(generation_config))
+    split = plcli("split", ckpt, tmp_path / "out", "--rank", "8", "--json")
+    assert split.exit_code == 0, split.output
+    got = json.loads(split.stdout)["generation"]
+    want = AutoModelForCausalLM.from_pretrained(ckpt, local_files_only=True).generation_config
+    eos = want.eos_token_id
+    assert got.get("eos_token_id") == (None if eos is None else [eos] if isinstance(eos, int) else list(eos))
+    assert (got.get("bos_token_id"), got.get("top_k")) == (want.bos_token_id, want.top_k)
+    assert EdgeModel(tmp_path / "out" / "edge").eos_token_ids == list(got.get("eos_token_id") or [])
 
 
 def test_generation_settings_plcli_does_not_apply_are_named_not_dropped(tmp_path, llama_checkpoint):
