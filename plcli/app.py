@@ -109,12 +109,13 @@ def fail(message: str, code: int):
     raise typer.Exit(code)
 
 
-def printable(text: str) -> str:
-    """`text` with what a terminal would act on rather than show (escape sequences, lone surrogates) escaped.
+def printable(text: str, keep: str = "") -> str:
+    """`text` with what a terminal would act on rather than show (escape sequences, lone surrogates) escaped,
+    but for the characters in `keep`.
 
     Messages carry paths, a peer's words and generated text: none of it may steer the terminal or fail to encode.
     """
-    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+    return "".join(c if c.isprintable() or c in keep else c.encode("unicode_escape").decode("ascii") for c in text)
 
 
 def shown(message) -> str:

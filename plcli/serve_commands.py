@@ -359,7 +359,9 @@ def _check_utf8(text: str, what: str) -> None:
 
 
 def _write(text: str) -> None:
-    sys.stdout.write(text)
+    # The cloud can steer what the model writes (the threat model says so): on a terminal, an escape sequence in it
+    # is shown, never acted on. Piped, the text goes out exactly as generated.
+    sys.stdout.write(printable(text, keep="\n\t") if sys.stdout.isatty() else text)
     sys.stdout.flush()
 
 

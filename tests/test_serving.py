@@ -6,6 +6,7 @@ that started it (threads through `running`, subprocesses in a finally).
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -29,6 +30,7 @@ from plcli.runtime.edge import EdgeModel, forward
 from plcli.runtime.generate import Conversation, Sampling, TextStream, generate
 from plcli.runtime.server import CloudServer, running
 from plcli.runtime.summary import per_token_traffic
+from plcli.serve_commands import _write
 from tcp_relay import TcpRelay
 
 PROMPT = "The cloud runs the decoder layers"
@@ -116,6 +118,17 @@ class CharTokenizer:
 
     def decode(self, ids):
         return "".join("\ufffd" if i == 0 else chr(i) for i in ids)
+
+
+def test_generated_text_cannot_steer_the_terminal_it_is_shown_on(monkeypatch):
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    for out, want in ((Terminal(), "red \\x1b[31mtext\\x07\n\tnext"), (io.StringIO(), "red \x1b[31mtext\x07\n\tnext")):
+        monkeypatch.setattr(sys, "stdout", out)
+        _write("red \x1b[31mtext\x07\n\tnext")
+        assert out.getvalue() == want  # on a terminal escaped; piped, exactly as generated
 
 
 def test_streamed_text_holds_back_half_characters_and_never_shows_a_stop_string():
