@@ -399,6 +399,11 @@ def _chat(conversation, sampling) -> None:
         _check_utf8(line, f"line {number} of the chat")
         ids = tokenizer(line + "\n", add_special_tokens=first)["input_ids"]
         first = False
+        session = conversation.session
+        if len(conversation.unfed) + len(ids) > session.max_context - session.position:
+            # The same end as a context that fills mid-turn: the chat is over, nothing went wrong.
+            err_console.print(f"context full ({session.max_context} tokens): this line does not fit; start a new chat")
+            break
         result = timed_turn(conversation, ids, _write, sampling.stop)
         _write("\n")
         _print_stats(result.stats)

@@ -736,6 +736,10 @@ def test_run_edge_json_chat_and_adapter_through_a_cloud(model, bundle_factory, c
                        input="Private text\n never leaves\n/exit\nnot read\n")
         mismatched = _invoke("run-edge", str(bundle_factory(checkpoint_factory("llama"), rank=8, seed=1) / "edge"),
                              "--connect", endpoint, "--prompt", PROMPT)
+    first_line = len(edge.tokenizer("Private text\n")["input_ids"])
+    with serve(cloud, max_context=first_line + 3) as (_, endpoint, _):  # one turn of 3 tokens fills it but for one
+        full = _invoke("run-edge", str(bundle / "edge"), "--connect", endpoint, "--max-new-tokens", "3", "--ignore-eos",
+                       input="Private text\n never leaves\n")
     assert once.exit_code == 0, once.output
     report = json.loads(once.stdout)
     assert set(report) == {"prompt_token_ids", "token_ids", "text", "sampling", "stats"}
@@ -756,6 +760,9 @@ def test_run_edge_json_chat_and_adapter_through_a_cloud(model, bundle_factory, c
     turns = [edge.tokenizer.decode(list(local.turn(edge.tokenizer(line + "\n", add_special_tokens=first)["input_ids"])))
              for line, first in (("Private text", True), (" never leaves", False))]
     assert chat.stdout == "".join(t + "\n" for t in turns)
+    # A line that no longer fits ends the chat as a context filled mid-turn does: a note, exit 0.
+    assert full.exit_code == 0 and "context full" in full.stderr, full.output
+    assert full.stdout.count("\n") == 1
 
     assert mismatched.exit_code == 2
     assert "not split together" in mismatched.stderr and "Traceback" not in mismatched.output
