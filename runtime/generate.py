@@ -88,14 +88,16 @@ class Sampler:
     def penalize(self, logits: np.ndarray, seen: list[int]) -> np.ndarray:
         """transformers' repetition penalty, in float32 as there: a seen token's logit divided by the penalty if
         positive, multiplied if negative, however often it was seen."""
-        penalty = np.float32(self.s.repetition_penalty)
-        if penalty == 1 or not len(seen):
-            return logits
-        ids = np.unique(np.asarray(seen, np.int64))
-        ids = ids[ids < logits.size]
-        out = logits.astype(np.float32)  # a copy: the caller's logits stay as they were
-        score = out[ids]
-        out[ids] = np.where(score < 0, score * penalty, score / penalty)
+        # A penalty past float32's range becomes infinity or 0 there too, and the scores 0, inf or -inf: no warnings.
+        with np.errstate(over="ignore", under="ignore", divide="ignore"):
+            penalty = np.float32(self.s.repetition_penalty)
+            if penalty == 1 or not len(seen):
+                return logits
+            ids = np.unique(np.asarray(seen, np.int64))
+            ids = ids[ids < logits.size]
+            out = logits.astype(np.float32)  # a copy: the caller's logits stay as they were
+            score = out[ids]
+            out[ids] = np.where(score < 0, score * penalty, score / penalty)
         return out
 
     def probabilities(self, logits: np.ndarray) -> np.ndarray:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import warnings
 
 import numpy as np
 import pytest
@@ -90,11 +91,14 @@ def test_bad_settings_are_refused_by_flag_name(field, value, says):
         Sampler(Sampling(**{field: value}), vocab_limit=LIMIT)
 
 
-def test_repetition_penalty_equals_transformers_processor():
+@pytest.mark.parametrize("penalty", [1.3, 1e300, 1e-300])  # the last two past float32's range, there as here
+def test_repetition_penalty_equals_transformers_processor(penalty):
     logits = (3 * np.random.default_rng(5).standard_normal(VOCAB)).astype(np.float32)
     seen = [3, 3, 9, 40, 12, LIMIT + 3]  # repeats count once; a padding row's id penalizes nothing
-    ours = Sampler(Sampling(repetition_penalty=1.3), vocab_limit=LIMIT).penalize(logits[:LIMIT], seen)
-    theirs = RepetitionPenaltyLogitsProcessor(1.3)(torch.tensor([seen]), torch.tensor(logits[None, :LIMIT]))[0].numpy()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # numpy's overflow warnings would reach run-edge's stderr
+        ours = Sampler(Sampling(repetition_penalty=penalty), vocab_limit=LIMIT).penalize(logits[:LIMIT], seen)
+    theirs = RepetitionPenaltyLogitsProcessor(penalty)(torch.tensor([seen]), torch.tensor(logits[None, :LIMIT]))[0].numpy()
     assert not np.array_equal(ours, logits[:LIMIT])
     np.testing.assert_allclose(ours, theirs, rtol=1e-6)
 
