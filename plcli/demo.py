@@ -62,8 +62,10 @@ def run_demo(out: Path | None, *, as_json: bool = False) -> dict:
     reference = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, local_files_only=True)
     with torch.no_grad():
         # No end-of-text token, as `ignore_eos`: `min_new_tokens` would ban it, where the split may pick it and go on.
-        ref = reference.generate(torch.tensor([prompt_ids]), max_new_tokens=32, do_sample=False, eos_token_id=None,
-                                 pad_token_id=edge.tokenizer.pad_token_id)[0, len(prompt_ids):].tolist()
+        # The mask is given: without an eos, generate masks every prompt token equal to the pad id (here the BOS).
+        ids = torch.tensor([prompt_ids])
+        ref = reference.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=32, do_sample=False,
+                                 eos_token_id=None, pad_token_id=edge.tokenizer.pad_token_id)[0, len(prompt_ids):].tolist()
     identical = ref == split_ids
     text = edge.tokenizer.decode(split_ids)
     table = Table(show_header=True)

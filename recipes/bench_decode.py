@@ -141,9 +141,12 @@ def transformers_run(model, prompt_ids: list[int], new_tokens: int, vocab_limit:
     started = time.perf_counter()
     with torch.inference_mode():
         # No end-of-text token, as plcli's `ignore_eos` runs: greedy may still pick one and go on past it, where
-        # `min_new_tokens` would ban it and so pick another token than the split.
-        model.generate(torch.tensor([prompt_ids]), max_new_tokens=new_tokens, eos_token_id=None, do_sample=False,
-                       streamer=clock, pad_token_id=0, logits_processor=LogitsProcessorList([_VocabLimit(vocab_limit)]))
+        # `min_new_tokens` would ban it and so pick another token than the split. The mask is given: without an eos,
+        # generate masks every prompt token equal to the pad id.
+        ids = torch.tensor([prompt_ids])
+        model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, eos_token_id=None,
+                       do_sample=False, streamer=clock, pad_token_id=0,
+                       logits_processor=LogitsProcessorList([_VocabLimit(vocab_limit)]))
     return Run(clock.ids, clock.times[0] - started, (len(clock.ids) - 1) / (clock.times[-1] - clock.times[0]))
 
 

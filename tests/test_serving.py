@@ -94,8 +94,10 @@ def test_greedy_ids_over_loopback_match_transformers_with_bma_merged(model, name
     vocab = reference.config.vocab_size
     unused_rows = list(range(len(edge.tokenizer), vocab))  # ids no tokenizer can emit: neither side may pick them
     with torch.no_grad():
-        want = reference.generate(torch.tensor([prompt_ids]), max_new_tokens=64, do_sample=False, eos_token_id=None,
-                                  pad_token_id=0, suppress_tokens=unused_rows or None)[0, len(prompt_ids):].tolist()
+        ids = torch.tensor([prompt_ids])  # the mask given: else generate masks prompt tokens equal to the pad id
+        want = reference.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=64, do_sample=False,
+                                  eos_token_id=None, pad_token_id=0,
+                                  suppress_tokens=unused_rows or None)[0, len(prompt_ids):].tolist()
     with serve(cloud) as (_, endpoint, _), RemoteCloudSession(endpoint, edge.manifest, timeout=TIMEOUT) as session:
         got = list(generate(edge, session, prompt_ids, Sampling(max_new_tokens=64, ignore_eos=True)))
     assert len(want) == 64 and got == want
@@ -183,8 +185,9 @@ def test_generation_stops_at_eos_where_transformers_generate_does(model):
     edge.manifest.generation["eos_token_id"] = [free[at]]  # as a bundle split from a checkpoint with that EOS holds it
     reference = merged_reference(ckpt, cloud, edge.adapter_matrices())
     with torch.no_grad():
-        want = reference.generate(torch.tensor([prompt_ids]), max_new_tokens=16, do_sample=False, eos_token_id=free[at],
-                                  pad_token_id=0)[0, len(prompt_ids):].tolist()
+        ids = torch.tensor([prompt_ids])
+        want = reference.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=16, do_sample=False,
+                                  eos_token_id=free[at], pad_token_id=0)[0, len(prompt_ids):].tolist()
     assert want == free[:at + 1]  # transformers keeps the EOS it stopped at; plcli does not show it
     with serve(cloud) as (_, endpoint, _), RemoteCloudSession(endpoint, edge.manifest, timeout=TIMEOUT) as session:
         chat = Conversation(edge, session, Sampling(max_new_tokens=16))
