@@ -88,6 +88,9 @@ class CheckpointTensors:
                 self._bin.update(sd)
             self._index = {k: Path("bin") for k in self._bin}
 
+    def __contains__(self, name: str) -> bool:
+        return name in self._index
+
     def get(self, name: str) -> np.ndarray:
         import torch
         from safetensors import safe_open
@@ -103,6 +106,25 @@ class CheckpointTensors:
 
     def source_hash(self) -> str:
         return hash_files([self.dir / "config.json", *self.files])
+
+
+def embedding_and_head(tensors: CheckpointTensors, family, tied: bool) -> tuple[np.ndarray | None, np.ndarray]:
+    """(token embedding, LM head weight), both [vocab, hidden], as transformers loads them; the embedding is None
+    when it is the head's matrix.
+
+    A config that ties them is overruled by the checkpoint, as in transformers: a checkpoint that holds both, and
+    different ones, is run with both (transformers only warns), and one that holds only the head embeds with it.
+    """
+    if not tied:
+        # An untied checkpoint without its head is damaged: its embedding is no stand-in for the head it trained.
+        return tensors.get(family.embed), tensors.get(family.lm_head)
+    if family.lm_head not in tensors:
+        return None, tensors.get(family.embed)
+    head = tensors.get(family.lm_head)
+    if family.embed not in tensors:
+        return None, head
+    embed = tensors.get(family.embed)
+    return (None, head) if np.array_equal(embed, head) else (embed, head)
 
 
 def tokenizer_files(model_dir: Path) -> list[Path]:

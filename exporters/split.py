@@ -13,7 +13,7 @@ import math
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -28,7 +28,7 @@ from plcli.runtime.bundle import (GRAPHS, MANIFEST, TOKENIZER, WEIGHTS, BundleEr
 from plcli.runtime.edge import load_tokenizer
 from plcli.runtime.plan import ALL_TARGETS, DEFAULT_TARGETS, SplitPlan, normalize_targets
 
-from .checkpoint import CheckpointError, CheckpointTensors, load_config, tokenizer_files
+from .checkpoint import CheckpointError, CheckpointTensors, embedding_and_head, load_config, tokenizer_files
 from .graphs import export_all, graph_count
 
 Progress = Callable[[str, int, int], None]  # (phase, done, total)
@@ -124,10 +124,9 @@ def split_checkpoint(
                 cloud_w[f"layers.{layer}.A.{cut.stage}"] = np.ascontiguousarray(np.concatenate(a_rows, 0).T)
             notify("layers", layer + 1, arch.num_layers)
 
-        embed = tensors.get(family.embed)
-        # An untied checkpoint without its head is damaged: its embedding is no stand-in for the head it trained.
-        lm_head = embed if arch.tie_word_embeddings else tensors.get(family.lm_head)
-        if not arch.tie_word_embeddings:
+        embed, lm_head = embedding_and_head(tensors, family, arch.tie_word_embeddings)
+        arch = replace(arch, tie_word_embeddings=embed is None)
+        if embed is not None:
             edge_w["embed_tokens"] = _checked(embed, (arch.vocab_size, arch.hidden_size), "embed_tokens")
         edge_w["lm_head.w"] = _checked(np.ascontiguousarray(lm_head.T), (arch.hidden_size, arch.vocab_size), "lm_head")
         edge_w["norm"] = _checked(tensors.get(family.final_norm), (arch.hidden_size,), "norm")

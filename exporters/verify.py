@@ -8,7 +8,7 @@ the prompt (prefill), then of several single-token steps through the KV cache.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +19,7 @@ from plcli.runtime.cloud import CloudModel
 from plcli.runtime.edge import EdgeModel, forward
 from plcli.runtime.errors import PlcliError
 
-from .checkpoint import CheckpointError, CheckpointTensors, load_config
+from .checkpoint import CheckpointError, CheckpointTensors, embedding_and_head, load_config
 
 PROMPTS = (
     "The quick brown fox jumps over the lazy dog.",
@@ -91,9 +91,14 @@ def verify(bundle_dir: str | Path, model_dir: str | Path, *, decode_steps: int =
         raise BundleError(f"{bundle_dir}: the edge and cloud bundles were not split together (A/B fingerprints differ)")
     config = load_config(model_dir)
     try:
-        reference_arch = family_for(config).architecture(config)
+        family = family_for(config)
+        reference_arch = family.architecture(config)
     except UnsupportedModel as e:
         raise CheckpointError(f"{model_dir}: {e}") from None
+    # A damaged weight file in one line, before transformers loads the model; and whether the embeddings are tied,
+    # which the checkpoint decides as much as the config (see embedding_and_head).
+    embed, _ = embedding_and_head(CheckpointTensors(model_dir), family, reference_arch.tie_word_embeddings)
+    reference_arch = replace(reference_arch, tie_word_embeddings=embed is None)
     if reference_arch != cloud.arch:
         raise CheckpointError(f"{model_dir}: not the checkpoint {bundle_dir} was split from (the architecture differs)")
     prompts = [np.asarray([_encode(edge, text, seed + p)], np.int64) for p, text in enumerate(PROMPTS)]
@@ -101,7 +106,6 @@ def verify(bundle_dir: str | Path, model_dir: str | Path, *, decode_steps: int =
     if decode_steps > positions - longest:
         raise VerifyError(f"--decode-steps {decode_steps} is out of range: at most {positions - longest} (the model's "
                           f"{positions} positions less the longest prompt's {longest} tokens)")
-    CheckpointTensors(model_dir)  # a damaged weight file in one line, before transformers loads the model
     m = {k: np.zeros_like(v) for k, v in edge.adapter_matrices().items()} if zero_m else random_adapter(edge, seed)
     edge.set_adapter(m)
     reference = merged_reference(model_dir, cloud, m)

@@ -122,6 +122,27 @@ def test_rope_scaling_takes_effect(checkpoint_factory, bundle_factory, name, rop
     assert read_manifest(bundle / "cloud").architecture.rope_type == rope["rope_type"]
 
 
+@pytest.mark.parametrize("stored, tied", [("a head unlike the embedding", False), ("the head alone", True)])
+def test_the_checkpoint_overrules_a_config_that_ties_the_embeddings(checkpoint_factory, bundle_factory, tmp_path,
+                                                                    stored, tied):
+    """transformers runs a tied config with the head a checkpoint stores, also as its embedding when it stores no other."""
+    from safetensors.torch import load_file, save_file
+
+    ckpt = shutil.copytree(_case(checkpoint_factory, bundle_factory, "llama-tied")[0], tmp_path / "ckpt")
+    weights = load_file(ckpt / "model.safetensors")
+    embed = weights["model.embed_tokens.weight"]
+    if tied:
+        weights["lm_head.weight"] = weights.pop("model.embed_tokens.weight")
+    else:
+        weights["lm_head.weight"] = torch.randn(embed.shape, generator=torch.Generator().manual_seed(1)) * 0.08
+    save_file(weights, ckpt / "model.safetensors", metadata={"format": "pt"})
+
+    bundle = bundle_factory(ckpt, rank=8)
+    assert read_manifest(bundle / "edge").architecture.tie_word_embeddings is tied
+    results = verify(bundle, ckpt, decode_steps=2)
+    assert results and all(r.ok for r in results), [r for r in results if not r.ok]
+
+
 def _long_ids(vocab: int, n: int = 24) -> torch.Tensor:
     return torch.from_numpy(np.random.default_rng(0).integers(0, vocab, size=(1, n)))
 
