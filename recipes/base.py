@@ -68,9 +68,15 @@ class Family:
             raise UnsupportedModel(f"num_attention_heads {config.num_attention_heads} is not a multiple of "
                                    f"num_key_value_heads {kv_heads}")
         try:
-            _, attention_scaling = rope_frequencies(config)
+            inv_freq, attention_scaling = rope_frequencies(config)
         except (TypeError, ValueError, KeyError, ArithmeticError) as e:  # transformers checks keys, not their values
             raise UnsupportedModel(f"rope parameters {rope} are invalid ({type(e).__name__}: {e})") from None
+        if 2 * len(inv_freq) != head_dim:
+            # These families rotate whole heads: transformers accepts such a config, then fails at the first forward,
+            # and the export would fail only after minutes of work.
+            raise UnsupportedModel(f"rope rotates {2 * len(inv_freq)} dimensions of heads of {head_dim} "
+                                   f"(partial_rotary_factor {rope.get('partial_rotary_factor', 1.0)}): "
+                                   f"{self.name} rotates whole heads")
         return Architecture(
             family=self.name,
             hidden_size=config.hidden_size,

@@ -156,6 +156,13 @@ BAD_CHECKPOINTS = {
     "gpt2 (unsupported family)": (_gpt2, "model type 'gpt2' is not supported"),
     "dynamic rope": (_llama_config_with(rope_parameters={"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0}),
                      "rope type 'dynamic' is not supported"),
+    # transformers builds these models and fails at their first forward
+    "partial rotary embedding": (
+        _llama_config_with(rope_parameters={"rope_type": "linear", "rope_theta": 1e4, "factor": 2.0,
+                                            "partial_rotary_factor": 0.5}),
+        "rope rotates 8 dimensions of heads of 16 (partial_rotary_factor 0.5): llama rotates whole heads"),
+    "odd head dim": (_llama_config_with(head_dim=3),
+                     "rope rotates 4 dimensions of heads of 3 (partial_rotary_factor 1.0)"),
     "unknown activation": (_llama_config_with(hidden_act="mish"),
                            "activation 'mish' is not supported (supported: gelu, gelu_fast"),
     # transformers' strict config validation, and what it lets through
