@@ -163,6 +163,10 @@ BAD_CHECKPOINTS = {
         "rope rotates 8 dimensions of heads of 16 (partial_rotary_factor 0.5): llama rotates whole heads"),
     "odd head dim": (_llama_config_with(head_dim=3),
                      "rope rotates 4 dimensions of heads of 3 (partial_rotary_factor 1.0)"),
+    "qwen2 sliding layers without a window": (
+        _llama_config_with(model_type="qwen2", architectures=["Qwen2ForCausalLM"], use_sliding_window=False,
+                           sliding_window=8, layer_types=["full_attention", "sliding_attention"]),
+        "layer 1 is sliding_attention in layer_types, but sliding_window is null (use_sliding_window is False)"),
     "unknown activation": (_llama_config_with(hidden_act="mish"),
                            "activation 'mish' is not supported (supported: gelu, gelu_fast"),
     # transformers' strict config validation, and what it lets through
