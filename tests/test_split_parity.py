@@ -190,7 +190,9 @@ def test_fresh_split_reproduces_the_unmodified_model(llama_bundle, llama_checkpo
     new_tokens = 8
     model.generation_config.eos_token_id = None  # compare a fixed number of greedy steps
     with torch.no_grad():
-        want_ids = model.generate(prompt, do_sample=False, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+        # The mask is explicit, or `generate` would mask the prompt's tokens that are the pad token.
+        want_ids = model.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
+                                  max_new_tokens=new_tokens, min_new_tokens=new_tokens,
                                   pad_token_id=0)[0, prompt.shape[1]:].tolist()
     session, got_ids = cloud.new_session(), []
     logits = forward(edge, session, prompt.numpy())
