@@ -69,7 +69,7 @@ class Session:
     batch: int
     cloud: CloudSession | None  # generate: the KV cache and position
     trainer: "CloudTrainSession | None"  # tune: the pass in progress
-    last_seen: float
+    last_seen: float  # when it last sent a message or was answered: idle time is the edge's, never the cloud's
     steps: int = 0  # generate: completed steps; tune: passes started
     cut: int | None = None  # generate: cut the edge must answer next; tune: cut of the last ax or grad sent
     ax_shape: tuple[int, ...] | None = None
@@ -230,10 +230,10 @@ class CloudServer:
         """
         if self._poller.poll(math.ceil(wait_s * 1000)):
             self._take([r for r in (self._admit(*message) for message in self._receive()) if r])
+        # Expired only once what has arrived is taken in: after a long call, an edge's answer may be waiting.
+        self._expire(time.monotonic())
         idle_s = self._run_next()
-        now = time.monotonic()
-        self._expire(now)
-        self._update_rate(now)
+        self._update_rate(time.monotonic())
         return idle_s
 
     def close(self) -> None:
@@ -258,6 +258,11 @@ class CloudServer:
 
     def _send(self, peer: bytes, frames: list) -> None:
         wire.send(self.socket, [peer, *frames])
+
+    def _answer(self, session: Session, frames: list) -> None:
+        """Reply to a session's model op: from now on its edge owes the next message, so its idle time starts now."""
+        session.last_seen = time.monotonic()
+        self._send(session.peer, frames)
 
     def _reply_error(self, peer: bytes, code: str, message: str) -> None:
         self.counters.rejected += 1
@@ -526,6 +531,7 @@ class CloudServer:
         session.cloud.abort()
         session.cut = session.ax_shape = None
         session.memory = memory_per_session(self.model, session.cloud.position, session.batch)
+        session.last_seen = time.monotonic()
         self._reply_error(session.peer, "internal", f"the cloud failed to run the step: {type(error).__name__}: {error}"[:1000])
 
     def _reply_step(self, session: Session, op: str, out: StepOutput) -> None:
@@ -536,12 +542,12 @@ class CloudServer:
             session.cut = session.ax_shape = None
             session.tokens += seq * session.batch
             self._count_tokens(seq * session.batch)
-            self._send(session.peer, wire.encode("hidden", {"step": step}, out.hidden, self.wire_dtype))
+            self._answer(session, wire.encode("hidden", {"step": step}, out.hidden, self.wire_dtype))
         else:
             session.cut = 0 if op == "step" else session.cut + 1
             session.ax_shape = tuple(out.ax.shape)
-            self._send(session.peer, wire.encode("ax", {"step": step, "cut": session.cut, "layer": out.layer,
-                                                        "stage": out.stage}, out.ax, self.wire_dtype))
+            self._answer(session, wire.encode("ax", {"step": step, "cut": session.cut, "layer": out.layer,
+                                                     "stage": out.stage}, out.ax, self.wire_dtype))
 
     def _execute_tune(self, request: StepRequest) -> None:
         session, op, h, trainer = request.session, request.op, request.header, request.session.trainer
@@ -561,6 +567,7 @@ class CloudServer:
             trainer.abort()
             session.cut = None
             session.memory = 0
+            session.last_seen = time.monotonic()
             self._reply_error(session.peer, "internal", f"the cloud failed to run {op}: {type(e).__name__}: {e}"[:1000])
             return
         step = session.steps - 1
@@ -572,22 +579,23 @@ class CloudServer:
                 session.cut = None
                 if trainer.phase == "idle":  # an evaluation pass keeps nothing
                     session.memory = 0
-                self._send(session.peer, wire.encode("hidden", {"step": step}, out.hidden, self.wire_dtype))
+                self._answer(session, wire.encode("hidden", {"step": step}, out.hidden, self.wire_dtype))
             else:
                 session.cut = 0 if op == "train_step" else session.cut + 1
-                self._send(session.peer, wire.encode("ax", {"step": step, "cut": session.cut, "layer": out.layer,
-                                                            "stage": out.stage}, out.ax, self.wire_dtype))
+                self._answer(session, wire.encode("ax", {"step": step, "cut": session.cut, "layer": out.layer,
+                                                         "stage": out.stage}, out.ax, self.wire_dtype))
             return
         session.cut = len(self.model.plan.segments) - 2 if op == "grad_hidden" else session.cut - 1
-        self._send(session.peer, wire.encode("grad", {"step": step, "cut": session.cut, "layer": out.layer, "stage": out.stage,
-                                                      "last": out.last}, out.grad_madx, self.wire_dtype))
+        self._answer(session, wire.encode("grad", {"step": step, "cut": session.cut, "layer": out.layer, "stage": out.stage,
+                                                   "last": out.last}, out.grad_madx, self.wire_dtype))
         if out.last:
             session.cut = None
             session.memory = 0
 
     # -- housekeeping --------------------------------------------------------------
     def _expire(self, now: float) -> None:
-        for session in [s for s in self.sessions.values() if now - s.last_seen > self.session_timeout]:
+        # A busy session waits on the cloud, not on its edge, however long the calls queued before it take.
+        for session in [s for s in self.sessions.values() if not s.busy and now - s.last_seen > self.session_timeout]:
             del self.sessions[session.id]
             self.on_event({"event": "expired", "session": session.id[:8], "idle_s": round(now - session.last_seen, 3),
                            "tokens": session.tokens, "sessions": len(self.sessions)})

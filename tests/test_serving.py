@@ -617,6 +617,69 @@ def test_an_edge_that_closes_or_gives_up_mid_step_frees_its_session_at_once(mode
         server.close()
 
 
+def test_a_session_is_idle_only_while_its_edge_owes_a_message_however_slow_the_cloud(model, monkeypatch):
+    """Every model call takes longer than --session-timeout: no session waiting on the cloud may expire for it."""
+    import types
+
+    import plcli.runtime.server as server_module
+
+    _, bundle, cloud = model("llama")
+    edge = edge_of(bundle)
+    clock = types.SimpleNamespace(now=1000.0)
+    monkeypatch.setattr(server_module, "time", types.SimpleNamespace(monotonic=lambda: clock.now))
+    server = CloudServer(cloud, bind="tcp://127.0.0.1:*", tune=False, session_timeout=5.0)
+    run_group = cloud.run_group
+
+    def slow(calls):
+        clock.now += 6.0
+        return run_group(calls)
+
+    monkeypatch.setattr(cloud, "run_group", slow)
+    prompts = [np.asarray([[5, 6, 7]]), np.asarray([[8, 9]])]  # of different lengths: never in one call
+    try:
+        edges = [RawEdge(server.endpoint) for _ in prompts]
+        open_ = wire.encode("open", {"ab_fingerprint": edge.manifest.ab_fingerprint, "wire_dtype": "float32",
+                                     "batch": 1, "mode": "generate"})
+        for raw in edges:
+            raw.socket.send_multipart(open_)
+
+        def reply(raw: RawEdge) -> tuple[dict, np.ndarray | None]:
+            header, payload = wire.decode(raw.socket.recv_multipart(), wire.REPLIES, max_message_bytes=1 << 24)
+            return header, None if payload is None else wire.tensor(payload, header["shape"], "float32")
+
+        while not all(raw.socket.poll(0) for raw in edges):
+            server.turn(0.01)
+        sids = [reply(raw)[0]["session"] for raw in edges]
+        # Both steps arrive together, so one waits in the queue while the other's slow call runs; each edge answers
+        # its `A x` at once.
+        for raw, sid, ids in zip(edges, sids, prompts):
+            raw.socket.send_multipart(wire.encode("step", {"session": sid, "step": 0}, edge.embed(ids)))
+        hidden: dict[int, np.ndarray] = {}
+        for _ in range(200):
+            if len(hidden) == len(edges):
+                break
+            server.turn(0.01)
+            for i, (raw, sid) in enumerate(zip(edges, sids)):
+                if raw.socket.poll(0):
+                    header, tensor = reply(raw)
+                    assert header["op"] in ("ax", "hidden"), header
+                    if header["op"] == "hidden":
+                        hidden[i] = tensor
+                    else:
+                        raw.socket.send_multipart(wire.encode("madx", {"session": sid, "step": 0, "cut": header["cut"]},
+                                                              edge.apply_adapter(header["layer"], header["stage"], tensor)))
+        for i, ids in enumerate(prompts):
+            np.testing.assert_array_equal(edge.logits(hidden[i]), forward(edge, cloud.new_session(), ids))
+        assert server.counters.rejected == 0
+        clock.now += 5.5  # now the edges owe the next step, and say nothing
+        server.turn(0.01)
+        assert server.sessions == {}
+    finally:
+        for raw in edges:
+            raw.socket.close()
+        server.close()
+
+
 # -- the commands -------------------------------------------------------------------------
 def _invoke(*args: str, input: str | None = None):
     from typer.testing import CliRunner
