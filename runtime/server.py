@@ -23,9 +23,10 @@ the loop.
 
 Memory: with `max_memory_bytes` each session holds, against that budget, the
 KV cache its tokens need once the open step is in (reserved when the step is
-admitted) or the activations its open tune pass keeps; a session or step that
-would go over it is refused with `limit`, and a session's bytes go with it when
-it is closed or expires.
+admitted, and kept if the step fails: the buffers it grew stay) or the
+activations its open tune pass keeps; a session or step that would go over it
+is refused with `limit`, and a session's bytes go with it when it is closed or
+expires.
 """
 
 from __future__ import annotations
@@ -530,7 +531,7 @@ class CloudServer:
         """The model itself failed: refuse the step, drop what it had done, keep serving."""
         session.cloud.abort()
         session.cut = session.ax_shape = None
-        session.memory = memory_per_session(self.model, session.cloud.position, session.batch)
+        # `session.memory` stays what the step reserved: the cache buffers it grew are kept for the next step.
         session.last_seen = time.monotonic()
         self._reply_error(session.peer, "internal", f"the cloud failed to run the step: {type(error).__name__}: {error}"[:1000])
 

@@ -409,11 +409,14 @@ def test_a_projection_that_fails_fails_only_that_step(model, monkeypatch):
 
     monkeypatch.setattr(cloud, "run_segment", failing)
     ids = np.asarray([[1, 2, 3]])
-    with serve(cloud) as (_, endpoint, events):
+    with serve(cloud) as (server, endpoint, events):
         with RemoteCloudSession(endpoint, edge.manifest, timeout=TIMEOUT) as session:
             with pytest.raises(CloudError, match="projection failed") as refused:
                 forward(edge, session, ids)
             assert refused.value.code == "internal"
+            # The failed step grew the cache buffers, which the session keeps: they count against --max-memory.
+            (held,) = [sum(a.nbytes for kv in s.cloud.kv if kv is not None for a in kv) for s in server.sessions.values()]
+            assert held and cloud_status(endpoint, timeout=TIMEOUT)["memory_bytes"] == held
             broken[0] = False  # the session lost only that step: it takes it again
             np.testing.assert_array_equal(forward(edge, session, ids), forward(edge, cloud.new_session(), ids))
     assert sum(e["event"] == "rejected" for e in events) == 1
