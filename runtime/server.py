@@ -442,7 +442,9 @@ class CloudServer:
             return POLL_S
         key, wait_s = self._choose()
         if key is None:
-            return wait_s
+            # However long --batch-wait-us: the loop must still see a stop request and expire sessions (an edge it
+            # waits for may be dead) when no message comes.
+            return min(wait_s, POLL_S)
         # One pass: a membership test would compare the dataclasses field by field, tens of us a group.
         members, waiting = [], []
         for r in self._queue:

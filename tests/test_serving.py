@@ -683,6 +683,58 @@ def test_a_session_is_idle_only_while_its_edge_owes_a_message_however_slow_the_c
         server.close()
 
 
+def test_a_group_waits_for_a_session_its_edge_owes_but_the_loop_never_sleeps_through_a_stop(model):
+    """--batch-wait-us holds a group back for an edge still computing its `M A x`, however long it is set; the loop's
+    own waits stay short, or a stop request (SIGINT) and expiry would wait for the next message to arrive."""
+    from plcli.runtime.server import POLL_S
+
+    _, bundle, cloud = model("llama")
+    edge = edge_of(bundle)
+    server = CloudServer(cloud, bind="tcp://127.0.0.1:*", tune=False, batch_wait_s=1000.0)
+    ids = np.asarray([[5, 6, 7]])
+    try:
+        a, b = RawEdge(server.endpoint), RawEdge(server.endpoint)
+
+        def reply(raw: RawEdge, turns: int = 100) -> tuple[dict, np.ndarray | None]:
+            for _ in range(turns):
+                if raw.socket.poll(0):
+                    header, payload = wire.decode(raw.socket.recv_multipart(), wire.REPLIES, max_message_bytes=1 << 24)
+                    return header, None if payload is None else wire.tensor(payload, header["shape"], "float32")
+                server.turn(0.01)
+            raise AssertionError("no reply")
+
+        def answer(raw: RawEdge, sid: str, header: dict, ax: np.ndarray) -> None:
+            raw.socket.send_multipart(wire.encode("madx", {"session": sid, "step": 0, "cut": header["cut"]},
+                                                  edge.apply_adapter(header["layer"], header["stage"], ax)))
+
+        open_ = wire.encode("open", {"ab_fingerprint": edge.manifest.ab_fingerprint, "wire_dtype": "float32",
+                                     "batch": 1, "mode": "generate"})
+        sids = []
+        for raw in (a, b):
+            raw.socket.send_multipart(open_)
+            sids.append(reply(raw)[0]["session"])
+        for raw, sid in zip((a, b), sids):
+            raw.socket.send_multipart(wire.encode("step", {"session": sid, "step": 0}, edge.embed(ids)))
+        (ha, axa), (hb, axb) = reply(a), reply(b)
+        answer(a, sids[0], ha, axa)
+        time.sleep(0.05)  # A's answer is at the cloud; B's edge is still computing its own
+        waits = [server.turn(0.01) for _ in range(3)]
+        assert not a.socket.poll(0) and len(server._queue) == 1  # A's next segment waits for B's
+        assert max(waits) <= POLL_S
+        grouped = server.counters.grouped_calls
+        answer(b, sids[1], hb, axb)
+        (ha, axa), (hb, axb) = reply(a), reply(b)
+        assert server.counters.grouped_calls == grouped + 1 and ha["cut"] == hb["cut"] == 1
+        b.socket.send_multipart(wire.encode("close", {"session": sids[1]}))  # B's edge stops: nobody to wait for
+        assert reply(b)[0]["op"] == "closed"
+        answer(a, sids[0], ha, axa)
+        assert reply(a, turns=3)[0]["op"] in ("ax", "hidden")
+    finally:
+        for raw in (a, b):
+            raw.socket.close()
+        server.close()
+
+
 # -- the commands -------------------------------------------------------------------------
 def _invoke(*args: str, input: str | None = None):
     from typer.testing import CliRunner
