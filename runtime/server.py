@@ -137,15 +137,16 @@ class CloudServer:
     ):
         if max_sessions < 1:
             raise ValueError("--max-sessions must be at least 1")
-        if max_context is not None and max_context < 1:
-            raise ValueError("--max-context must be at least 1")
+        positions = model.arch.max_position_embeddings
+        if max_context is not None and not 1 <= max_context <= positions:
+            raise ValueError(f"--max-context {max_context} is out of range: 1 to the model's {positions} positions")
         if not 0 < session_timeout <= wire.MAX_TIMEOUT_S:
             raise ValueError(f"--session-timeout {session_timeout:g} is out of range: more than 0 and at most "
                              f"{wire.MAX_TIMEOUT_S} s")
         if wire_dtype not in wire.WIRE_DTYPES:
             raise ValueError(f"--wire-dtype must be one of {', '.join(wire.WIRE_DTYPES)}")
-        if max_batch < 1:
-            raise ValueError("--max-batch must be at least 1")
+        if not 1 <= max_batch <= wire.MAX_OPEN_BATCH:
+            raise ValueError(f"--max-batch {max_batch} is out of range: 1 to {wire.MAX_OPEN_BATCH}, the most an edge can ask for")
         if max_train_tokens < 1:
             raise ValueError("--max-train-tokens must be at least 1")
         if max_memory_bytes is not None and max_memory_bytes < 1:
@@ -157,7 +158,7 @@ class CloudServer:
         wire.check_endpoint(bind, bind=True)
         self.model = model
         self.max_sessions = max_sessions
-        self.max_context = max_context or model.arch.max_position_embeddings
+        self.max_context = max_context or positions
         self.session_timeout = session_timeout
         self.wire_dtype = wire_dtype
         self.max_batch = max_batch
@@ -177,7 +178,8 @@ class CloudServer:
         widest = max([arch.hidden_size] + [len(s.kind.out_cut.targets) * model.manifest.rank
                                            for s in plan.segments if s.kind.out_cut is not None])
         # The largest legitimate message: a full-context prefill or a full tune pass of the widest tensor, in float32.
-        tokens = max(max_batch * self.max_context, max_train_tokens)
+        # A pass has at most wire.MAX_BATCH rows of max_context tokens, however many --max-train-tokens allows.
+        tokens = max(max_batch * self.max_context, min(max_train_tokens, wire.MAX_BATCH * self.max_context))
         self.max_message_bytes = wire.MAX_HEADER_BYTES + tokens * widest * 4
         # What a tune pass keeps per token until its backward: each segment's inputs (resid, x) and its cut's M A x.
         self.train_bytes_per_token = len(plan.segments) * (2 * arch.hidden_size + widest) * 4

@@ -128,6 +128,7 @@ MAX_STEP = (1 << 53) - 1  # JSON numbers stay exact up to here in every reader
 WIRE_DTYPES = {"float32": np.dtype("<f4"), "float16": np.dtype("<f2")}
 MODES = ("generate", "tune")
 MAX_BATCH = 256  # rows a tune pass may carry: `lengths` must fit in a header
+MAX_OPEN_BATCH = 1 << 16  # sequences a generate session may ask for in its `open`
 # The longest wait plcli takes anywhere (a reply, a reconnect, an idle session). ZeroMQ takes a wait as a C int of
 # milliseconds (at most 24.8 days), and a wait of more than a day is a typo rather than a plan.
 MAX_TIMEOUT_S = 24 * 3600
@@ -206,7 +207,7 @@ _COUNT = _integer(0, MAX_STEP)
 _CUT = _integer(0, 1 << 16)
 
 REQUESTS: dict[str, dict[str, Check]] = {
-    "open": {"ab_fingerprint": _sha256, "wire_dtype": _one_of(WIRE_DTYPES), "batch": _integer(1, 1 << 16),
+    "open": {"ab_fingerprint": _sha256, "wire_dtype": _one_of(WIRE_DTYPES), "batch": _integer(1, MAX_OPEN_BATCH),
              "mode": _one_of(MODES)},
     "step": {"session": _session, "step": _STEP, "shape": _shape},
     "madx": {"session": _session, "step": _STEP, "cut": _CUT, "shape": _shape},

@@ -767,13 +767,24 @@ def test_run_edge_takes_the_checkpoints_generation_settings_unless_flags_say_oth
     assert json.loads(greedy.stdout)["token_ids"] == local_ids(edge, cloud, prompt_ids, Sampling(max_new_tokens=8, ignore_eos=True))
 
 
-def test_serve_cloud_refuses_a_group_limit_of_zero_a_negative_wait_and_no_threads(model):
-    _, bundle, _ = model("llama")
+def test_serve_cloud_refuses_limits_out_of_range_in_one_line(model):
+    _, bundle, cloud = model("llama")
+    positions = cloud.arch.max_position_embeddings
     for options, message in [(["--max-group", "0"], "--max-group must be at least 1"),
                              (["--batch-wait-us", "-1"], "--batch-wait-us must be >= 0"),
-                             (["--threads", "0"], "--threads 0 is out of range")]:
+                             (["--threads", "0"], "--threads 0 is out of range"),
+                             # Beyond these, the message limit overflowed ZeroMQ's option: an internal error.
+                             (["--max-context", str(positions + 1)], f"1 to the model's {positions} positions"),
+                             (["--max-context", str(10**20)], "--max-context 100000000000000000000 is out of range"),
+                             (["--max-batch", str(10**17)], "--max-batch 100000000000000000 is out of range: 1 to 65536")]:
         result = _invoke("serve-cloud", str(bundle / "cloud"), "--bind", "tcp://127.0.0.1:*", "--no-tune", *options)
-        assert result.exit_code == 2 and message in result.output
+        assert result.exit_code == 2 and message in result.output, result.output
+    # A pass carries at most wire.MAX_BATCH rows of the context, so no --max-train-tokens is too many.
+    servers = [CloudServer(cloud, bind="tcp://127.0.0.1:*", tune=False, max_train_tokens=n)
+               for n in (10**30, wire.MAX_BATCH * positions)]
+    for server in servers:
+        server.close()
+    assert servers[0].max_message_bytes == servers[1].max_message_bytes
 
 
 # ZeroMQ takes these ports modulo 65536 (99999 is 34463, -1 is 65535) or reads what digits it can (1e3 is 1).
