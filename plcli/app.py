@@ -80,6 +80,16 @@ def seconds(flag: str, value: float, *, zero_turns_off: bool = False) -> float:
     return value
 
 
+MAX_THREADS = 1024  # far past any machine's cores, and within the C int ONNX Runtime and torch take a thread count in
+
+
+def thread_count(value: int | None) -> int | None:
+    """--threads, checked before the command loads anything (None: the command's default)."""
+    if value is not None and not 1 <= value <= MAX_THREADS:
+        raise UserError(f"--threads {value} is out of range: 1 to {MAX_THREADS}")
+    return value
+
+
 def reports_errors(fn):
     """One clear line and a non-zero exit instead of a traceback."""
 

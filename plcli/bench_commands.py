@@ -11,7 +11,7 @@ from rich.table import Table
 from plcli.runtime.cpu_latency import hold_low_latency
 
 from .app import (LOW_LATENCY_HELP, UserError, app, console, print_json, print_table, progress_bar, reports_errors, shown,
-                  status)
+                  status, thread_count)
 
 bench_app = typer.Typer(no_args_is_help=True, help="Measure speed: every method side by side in one run, as ratios.")
 app.add_typer(bench_app, name="bench")
@@ -75,8 +75,9 @@ def bench_decode(
         emulated = parse_link(link)
     except ValueError as e:
         raise UserError(str(e)) from None
-    for name, value in (("--prompt-len", prompt_len), ("--new-tokens", new_tokens), ("--rounds", rounds), ("--threads", threads)):
+    for name, value in (("--prompt-len", prompt_len), ("--new-tokens", new_tokens), ("--rounds", rounds)):
         _positive(name, value)
+    thread_count(threads)
     if new_tokens < 2:
         raise UserError("--new-tokens must be at least 2: decode speed is measured after the first token")
     if not model_dir.is_dir():
@@ -207,9 +208,9 @@ def bench_tune(
     """Training tokens/s of `plcli tune`: the split over loopback against the cloud in the same process."""
     from plcli.recipes.bench_tune import bench_tune as run
 
-    for name, value in (("--steps", steps), ("--batch-size", batch_size), ("--seq-len", seq_len), ("--rounds", rounds),
-                        ("--threads", threads)):
+    for name, value in (("--steps", steps), ("--batch-size", batch_size), ("--seq-len", seq_len), ("--rounds", rounds)):
         _positive(name, value)
+    thread_count(threads)
     if not model_dir.is_dir():
         raise UserError(f"{model_dir}: no such checkpoint directory")
     positions = _max_positions(model_dir, bundles)

@@ -22,7 +22,7 @@ from rich.text import Text
 from plcli.runtime.cpu_latency import hold_low_latency
 
 from .app import (LOW_LATENCY_HELP, UserError, app, console, err_console, print_json, printable, reports_errors, seconds,
-                  shown, status)
+                  shown, status, thread_count)
 
 DEFAULT_ENDPOINT = "tcp://127.0.0.1:5555"  # loopback: serving beyond this machine is a deliberate choice
 CHECKPOINT_DEFAULT = "Default: the checkpoint's when its generation config samples (do_sample), else greedy."
@@ -111,8 +111,7 @@ def serve_cloud(
     from plcli.runtime.server import CloudServer, memory_per_session
     from plcli.runtime.wire import check_endpoint
 
-    if threads is not None and threads < 1:
-        raise UserError(f"--threads {threads} is out of range: must be at least 1")
+    thread_count(threads)
     seconds("--session-timeout", session_timeout)
     if (curve_secret is None) != (authorized_keys is None):
         raise UserError("--curve-secret and --authorized-keys go together: the cloud's secret key and the directory of the "
@@ -308,8 +307,7 @@ def run_edge(
         raise UserError("--wire-dtype must be float32 or float16")
     seconds("--timeout", timeout)
     seconds("--reconnect-timeout", reconnect_timeout, zero_turns_off=True)
-    if threads is not None and threads < 1:
-        raise UserError(f"--threads {threads} is out of range: must be at least 1")
+    thread_count(threads)
     given = {k: v for k, v in dict(temperature=temperature, top_k=top_k, top_p=top_p,
                                    repetition_penalty=repetition_penalty).items() if v is not None}
     # Bad flags fail here, before the bundle loads; the bundle's own settings join them below.

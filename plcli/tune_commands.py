@@ -11,7 +11,7 @@ from rich.table import Table
 from rich.text import Text
 
 from .app import (UserError, app, console, err_console, fail, print_json, print_table, printable, reports_errors, seconds,
-                  shown)
+                  shown, thread_count)
 from .serve_commands import (CURVE_SECRET_HELP, RECONNECT_HELP, SERVER_KEY_HELP, WIRE_DTYPE_HELP, client_keys, cloud_urls,
                              make_failover)
 
@@ -85,8 +85,7 @@ def tune(
 
     if (connect is None) == (cloud_dir is None):
         raise UserError("give the cloud's endpoint with --connect URL, or --cloud CLOUD_DIR to run it in this process")
-    if threads is not None and threads < 1:
-        raise UserError(f"--threads {threads} is out of range: must be at least 1")
+    thread_count(threads)
     seconds("--timeout", timeout)
     seconds("--reconnect-timeout", reconnect_timeout, zero_turns_off=True)
     if connect is None and (curve_secret or server_key):

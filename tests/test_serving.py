@@ -773,12 +773,17 @@ def test_serve_cloud_refuses_limits_out_of_range_in_one_line(model):
     for options, message in [(["--max-group", "0"], "--max-group must be at least 1"),
                              (["--batch-wait-us", "-1"], "--batch-wait-us must be >= 0"),
                              (["--threads", "0"], "--threads 0 is out of range"),
+                             (["--threads", str(10**11)], "--threads 100000000000 is out of range: 1 to 1024"),
                              # Beyond these, the message limit overflowed ZeroMQ's option: an internal error.
                              (["--max-context", str(positions + 1)], f"1 to the model's {positions} positions"),
                              (["--max-context", str(10**20)], "--max-context 100000000000000000000 is out of range"),
                              (["--max-batch", str(10**17)], "--max-batch 100000000000000000 is out of range: 1 to 65536")]:
         result = _invoke("serve-cloud", str(bundle / "cloud"), "--bind", "tcp://127.0.0.1:*", "--no-tune", *options)
         assert result.exit_code == 2 and message in result.output, result.output
+    for command in (("run-edge", str(bundle / "edge"), "--prompt", "hi"),
+                    ("tune", str(bundle / "edge"), "--data", "never-read.txt", "--connect", "tcp://127.0.0.1:9")):
+        result = _invoke(*command, "--threads", str(10**11))  # was an internal error from ONNX Runtime
+        assert result.exit_code == 2 and "--threads 100000000000 is out of range" in result.output, result.output
     # A pass carries at most wire.MAX_BATCH rows of the context, so no --max-train-tokens is too many.
     servers = [CloudServer(cloud, bind="tcp://127.0.0.1:*", tune=False, max_train_tokens=n)
                for n in (10**30, wire.MAX_BATCH * positions)]
