@@ -638,39 +638,64 @@ def test_a_session_is_idle_only_while_its_edge_owes_a_message_however_slow_the_c
         return run_group(calls)
 
     monkeypatch.setattr(cloud, "run_group", slow)
+    # On the fake clock a message the next turn misses by a millisecond of real time comes 6 s late: each turn takes
+    # in every message sent before it, as a cloud busy for 6 s would find them all waiting.
+    traffic = {"sent": 0, "received": 0}
+    receive = server._receive
+
+    def receive_all():
+        taken = receive()
+        deadline = time.monotonic() + TIMEOUT
+        while traffic["received"] + len(taken) < traffic["sent"] and time.monotonic() < deadline:
+            server.socket.poll(10)
+            taken += receive()
+        traffic["received"] += len(taken)
+        return taken
+
+    monkeypatch.setattr(server, "_receive", receive_all)
+
+    def send(raw: RawEdge, frames: list) -> None:
+        traffic["sent"] += 1
+        raw.socket.send_multipart(frames)
+
+    def turn() -> None:
+        if traffic["sent"] > traffic["received"]:
+            server.socket.poll(int(TIMEOUT * 1000))
+        server.turn(0.01)
+
     prompts = [np.asarray([[5, 6, 7]]), np.asarray([[8, 9]])]  # of different lengths: never in one call
     try:
         edges = [RawEdge(server.endpoint) for _ in prompts]
         open_ = wire.encode("open", {"ab_fingerprint": edge.manifest.ab_fingerprint, "wire_dtype": "float32",
                                      "batch": 1, "mode": "generate"})
         for raw in edges:
-            raw.socket.send_multipart(open_)
+            send(raw, open_)
 
         def reply(raw: RawEdge) -> tuple[dict, np.ndarray | None]:
             header, payload = wire.decode(raw.socket.recv_multipart(), wire.REPLIES, max_message_bytes=1 << 24)
             return header, None if payload is None else wire.tensor(payload, header["shape"], "float32")
 
         while not all(raw.socket.poll(0) for raw in edges):
-            server.turn(0.01)
+            turn()
         sids = [reply(raw)[0]["session"] for raw in edges]
         # Both steps arrive together, so one waits in the queue while the other's slow call runs; each edge answers
         # its `A x` at once.
         for raw, sid, ids in zip(edges, sids, prompts):
-            raw.socket.send_multipart(wire.encode("step", {"session": sid, "step": 0}, edge.embed(ids)))
+            send(raw, wire.encode("step", {"session": sid, "step": 0}, edge.embed(ids)))
         hidden: dict[int, np.ndarray] = {}
         for _ in range(200):
             if len(hidden) == len(edges):
                 break
-            server.turn(0.01)
+            turn()
             for i, (raw, sid) in enumerate(zip(edges, sids)):
-                if raw.socket.poll(0):
+                if raw.socket.poll(50):  # a reply the server sent in this turn may still be on its way
                     header, tensor = reply(raw)
                     assert header["op"] in ("ax", "hidden"), header
                     if header["op"] == "hidden":
                         hidden[i] = tensor
                     else:
-                        raw.socket.send_multipart(wire.encode("madx", {"session": sid, "step": 0, "cut": header["cut"]},
-                                                              edge.apply_adapter(header["layer"], header["stage"], tensor)))
+                        send(raw, wire.encode("madx", {"session": sid, "step": 0, "cut": header["cut"]},
+                                              edge.apply_adapter(header["layer"], header["stage"], tensor)))
         for i, ids in enumerate(prompts):
             np.testing.assert_array_equal(edge.logits(hidden[i]), forward(edge, cloud.new_session(), ids))
         assert server.counters.rejected == 0
