@@ -9,7 +9,6 @@ the adapter path `B M A x` then has unit gain, and M alone sets its scale.
 
 from __future__ import annotations
 
-import math
 import shutil
 import tempfile
 import time
@@ -24,7 +23,7 @@ from plcli.recipes.base import UnsupportedModel, family_for, rope_frequencies
 from plcli.runtime.arch import layer_weight_shapes
 from plcli.runtime.errors import PlcliError
 from plcli.runtime.bundle import (GRAPHS, MANIFEST, TOKENIZER, WEIGHTS, BundleError, Manifest, atomic_directory,
-                                 check_target, fingerprint, reported_writes)
+                                 check_target, fingerprint, is_int, is_number, reported_writes)
 from plcli.runtime.edge import load_tokenizer
 from plcli.runtime.plan import ALL_TARGETS, DEFAULT_TARGETS, SplitPlan, normalize_targets
 
@@ -171,25 +170,17 @@ def _checked(w: np.ndarray, shape: tuple[int, ...], name: str) -> np.ndarray:
     return w
 
 
-def _is_id(v) -> bool:
-    return type(v) is int  # Hub checkpoints do store pad_token_id -1: transformers only warns
-
-
-def _is_number(v) -> bool:
-    return type(v) in (int, float) and math.isfinite(v)
-
-
 # What run-edge applies of a checkpoint's generation config (see generate.Sampling.checkpoint_defaults), with what
 # it can use of each (generate.Sampling.validate, EdgeModel.eos_token_ids).
 APPLIED_GENERATION = {
-    "bos_token_id": ("a token id", _is_id),
-    "eos_token_id": ("a token id or a list of them", lambda v: _is_id(v) or (type(v) is list and all(map(_is_id, v)))),
-    "pad_token_id": ("a token id", _is_id),
+    "bos_token_id": ("a token id", is_int),  # any integer, as in transformers: Hub checkpoints store pad_token_id -1
+    "eos_token_id": ("a token id or a list of them", lambda v: is_int(v) or (type(v) is list and all(map(is_int, v)))),
+    "pad_token_id": ("a token id", is_int),
     "do_sample": ("true or false", lambda v: type(v) is bool),
-    "temperature": ("a number >= 0", lambda v: _is_number(v) and v >= 0),
+    "temperature": ("a number >= 0", lambda v: is_number(v) and v >= 0),
     "top_k": ("an integer >= 0", lambda v: type(v) is int and v >= 0),
-    "top_p": ("a number in (0, 1]", lambda v: _is_number(v) and 0 < v <= 1),
-    "repetition_penalty": ("a positive number", lambda v: _is_number(v) and v > 0),
+    "top_p": ("a number in (0, 1]", lambda v: is_number(v) and 0 < v <= 1),
+    "repetition_penalty": ("a positive number", lambda v: is_number(v) and v > 0),
 }
 # Settings that change which token `generate` picks and that plcli does not apply, with the values that change
 # nothing (transformers' defaults). A checkpoint that sets one is split all the same, with a note in the bundle.

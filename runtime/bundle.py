@@ -110,13 +110,23 @@ class Manifest:
         return manifest
 
 
+def is_int(v) -> bool:
+    """A JSON integer: Python's bools are ints too, but `true` is no rank or step count."""
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def is_number(v) -> bool:
+    return (is_int(v) or isinstance(v, float)) and math.isfinite(v)
+
+
 SIDES = ("cloud", "edge")
 DTYPES = ("float32",)  # what split writes and the graphs compute in
-# The generation settings the edge reads (see split.APPLIED_GENERATION), as split writes them.
+# The generation settings the edge reads (see split.APPLIED_GENERATION), as split writes them. Any integer is an id
+# here as there: Hub checkpoints do store pad_token_id -1, and transformers only warns.
 GENERATION_FIELDS = (
-    ("eos_token_id", lambda v: isinstance(v, list) and all(is_int(i) and i >= 0 for i in v), "a list of token ids"),
-    ("bos_token_id", lambda v: is_int(v) and v >= 0, "a token id"),
-    ("pad_token_id", lambda v: is_int(v) and v >= 0, "a token id"),
+    ("eos_token_id", lambda v: isinstance(v, list) and all(map(is_int, v)), "a list of token ids"),
+    ("bos_token_id", is_int, "a token id"),
+    ("pad_token_id", is_int, "a token id"),
     ("do_sample", lambda v: isinstance(v, bool), "true or false"),
     ("temperature", lambda v: is_number(v), "a number"),
     ("top_k", lambda v: is_int(v), "an integer"),
@@ -192,15 +202,6 @@ def read_manifest(bundle_dir: str | Path, side: str | None = None) -> Manifest:
         if not (Path(bundle_dir) / GRAPHS / manifest.graphs[name]).is_file():
             raise BundleError(f"{bundle_dir}: graph {name} ({GRAPHS}/{manifest.graphs[name]}) is missing")
     return manifest
-
-
-def is_int(v) -> bool:
-    """A JSON integer: Python's bools are ints too, but `true` is no rank or step count."""
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def is_number(v) -> bool:
-    return (is_int(v) or isinstance(v, float)) and math.isfinite(v)
 
 
 def fingerprint(tensors: dict[str, np.ndarray]) -> str:

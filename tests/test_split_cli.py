@@ -533,8 +533,9 @@ def test_split_inspect_verify_json(tmp_path, llama_checkpoint):
     assert table.exit_code == 0 and "parity holds" in table.stdout
 
 
-@pytest.mark.parametrize("generation_config", [None, {"do_sample": False}, {"eos_token_id": [3, 4], "top_k": 7}],
-                         ids=["none", "without-eos", "own-eos"])
+@pytest.mark.parametrize("generation_config", [None, {"do_sample": False}, {"eos_token_id": [3, 4], "top_k": 7},
+                                               {"eos_token_id": 2, "pad_token_id": -1}],  # as Hub checkpoints store it
+                         ids=["none", "without-eos", "own-eos", "pad-minus-one"])
 def test_generation_settings_come_from_where_transformers_takes_them(tmp_path, llama_checkpoint, generation_config):
     from transformers import AutoModelForCausalLM
 
