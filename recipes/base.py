@@ -14,8 +14,10 @@ from plcli.runtime.arch import Architecture
 from plcli.runtime.errors import PlcliError
 
 # Rope types whose frequencies depend on the running sequence length cannot be
-# frozen into a graph; transformers recomputes them per call.
-STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+# frozen into a graph; transformers recomputes them per call. `dynamic` is
+# among the frozen ones because it rescales only past max_position_embeddings,
+# which plcli never lets a context reach: up to there it is the default rope.
+STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn", "dynamic")
 
 # transformers' other names for activations the split decoder computes (runtime/decoder.py): the same formulas.
 ACTIVATION_ALIASES = {"swish": "silu", "gelu_new": "gelu_pytorch_tanh", "gelu_fast": "gelu_pytorch_tanh"}

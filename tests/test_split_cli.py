@@ -154,8 +154,10 @@ BAD_CHECKPOINTS = {
     "config without model_type": (_config_file('{"hidden_size": 64}'), "unreadable config"),
     "bert (not a causal LM)": (_bert, "is not a causal language model"),
     "gpt2 (unsupported family)": (_gpt2, "model type 'gpt2' is not supported"),
-    "dynamic rope": (_llama_config_with(rope_parameters={"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0}),
-                     "rope type 'dynamic' is not supported"),
+    # longrope switches frequencies at original_max_position_embeddings, inside the context
+    "longrope": (_llama_config_with(rope_parameters={"rope_type": "longrope", "rope_theta": 1e4, "short_factor": [1.0] * 8,
+                                                     "long_factor": [2.0] * 8, "original_max_position_embeddings": 128}),
+                 "rope type 'longrope' is not supported (supported: default, linear, llama3, yarn, dynamic)"),
     # transformers builds these models and fails at their first forward
     "partial rotary embedding": (
         _llama_config_with(rope_parameters={"rope_type": "linear", "rope_theta": 1e4, "factor": 2.0,

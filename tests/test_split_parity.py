@@ -24,6 +24,7 @@ LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low
                "high_freq_factor": 4.0, "original_max_position_embeddings": 16}
 LINEAR_ROPE = {"rope_type": "linear", "rope_theta": 10000.0, "factor": 4.0}
 YARN_ROPE = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 64}
+DYNAMIC_ROPE = {"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 4.0}
 WINDOW = 8  # shorter than the verify prompts, so the window changes the logits
 
 # name -> (checkpoint name, family, config overrides, split options). Each new combination of shape, rope,
@@ -39,6 +40,7 @@ CASES = {
                                          {"rank": 32, "targets": "down_proj"}),
     "llama-rope-yarn-gate-up": ("llama-rope-yarn", "llama", {"rope_parameters": YARN_ROPE},
                                 {"rank": 8, "targets": "gate_proj,up_proj"}),
+    "llama-rope-dynamic": ("llama-rope-dynamic", "llama", {"rope_parameters": DYNAMIC_ROPE}, {"rank": 8}),
     # transformers' names for the same formulas as ours: swish is silu, gelu_new the tanh approximation.
     "llama-swish": ("llama-swish", "llama", {"hidden_act": "swish"}, {"rank": 8}),
     "llama-gelu-new": ("llama-gelu-new", "llama", {"hidden_act": "gelu_new"}, {"rank": 8}),
@@ -120,6 +122,27 @@ def test_rope_scaling_takes_effect(checkpoint_factory, bundle_factory, name, rop
     assert float(scaling) == pytest.approx(float(used.attention_scaling))
     assert not torch.allclose(used.inv_freq, default)
     assert read_manifest(bundle / "cloud").architecture.rope_type == rope["rope_type"]
+
+
+def test_dynamic_rope_runs_as_transformers_over_the_whole_context(checkpoint_factory, bundle_factory):
+    """transformers rescales dynamic rope only past max_position_embeddings, where no plcli context goes."""
+    from plcli.exporters.verify import merged_reference, random_adapter
+    from plcli.runtime.cloud import CloudModel
+    from plcli.runtime.edge import EdgeModel, forward
+
+    ckpt, bundle = _case(checkpoint_factory, bundle_factory, "llama-rope-dynamic")
+    cloud, edge = CloudModel(bundle / "cloud"), EdgeModel(bundle / "edge")
+    edge.set_adapter(random_adapter(edge, seed=1))
+    positions = cloud.arch.max_position_embeddings
+    ids = np.random.default_rng(0).integers(0, edge.vocab_limit, (1, positions))
+    got = forward(edge, cloud.new_session(), ids)
+    model = merged_reference(ckpt, cloud, edge.adapter_matrices())
+    with torch.no_grad():
+        want = model(torch.from_numpy(ids)).logits.numpy()
+    assert np.abs(got - want).max() / np.abs(want).max() < 1e-4
+    torch.testing.assert_close(model.model.rotary_emb.inv_freq, rope_frequencies(_config(ckpt))[0], rtol=0, atol=0)
+    with pytest.raises(ValueError, match=f"exceeds this session's limit of {positions}"):
+        forward(edge, cloud.new_session(), np.zeros((1, positions + 1), np.int64))
 
 
 @pytest.mark.parametrize("stored, tied", [("a head unlike the embedding", False), ("the head alone", True)])
