@@ -97,7 +97,8 @@ def verify(bundle_dir: str | Path, model_dir: str | Path, *, decode_steps: int =
         raise CheckpointError(f"{model_dir}: {e}") from None
     # A damaged weight file in one line, before transformers loads the model; and whether the embeddings are tied,
     # which the checkpoint decides as much as the config (see embedding_and_head).
-    embed, _ = embedding_and_head(CheckpointTensors(model_dir), family, reference_arch.tie_word_embeddings)
+    tensors = CheckpointTensors(model_dir)
+    embed, _ = embedding_and_head(tensors, family, reference_arch.tie_word_embeddings)
     reference_arch = replace(reference_arch, tie_word_embeddings=embed is None)
     if reference_arch != cloud.arch:
         raise CheckpointError(f"{model_dir}: not the checkpoint {bundle_dir} was split from (the architecture differs)")
@@ -109,6 +110,12 @@ def verify(bundle_dir: str | Path, model_dir: str | Path, *, decode_steps: int =
     m = {k: np.zeros_like(v) for k, v in edge.adapter_matrices().items()} if zero_m else random_adapter(edge, seed)
     edge.set_adapter(m)
     reference = merged_reference(model_dir, cloud, m)
+    # Another checkpoint of the same shape (a base model and its fine-tune) would only fail parity, as if the split were
+    # wrong: the bundle records what it was split from (config.json and the weight files), and only that compares.
+    source = tensors.source_hash()
+    if source != cloud.manifest.source_hash:
+        raise CheckpointError(f"{model_dir}: not the checkpoint {bundle_dir} was split from (its config and weights hash "
+                              f"to {source[:23]}..., the split's source to {cloud.manifest.source_hash[:23]}...)")
 
     results = []
     for p, ids in enumerate(prompts):
