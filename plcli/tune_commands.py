@@ -86,6 +86,8 @@ def tune(
     if (connect is None) == (cloud_dir is None):
         raise UserError("give the cloud's endpoint with --connect URL, or --cloud CLOUD_DIR to run it in this process")
     thread_count(threads)
+    if wire_dtype not in ("float32", "float16"):  # as run-edge: refused before anything loads, with --cloud too
+        raise UserError("--wire-dtype must be float32 or float16")
     seconds("--timeout", timeout)
     seconds("--reconnect-timeout", reconnect_timeout, zero_turns_off=True)
     if connect is None and (curve_secret or server_key):

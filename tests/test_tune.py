@@ -238,6 +238,11 @@ def test_bad_options_and_foreign_adapters_are_refused(llama_bundle, bundle_facto
         code, _, err = run_cli("tune", edge, "--cloud", cloud, *given, "--out", tmp_path / "c", option, value)
         assert code == 2 and f"{option} {value} is out of range" in err and len(err.strip().splitlines()) == 1, err
         assert not (tmp_path / "c").exists()
+    # A wire dtype there is none of, in this process or over a connection (refused before connecting), as run-edge does.
+    for cloud_option in (("--cloud", cloud), ("--connect", "tcp://127.0.0.1:1")):
+        code, _, err = run_cli("tune", edge, *cloud_option, *common, "--out", tmp_path / "c", "--wire-dtype", "bfloat16")
+        assert code == 2 and "--wire-dtype must be float32 or float16" in err and len(err.strip().splitlines()) == 1, err
+        assert not (tmp_path / "c").exists()
     # Periodic evaluation needs something held out to evaluate on.
     code, _, err = run_cli("tune", edge, "--cloud", cloud, *common, "--out", tmp_path / "c", "--eval-every", 1)
     assert code == 2 and "--eval-every 1 evaluates on --eval-data" in err and len(err.strip().splitlines()) == 1, err
