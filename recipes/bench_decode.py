@@ -26,6 +26,7 @@ machine's loopback allows at best.
 from __future__ import annotations
 
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -54,8 +55,10 @@ def parse_link(text: str) -> Link:
         link = Link(up_mbps=float(fields.pop("up")), down_mbps=float(fields.pop("down")), rtt_ms=float(fields.pop("rtt", 0)))
     except (ValueError, KeyError):
         raise ValueError(f"--link {text!r}: give a preset ({', '.join(LINK_PRESETS)}) or up=MBIT,down=MBIT,rtt=MS") from None
-    if fields or link.up_mbps <= 0 or link.down_mbps <= 0 or link.rtt_ms < 0:
-        raise ValueError(f"--link {text!r}: up and down must be positive Mbit/s, rtt a non-negative ms, nothing else")
+    # `not x > 0` rather than `x <= 0`: NaN passes every comparison, and would only fail in time.sleep, minutes in.
+    if fields or not (0 < link.up_mbps < math.inf and 0 < link.down_mbps < math.inf and 0 <= link.rtt_ms < math.inf):
+        raise ValueError(f"--link {text!r}: up and down must be positive Mbit/s, rtt a non-negative ms (all finite), "
+                         "nothing else")
     return link
 
 

@@ -93,6 +93,8 @@ def test_links_parse_and_bad_input_is_one_line_exit_2(llama_checkpoint, llama_bu
     for args, message in [
         (["--link", "up=1"], "--link"),
         (["--link", "up=1,down=0"], "must be positive"),
+        (["--link", "up=nan,down=3"], "all finite"),  # NaN passed every comparison, and failed in time.sleep
+        (["--link", "up=1,down=3,rtt=inf"], "all finite"),  # would have waited forever on the first exchange
         (["--rank", "8,x"], "--rank"),
         (["--bundles", tmp_path, "--rank", "8,16"], "--bundles fixes the rank"),
         (["--new-tokens", 1], "at least 2"),
