@@ -153,7 +153,8 @@ def generate_key_pair(path: Path, *, force: bool = False) -> tuple[Path, Path, s
     """
     path = Path(path)
     directory, name = path.parent, path.name
-    if not name or name in (".", ".."):
+    if not name or name in (".", "..") or path.is_dir():
+        # `keys/` reaches here as `keys`: the pair would be keys.key and keys.key_secret beside that directory.
         raise KeyFileError(f"{path}: give the key pair a name, e.g. keys/edge")
     public_file, secret_file = directory / f"{name}.key", directory / f"{name}.key_secret"
     existing = [str(p) for p in (public_file, secret_file) if p.exists()]

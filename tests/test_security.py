@@ -101,6 +101,10 @@ def test_generated_pair_is_what_zmq_auth_reads_with_a_0600_secret_and_is_never_o
     replaced = _invoke("keys", "generate", tmp_path / "keys" / "edge", "--force", "--json")
     assert replaced.exit_code == 0 and json.loads(replaced.stdout)["public_key"] != report["public_key"]
     assert stat.S_IMODE(secret_file.stat().st_mode) == 0o600
+    # A directory names no pair: `keys generate keys/` wrote keys.key and keys.key_secret beside `keys`, not in it.
+    for directory in (tmp_path / "keys", f"{tmp_path / 'keys'}/"):
+        assert "give the key pair a name" in _one_line_error(_invoke("keys", "generate", directory))
+    assert sorted(os.listdir(tmp_path)) == ["keys"] and sorted(os.listdir(tmp_path / "keys")) == ["edge.key", "edge.key_secret"]
 
 
 def test_a_replacement_cut_short_between_its_two_renames_keeps_the_old_pair(tmp_path, monkeypatch):
