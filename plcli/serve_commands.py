@@ -60,7 +60,7 @@ def make_failover(urls: list[str], open_session, *, timeout: float, reconnect_ti
     def report(e: dict) -> None:
         if e["event"] == "lost":
             err_console.print(f"[yellow]lost the cloud at {shown(e['url'])}[/] ({shown(e['message'])}); reconnecting for up to "
-                              f"{reconnect_timeout:g} s", highlight=False, soft_wrap=True)
+                              f"{e['left_s']:g} s", highlight=False, soft_wrap=True)
         elif e["event"] == "reconnected":
             err_console.print(f"reconnected to {shown(e['url'])}; {carrying_on}", highlight=False, soft_wrap=True)
         elif e["event"] == "unreachable":

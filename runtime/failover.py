@@ -11,6 +11,12 @@ Only losses are recovered: a silence (the cloud died, or the network did), a
 closed connection, or a cloud that no longer knows the session (it restarted,
 or freed it as idle). A refusal (mismatched bundles, limits, a malformed
 request) would be refused again, so it is reported as it is.
+
+A reopened session counts as recovered only once it has done the work it was
+opened for (the caller says so with `settled`): a cloud that opens sessions and
+loses each of them at once, as a broken or hostile one can, gets the rest of
+the same --reconnect-timeout and backoff, not a fresh one after each open,
+which would retry forever.
 """
 
 from __future__ import annotations
@@ -54,6 +60,10 @@ class Failover(Generic[Session]):
         self.sleep, self.clock = sleep, clock
         self.current = 0  # index of the URL of the session last opened
         self.reconnects = 0
+        # While the session `recover` last returned has not `settled`: when its reconnecting must end, and the wait
+        # before the next try.
+        self._deadline: float | None = None
+        self._delay = FIRST_DELAY_S
 
     @property
     def url(self) -> str:
@@ -75,13 +85,23 @@ class Failover(Generic[Session]):
         raise error
 
     def recover(self, error: LinkError) -> Session:
-        """A new session after `error` lost the old one; re-raises `error` if it was no loss or failover is off."""
+        """A new session after `error` lost the old one; re-raises `error` if it was no loss or failover is off.
+
+        Until the caller calls `settled`, the session returned is on trial: if it is lost too, this goes on within
+        the same --reconnect-timeout, after the next backoff delay.
+        """
         if not is_loss(error) or not self.reconnect_timeout:
             raise error
         lost = self.url
-        self.on_event({"event": "lost", "url": lost, "message": str(error)})
-        deadline = self.clock() + self.reconnect_timeout
-        delay, attempt, last = FIRST_DELAY_S, 0, error
+        on_trial = self._deadline is not None  # the session the last recover opened was lost before it did anything
+        if not on_trial:
+            self._deadline, self._delay = self.clock() + self.reconnect_timeout, FIRST_DELAY_S
+        deadline = self._deadline
+        self.on_event({"event": "lost", "url": lost, "message": str(error),
+                       "left_s": max(0.0, round(deadline - self.clock(), 1))})
+        attempt, last = 0, error
+        if on_trial:
+            self._backoff(deadline)
         while True:
             left = deadline - self.clock()
             if left <= 0:
@@ -92,16 +112,28 @@ class Failover(Generic[Session]):
                 session = self.open_session(self.urls[i], min(self.timeout, left))
             except LinkError as e:
                 last = e
-                left = deadline - self.clock()
-                if left <= 0:
+                if not self._backoff(deadline):
                     break
-                self.sleep(min(delay, left))
-                delay = min(2 * delay, MAX_DELAY_S)
                 continue
             self.current = i
             self.reconnects += 1
             self.on_event({"event": "reconnected", "url": self.urls[i], "attempts": attempt})
             return session
+        self._deadline = None
         where = lost if len(self.urls) == 1 else f"any of {', '.join(self.urls)}"
         raise LinkError(f"{error}; no session could be reopened on {where} within --reconnect-timeout "
                         f"{self.reconnect_timeout:g} s (last: {last})")
+
+    def settled(self) -> None:
+        """The session `recover` returned has done its work (the replay, the step): a later loss gets a whole
+        --reconnect-timeout of its own again."""
+        self._deadline = None
+
+    def _backoff(self, deadline: float) -> bool:
+        """Wait the next delay (capped by the deadline); False once the deadline has passed."""
+        left = deadline - self.clock()
+        if left <= 0:
+            return False
+        self.sleep(min(self._delay, left))
+        self._delay = min(2 * self._delay, MAX_DELAY_S)
+        return True

@@ -170,9 +170,12 @@ class Conversation:
             self._retire()
             self.session = self.failover.recover(error)
             try:
-                return forward(self.edge, self.session, np.asarray([self.fed + ids], np.int64), last=True)
+                logits = forward(self.edge, self.session, np.asarray([self.fed + ids], np.int64), last=True)
             except LinkError as e:
                 error = e
+                continue
+            self.failover.settled()
+            return logits
 
     def _retire(self) -> None:
         self._retired = self.traffic

@@ -358,12 +358,16 @@ class Tuner:
         """
         while True:
             try:
-                return work()
+                result = work()
             except LinkError as e:
                 if self.failover is None or not is_loss(e):
                     raise
                 self.link.close()
                 self.link = self.failover.recover(e)
+                continue
+            if self.failover is not None:
+                self.failover.settled()
+            return result
 
     # -- the run -------------------------------------------------------------
     def run(self, on_step: Callable[[StepReport], None] | None = None,

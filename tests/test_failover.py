@@ -121,6 +121,27 @@ def test_a_reconnect_timeout_of_zero_turns_failover_off():
     assert len(clouds.tries) == 1
 
 
+def test_a_session_lost_before_it_settles_gets_the_rest_of_the_same_deadline_and_backoff():
+    """A cloud that opens sessions and loses each at once made recover start a whole new --reconnect-timeout after
+    every open: run-edge and tune retried it forever, tens of thousands of opens a minute."""
+    clouds = FakeClouds({"a": 0.0})
+    events: list[dict] = []
+    f = failover(clouds, ["a"], reconnect_timeout=10.0, events=events)
+    f.open()
+    with pytest.raises(LinkError, match="--reconnect-timeout 10 s") as gone:
+        for _ in range(100):
+            f.recover(CloudError("gone", "unknown_session"))  # every reopened session is lost before its work is done
+    assert not is_loss(gone.value) and clouds.now <= 10.0
+    starts = [t for t, _, _ in clouds.tries[1:]]
+    assert [round(b - a, 3) for a, b in zip(starts, starts[1:])] == [0.25, 0.5, 1.0, 2.0, 4.0]
+    assert [e["left_s"] for e in events if e["event"] == "lost"] == [10.0, 10.0, 9.8, 9.2, 8.2, 6.2, 2.2]
+    # A session that did its work settles the loss: the next one has the whole timeout and the first delay again.
+    f.recover(CloudError("gone", "unknown_session"))
+    f.settled()
+    clouds.now += 60.0
+    assert f.recover(CloudError("gone", "unknown_session")) == "session@a" and clouds.tries[-1][0] == clouds.now
+
+
 # -- replay, in one process ------------------------------------------------------------------------
 class FlakySession:
     """A local CloudSession that loses itself (a CloudError of `code`) at its `fail_at`-th call."""
@@ -197,6 +218,25 @@ def test_a_replay_that_is_lost_too_is_replayed_again_and_a_refusal_is_not(split)
     with pytest.raises(CloudError, match="stopped answering"):
         list(refusing.turn([4, 5, 6]))
     assert f.reconnects == 2
+
+
+@pytest.mark.parametrize("code", LOSS)
+def test_a_conversation_whose_every_new_session_is_lost_gives_up_at_the_deadline(split, code):
+    edge, cloud, _ = split
+    clouds = FakeClouds({"a": 0.0})
+    opened: list[FlakySession] = []
+
+    def open_session(url, timeout):
+        assert len(opened) < 100, "reopened sessions forever"
+        clouds.open(url, timeout)
+        opened.append(FlakySession(cloud.new_session(), 1, code))  # lost at its first call, the replay
+        return opened[-1]
+
+    f = Failover(["a"], open_session, timeout=1.0, reconnect_timeout=5.0, sleep=clouds.sleep, clock=lambda: clouds.now)
+    chat = Conversation(edge, FlakySession(cloud.new_session(), 2, code), Sampling(max_new_tokens=4), failover=f)
+    with pytest.raises(LinkError, match="--reconnect-timeout 5 s"):
+        list(chat.turn([4, 5, 6]))
+    assert clouds.now <= 5.0 and len(opened) == 5 and all(s.closed for s in opened[:-1])
 
 
 class FlakyLink:
