@@ -106,9 +106,10 @@ class WireConnection:
             deadline = time.monotonic() + min(self.timeout, 1.0)
             while (left := deadline - time.monotonic()) > 0 and self._socket.poll(max(1, int(left * 1000))):
                 # The reply to a step that Ctrl-C left in flight may come first: the cloud's `closed` is what counts.
-                reply = self._socket.recv_multipart(zmq.NOBLOCK)
+                reply, count, nbytes = wire.receive(self._socket, zmq.NOBLOCK)
                 try:
-                    header, _ = wire.decode(reply, wire.REPLIES, max_message_bytes=self.max_message_bytes)
+                    header, _ = wire.decode(reply, wire.REPLIES, max_message_bytes=self.max_message_bytes, count=count,
+                                            nbytes=nbytes)
                 except wire.ProtocolError:
                     continue
                 if header["op"] in ("closed", "error"):
@@ -149,13 +150,14 @@ class WireConnection:
 
     def _receive(self, *, expect: str, silence: str | None = None) -> tuple[dict, memoryview | None]:
         try:
-            reply = self._socket.recv_multipart(copy=False)  # waits up to RCVTIMEO; tensors are read in place
+            reply, count, nbytes = wire.receive(self._socket)  # waits up to RCVTIMEO; tensors are read in place
         except zmq.Again:
             self._broken(silence or f"the cloud at {self.url} stopped answering (no reply within {self.timeout:g} s)", "timeout")
         self.bytes_down += wire.framed_size(reply)
         self.round_trips += 1
         try:
-            header, payload = wire.decode(reply, wire.REPLIES, max_message_bytes=self.max_message_bytes)
+            header, payload = wire.decode(reply, wire.REPLIES, max_message_bytes=self.max_message_bytes, count=count,
+                                          nbytes=nbytes)
         except wire.ProtocolError as e:
             self._broken(f"the cloud sent a malformed reply: {e}")
         if header["op"] == "error":
@@ -392,7 +394,8 @@ def ask_status(socket: zmq.Socket, url: str, *, timeout: float = 5.0, secured: b
     socket.setsockopt(zmq.RCVTIMEO, wire.timeout_ms(timeout))  # wait in the receive, as a session does: no poll first
     try:
         socket.send_multipart(wire.encode("status", {}))
-        header, _ = wire.decode(socket.recv_multipart(), wire.REPLIES, max_message_bytes=wire.MAX_HEADER_BYTES)
+        reply, count, nbytes = wire.receive(socket)
+        header, _ = wire.decode(reply, wire.REPLIES, max_message_bytes=wire.MAX_HEADER_BYTES, count=count, nbytes=nbytes)
     except zmq.Again:
         raise CloudError(f"no answer from the cloud at {url} within {timeout:g} s " + _SILENCE_CAUSE[secured], "timeout") from None
     except wire.ProtocolError as e:

@@ -247,16 +247,18 @@ class CloudServer:
         if self._own_context is not None:
             self._own_context.term()
 
-    def _receive(self) -> list[tuple[bytes, str | None, list]]:
+    def _receive(self) -> list[tuple[bytes, str | None, list, int, int]]:
         """Every message waiting now (at most one per session slot and a few more), without blocking.
 
-        Each comes with its sender's routing id and, under CURVE, public key.
+        Each comes with its sender's routing id and, under CURVE, public key, then its first frames and the count
+        and bytes of all of them (`wire.receive` keeps only the first few).
         """
         messages = []
         # Asking first is cheaper than the exception a receive raises when nothing is left.
         while len(messages) < self.max_sessions + 8 and self.socket.getsockopt(_EVENTS) & _POLLIN:
-            frames = self.socket.recv_multipart(zmq.NOBLOCK, copy=False)
-            messages.append((frames[0].bytes, peer_key(frames[0]) if self.curve is not None else None, frames[1:]))
+            frames, count, nbytes = wire.receive(self.socket, zmq.NOBLOCK, routed=True)
+            messages.append((frames[0].bytes, peer_key(frames[0]) if self.curve is not None else None, frames[1:],
+                             count, nbytes))
         return messages
 
     def _send(self, peer: bytes, frames: list) -> None:
@@ -273,9 +275,10 @@ class CloudServer:
         self._send(peer, wire.encode("error", {"code": code, "message": message}))
 
     # -- admission: decode, validate, answer control ops ------------------------
-    def _admit(self, peer: bytes, key: str | None, frames: list) -> StepRequest | None:
+    def _admit(self, peer: bytes, key: str | None, frames: list, count: int, nbytes: int) -> StepRequest | None:
         try:
-            header, payload = wire.decode(frames, wire.REQUESTS, max_message_bytes=self.max_message_bytes)
+            header, payload = wire.decode(frames, wire.REQUESTS, max_message_bytes=self.max_message_bytes, count=count,
+                                          nbytes=nbytes)
             op = header["op"]
             if op == "open":
                 self._open(peer, key, header)

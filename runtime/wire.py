@@ -122,6 +122,7 @@ from .plan import STAGE_TARGETS
 
 PROTOCOL_VERSION = 2  # readers refuse any other field set, so changing one is a new version (see tests/test_wire.py)
 MAX_HEADER_BYTES = 4096
+MAX_FRAMES = 2  # header and tensor: `receive` keeps no more of a message than this (and a ROUTER's routing id)
 MAX_DIMS = 8
 MAX_DIM = (1 << 31) - 1
 MAX_STEP = (1 << 53) - 1  # JSON numbers stay exact up to here in every reader
@@ -273,17 +274,47 @@ def framed_size(frames: Sequence) -> int:
 
 
 # -- decoding ------------------------------------------------------------------
-def decode(frames: Sequence, table: dict[str, dict[str, Check]], *, max_message_bytes: int) -> tuple[dict, memoryview | None]:
+_RCVMORE = int(zmq.RCVMORE)
+
+
+def receive(socket: zmq.Socket, flags: int = 0, *, routed: bool = False) -> tuple[list, int, int]:
+    """One message's first frames (zmq.Frames, not copied), how many frames it had and their bytes in all.
+
+    What `recv_multipart` does, but a frame past MAX_FRAMES (after the routing
+    id, with `routed`; neither count nor bytes include that) is dropped as it is
+    received: a peer's message of a million empty frames, 2 MB on the wire, cost
+    a reader a list of a million frames, hundreds of MB and seconds of Python
+    before `decode` could refuse it. (libzmq itself still holds every frame of a
+    message, about 64 bytes each, until the last one has come: that much no
+    option bounds.)
+    """
+    keep = MAX_FRAMES + routed
+    frames = [socket.recv(flags, copy=False)]
+    count, nbytes = 1, 0 if routed else len(frames[0])
+    while socket.getsockopt(_RCVMORE):  # the rest of the message is there already: ZeroMQ delivers it whole
+        if count < keep:
+            frames.append(socket.recv(flags, copy=False))
+            nbytes += len(frames[-1])
+        else:
+            nbytes += len(socket.recv(flags))
+        count += 1
+    return frames, count - routed, nbytes
+
+
+def decode(frames: Sequence, table: dict[str, dict[str, Check]], *, max_message_bytes: int,
+           count: int | None = None, nbytes: int | None = None) -> tuple[dict, memoryview | None]:
     """Validated (header, tensor frame or None) of one message; raises ProtocolError.
 
+    `count` and `nbytes` are the message's frames and bytes where `frames` holds only its first ones (see `receive`).
     Checks, in order: sizes against the limits, the header's JSON, version, op,
     the exact field set and each field's type and range, the frame count.
     The tensor frame's size is checked by `tensor` once the dtype is known.
     """
     views = [memoryview(f) for f in frames]
+    count = len(views) if count is None else count
     if not views:
         raise ProtocolError("bad_message", "empty message")
-    total = sum(v.nbytes for v in views)
+    total = sum(v.nbytes for v in views) if nbytes is None else nbytes
     if total > max_message_bytes:
         raise ProtocolError("too_large", f"message of {total} bytes exceeds the limit of {max_message_bytes}")
     if views[0].nbytes > MAX_HEADER_BYTES:
@@ -315,8 +346,8 @@ def decode(frames: Sequence, table: dict[str, dict[str, Check]], *, max_message_
         if not check(header[name]):
             raise ProtocolError("bad_message", f"{op}: invalid {name}")
     carries = "shape" in schema
-    if len(views) != 1 + carries:
-        raise ProtocolError("bad_message", f"{op} takes {1 + carries} frame(s), got {len(views)}")
+    if count != 1 + carries or len(views) != count:
+        raise ProtocolError("bad_message", f"{op} takes {1 + carries} frame(s), got {count}")
     return header, views[1] if carries else None
 
 

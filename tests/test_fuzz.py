@@ -23,6 +23,7 @@ import socket
 import struct
 import threading
 import time
+import tracemalloc
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -352,6 +353,39 @@ def test_replayed_steps_are_refused_and_change_nothing(models):
         assert_still_serves_exactly(server, endpoint, edge, cloud, seed)
 
 
+MANY_FRAMES = 200_000  # empty frames, 2 bytes each on the wire
+
+
+def _python_peak_bytes(work) -> int:
+    """The most memory Python held above its level before `work()` (tracemalloc: libzmq's own is not counted)."""
+    tracemalloc.start()
+    try:
+        work()
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_a_message_of_many_frames_is_one_error_and_never_held_whole(models):
+    """A message of 200,000 empty frames (400 kB) was taken in as a list of as many frames: some 80 MB and a second of
+    the loop, so that a few MB of them held everyone's steps for seconds. Now only the first frames are kept."""
+    _, cloud, edge = models
+    server = CloudServer(cloud, bind="tcp://127.0.0.1:*", tune=False, threads=1)
+    peer = Peer(server.endpoint)
+    try:
+        peer.send([wire.encode("status", {})[0]] + [b""] * MANY_FRAMES)
+        peak = _python_peak_bytes(lambda: server.turn(TIMEOUT))
+        (reply, _), = peer.replies(1, seed=0)
+        assert reply["code"] == "bad_message" and f"got {MANY_FRAMES + 1}" in reply["message"], reply
+        assert peak < 4 << 20, f"{peak / 2 ** 20:.0f} MiB held for one message"
+        peer.send(wire.encode("status", {}))
+        server.turn(TIMEOUT)
+        assert peer.replies(1, seed=0)[0][0]["op"] == "status"
+    finally:
+        peer.close()
+        server.close()
+
+
 def _rss_mib() -> float:
     with open("/proc/self/status") as f:
         return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
@@ -645,6 +679,26 @@ def test_every_lie_of_the_cloud_is_a_cloud_error_within_the_timeout(models, mode
                 fake.close()
     assert caught > 2 * len(LIES)
     assert not marker.exists()
+
+
+def test_a_reply_of_many_frames_is_a_cloud_error_and_never_held_whole(models, tmp_path):
+    _, _, edge = models
+    many = [b""] * MANY_FRAMES
+    fake = LyingCloud(edge, lambda h, d, marker: [_frames(h, d) + many], lie_at=0, marker=tmp_path / "unpickled")
+    caught: list[CloudError] = []
+
+    def connect() -> None:
+        with pytest.raises(CloudError) as refused:
+            RemoteCloudSession(fake.endpoint, edge.manifest, timeout=TIMEOUT)
+        caught.append(refused.value)
+
+    try:
+        peak = _python_peak_bytes(connect)
+    finally:
+        fake.close()
+    assert caught[0].code == "bad_reply" and f"got {MANY_FRAMES + 1}" in str(caught[0])
+    # The fake cloud's own list of the frames it sends is counted too (1.6 MB).
+    assert peak < 8 << 20, f"{peak / 2 ** 20:.0f} MiB held for one reply"
 
 
 # -- limits -----------------------------------------------------------------------------------

@@ -678,8 +678,9 @@ class FrameLog:
     def __init__(self, link):
         self.messages: list[tuple[str, list[bytes]]] = []
         sock = link._socket
-        send, recv = sock.send, sock.recv_multipart
+        send, recv = sock.send, sock.recv
         pending: list[bytes] = []
+        received: list[bytes] = []
 
         # Frame by frame, as they go to the socket (send_multipart also sends through `send`): a message ends
         # with the first frame sent without SNDMORE.
@@ -690,12 +691,16 @@ class FrameLog:
                 pending.clear()
             return send(frame, flags, *args, **kwargs)
 
+        # Frame by frame too, as wire.receive reads them: a message ends with the first frame that has no more.
         def logged_recv(*args, **kwargs):
-            frames = recv(*args, **kwargs)
-            self.messages.append(("down", [bytes(memoryview(f)) for f in frames]))
-            return frames
+            frame = recv(*args, **kwargs)
+            received.append(bytes(memoryview(frame)))
+            if not sock.getsockopt(zmq.RCVMORE):
+                self.messages.append(("down", received[:]))
+                received.clear()
+            return frame
 
-        sock.send, sock.recv_multipart = logged_send, logged_recv
+        sock.send, sock.recv = logged_send, logged_recv
 
 
 def test_over_the_wire_only_activations_cross_never_text_ids_labels_or_loss(llama_bundle, data, tmp_path):
