@@ -106,7 +106,8 @@ def tune(
     config = resume_config(out, given) if resume else TuneConfig(**given)
     failover = None
     if urls is not None:
-        failover = make_failover(urls, lambda url, t: _remote_link(url, edge, wire_dtype, t, curve),
+        tokens = config.batch_size * config.seq_len  # what a pass carries: the replies the edge takes are no larger
+        failover = make_failover(urls, lambda url, t: _remote_link(url, edge, wire_dtype, t, curve, tokens),
                                  timeout=timeout, reconnect_timeout=reconnect_timeout,
                                  carrying_on="doing the interrupted step again")
         link = failover.open()
@@ -149,11 +150,11 @@ def _local_link(cloud_dir: Path, edge, threads: int | None):
     return local_train_link(cloud_dir, threads=threads)
 
 
-def _remote_link(url: str, edge, wire_dtype: str, timeout: float, curve):
+def _remote_link(url: str, edge, wire_dtype: str, timeout: float, curve, max_tokens: int):
     from plcli.runtime.client import RemoteTrainLink
 
     try:
-        return RemoteTrainLink(url, edge.manifest, wire_dtype=wire_dtype, timeout=timeout, curve=curve)
+        return RemoteTrainLink(url, edge.manifest, wire_dtype=wire_dtype, timeout=timeout, max_tokens=max_tokens, curve=curve)
     except ValueError as e:
         raise UserError(str(e)) from None
 

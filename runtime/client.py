@@ -25,6 +25,19 @@ from .train_link import GradOutput, LinkError
 
 
 CLOSE_LINGER_MS = 200  # how long a `close` sent on giving up may still take to leave
+# Replies a connection queues unread: the protocol has at most two on their way (a step's and `close`'s), and without
+# a bound a cloud could park up to ZeroMQ's default of 1000 replies of the largest size in the edge's memory.
+REPLIES_QUEUED = 4
+
+
+def _bound_replies(socket: zmq.Socket, frame_bytes: int) -> None:
+    """Bound what a cloud can make `socket` (not yet connected) hold: a few replies, each frame at most `frame_bytes`.
+
+    libzmq drops a connection that sends a larger frame, as it arrives, before it is allocated in full; the edge
+    then sees a silence. Without this, a cloud's one frame of many GB was received whole, and only then refused.
+    """
+    socket.setsockopt(zmq.RCVHWM, REPLIES_QUEUED)
+    socket.setsockopt(zmq.MAXMSGSIZE, frame_bytes)
 
 
 class CloudError(LinkError):
@@ -52,7 +65,10 @@ class WireConnection:
     too_large_hint = ""  # what to change when a message is over the cloud's limit
 
     def __init__(self, url: str, manifest: Manifest, *, mode: str, wire_dtype: str = "float32", timeout: float = 10.0,
-                 batch: int = 1, context: zmq.Context | None = None, curve: ClientKeys | None = None):
+                 batch: int = 1, max_tokens: int | None = None, context: zmq.Context | None = None,
+                 curve: ClientKeys | None = None):
+        """`max_tokens`: the most tokens (rows x positions) one request of this connection carries, which bounds
+        every reply (default: `batch` rows of the model's positions)."""
         if wire_dtype not in wire.WIRE_DTYPES:
             raise ValueError(f"wire dtype must be one of {', '.join(wire.WIRE_DTYPES)}")
         wait_ms = wire.timeout_ms(timeout)
@@ -67,6 +83,12 @@ class WireConnection:
         self._socket.setsockopt(zmq.LINGER, 0)
         self._socket.setsockopt(zmq.SNDTIMEO, wait_ms)
         self._socket.setsockopt(zmq.RCVTIMEO, wait_ms)
+        # The largest reply is a hidden state or `A x` of the most tokens a request carries.
+        widest = max([manifest.architecture.hidden_size] + [len(s.kind.out_cut.targets) * manifest.rank
+                                                            for s in self.plan.segments if s.kind.out_cut is not None])
+        itemsize = wire.WIRE_DTYPES[wire_dtype].itemsize
+        tokens = max_tokens or batch * manifest.architecture.max_position_embeddings
+        _bound_replies(self._socket, wire.MAX_HEADER_BYTES + tokens * widest * itemsize)
         if curve is not None:
             secure_client(self._socket, curve)
         try:
@@ -90,9 +112,7 @@ class WireConnection:
         self.max_message_bytes = reply["max_message_bytes"]
         if reply["wire_dtype"] != wire_dtype:
             self._broken(f"the cloud opened a {reply['wire_dtype']} session, the edge asked for {wire_dtype}")
-        widest = max([manifest.architecture.hidden_size] + [len(s.kind.out_cut.targets) * manifest.rank
-                                                            for s in self.plan.segments if s.kind.out_cut is not None])
-        one_token = wire.MAX_HEADER_BYTES + batch * widest * wire.WIRE_DTYPES[wire_dtype].itemsize
+        one_token = wire.MAX_HEADER_BYTES + batch * widest * itemsize
         if self.max_message_bytes < one_token:
             self._broken(f"the cloud takes messages of at most {self.max_message_bytes} bytes, "
                          f"less than the {one_token} of one token's step")
@@ -300,15 +320,22 @@ class RemoteTrainLink(WireConnection):
     too_large_hint = "; a pass carries --batch-size x --seq-len tokens: make them smaller"
 
     def __init__(self, url: str, manifest: Manifest, *, wire_dtype: str = "float32", timeout: float = 10.0,
-                 context: zmq.Context | None = None, curve: ClientKeys | None = None):
+                 max_tokens: int | None = None, context: zmq.Context | None = None, curve: ClientKeys | None = None):
+        """`max_tokens`: the most tokens (rows x sequence length) a pass of this link carries; it bounds the replies
+        the edge takes in (default: the most the protocol allows a pass, wire.MAX_BATCH rows of the model's
+        positions)."""
         self._passes = 0  # passes started
         self._cut: int | None = None  # cut of the last ax / grad received, while a pass is open
         self._shape: tuple[int, int] = (0, 0)  # batch, seq of the open pass
-        super().__init__(url, manifest, mode="tune", wire_dtype=wire_dtype, timeout=timeout, context=context, curve=curve)
+        self._max_tokens = max_tokens or wire.MAX_BATCH * manifest.architecture.max_position_embeddings
+        super().__init__(url, manifest, mode="tune", wire_dtype=wire_dtype, timeout=timeout, max_tokens=self._max_tokens,
+                         context=context, curve=curve)
         self._cuts = [s for s in self.plan.segments if s.kind.out_cut is not None]
 
     def forward_start(self, embeds: np.ndarray, attention_mask: np.ndarray | None = None, *, train: bool = True) -> StepOutput:
         bsz, seq = embeds.shape[:2]
+        if bsz * seq > self._max_tokens:
+            raise ValueError(f"a pass of {bsz} x {seq} tokens exceeds this link's max_tokens of {self._max_tokens}")
         if attention_mask is None:
             attention_mask = np.ones((bsz, seq), np.int64)
         lengths = attention_mask.sum(axis=1)
@@ -379,6 +406,7 @@ def status_connection(url: str, *, context: zmq.Context | None = None, curve: Cl
     """A connection of its own to the cloud at `url`, for `ask_status`; the caller closes it."""
     socket = (context or zmq.Context.instance()).socket(zmq.DEALER)
     socket.setsockopt(zmq.LINGER, 0)
+    _bound_replies(socket, wire.MAX_HEADER_BYTES)  # a status reply is one header
     if curve is not None:
         secure_client(socket, curve)
     try:

@@ -701,6 +701,36 @@ def test_a_reply_of_many_frames_is_a_cloud_error_and_never_held_whole(models, tm
     assert peak < 8 << 20, f"{peak / 2 ** 20:.0f} MiB held for one reply"
 
 
+@pytest.mark.parametrize("mode", list(DRIVES))
+def test_a_frame_larger_than_any_reply_due_is_dropped_by_libzmq_before_the_edge_holds_it(models, mode, tmp_path):
+    """A cloud's frame of any size was received whole (a 10 GB one would be allocated in full) and only then refused as
+    over the session's `max_message_bytes`, which the cloud itself had named. Now libzmq drops the connection when the
+    frame's size arrives, past what the edge's largest reply can be (here 16 MiB for a pass of 256 rows of the
+    model's 256 positions, under 70 kB for a generate step): the edge sees a silence."""
+    _, _, edge = models
+    huge = b"\0" * (24 << 20)
+    fake = LyingCloud(edge, lambda h, d, marker: d is not None and [_frames(h, huge)], lie_at=1, marker=tmp_path / "x")
+    started = time.monotonic()
+    try:
+        with pytest.raises(CloudError) as lost:
+            DRIVES[mode](edge, fake.endpoint)
+    finally:
+        fake.close()
+    assert fake.lied and lost.value.code == "timeout" and time.monotonic() - started < EDGE_TIMEOUT + 1.0, lost.value
+
+
+def test_a_tune_link_takes_no_pass_over_its_max_tokens(models):
+    _, cloud, edge = models
+    with serve(cloud) as (_, endpoint), RemoteTrainLink(endpoint, edge.manifest, timeout=TIMEOUT, max_tokens=6) as link:
+        with pytest.raises(ValueError, match="max_tokens of 6"):
+            link.forward_start(edge.embed(np.asarray([[3, 4, 5, 6], [6, 7, 7, 8]])))
+        assert link.socket.getsockopt(zmq.MAXMSGSIZE) == wire.MAX_HEADER_BYTES + 6 * edge.arch.hidden_size * 4
+        out = link.forward_start(edge.embed(np.asarray([[3, 4, 5], [6, 7, 7]])), train=False)
+        while not out.done:
+            out = link.forward_resume(edge.apply_adapter(out.layer, out.stage, out.ax))
+        assert out.hidden.shape == (2, 3, edge.arch.hidden_size)
+
+
 # -- limits -----------------------------------------------------------------------------------
 def test_abandoned_sessions_stay_within_the_memory_budget_and_are_all_freed_by_the_timeout(models):
     from plcli.runtime.server import memory_per_session
