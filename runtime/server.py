@@ -270,6 +270,9 @@ class CloudServer:
         self._send(session.peer, frames)
 
     def _reply_error(self, peer: bytes, code: str, message: str) -> None:
+        # Cut to what the protocol lets a reader take: a message quotes a peer's words (field names, an op), whose
+        # escapes (`\U0010ffff` for one character) could make it twice as long.
+        message = message[:wire.MAX_ERROR_MESSAGE]
         self.counters.rejected += 1
         self.on_event({"event": "rejected", "code": code, "message": message})
         self._send(peer, wire.encode("error", {"code": code, "message": message}))
@@ -317,7 +320,7 @@ class CloudServer:
         except wire.ProtocolError as e:
             self._reply_error(peer, e.code, str(e))
         except Exception as e:  # a bug must not take the server down with it
-            self._reply_error(peer, "internal", f"{type(e).__name__}: {e}"[:1000])
+            self._reply_error(peer, "internal", f"{type(e).__name__}: {e}")
         return None
 
     def _open(self, peer: bytes, key: str | None, header: dict) -> None:
@@ -540,7 +543,7 @@ class CloudServer:
         session.cut = session.ax_shape = None
         # `session.memory` stays what the step reserved: the cache buffers it grew are kept for the next step.
         session.last_seen = time.monotonic()
-        self._reply_error(session.peer, "internal", f"the cloud failed to run the step: {type(error).__name__}: {error}"[:1000])
+        self._reply_error(session.peer, "internal", f"the cloud failed to run the step: {type(error).__name__}: {error}")
 
     def _reply_step(self, session: Session, op: str, out: StepOutput) -> None:
         step = session.steps
@@ -576,7 +579,7 @@ class CloudServer:
             session.cut = None
             session.memory = 0
             session.last_seen = time.monotonic()
-            self._reply_error(session.peer, "internal", f"the cloud failed to run {op}: {type(e).__name__}: {e}"[:1000])
+            self._reply_error(session.peer, "internal", f"the cloud failed to run {op}: {type(e).__name__}: {e}")
             return
         step = session.steps - 1
         if op in ("train_step", "madx"):

@@ -122,6 +122,7 @@ from .plan import STAGE_TARGETS
 
 PROTOCOL_VERSION = 2  # readers refuse any other field set, so changing one is a new version (see tests/test_wire.py)
 MAX_HEADER_BYTES = 4096
+MAX_ERROR_MESSAGE = 1000  # characters of an `error` reply's message: a reader refuses a longer one
 MAX_FRAMES = 2  # header and tensor: `receive` keeps no more of a message than this (and a ROUTER's routing id)
 MAX_DIMS = 8
 MAX_DIM = (1 << 31) - 1
@@ -232,7 +233,7 @@ REPLIES: dict[str, dict[str, Check]] = {
     "status": {"sessions": _COUNT, "max_sessions": _COUNT, "tokens": _COUNT, "tokens_per_s": _number,
                "uptime_s": _number, "rejected": _COUNT, "memory_bytes": _COUNT, "grouped_calls": _COUNT,
                "largest_group": _COUNT},
-    "error": {"code": _text(64), "message": _text(1000)},
+    "error": {"code": _text(64), "message": _text(MAX_ERROR_MESSAGE)},
 }
 
 

@@ -458,6 +458,24 @@ def test_words_of_a_peer_reach_the_log_escaped_and_the_cloud_serves_on(llama_bun
     assert "\x1b" not in log and "forged" in log and "\nforged" not in log
 
 
+def test_an_error_quoting_a_peers_words_is_still_a_reply_the_protocol_allows(models):
+    """An error message quotes a peer's field names or version: escaped, six names of 40 unprintable characters made
+    a message of 2,000 characters, and a version of 3,000 digits one of 3,000, past the 1,000 an `error` may have.
+    A reader refused the reply as malformed."""
+    _, cloud, _ = models
+    names = {chr(0x21 + i) + "\U0010ffff" * 39: 1 for i in range(6)}
+    messages = [json.dumps({"v": wire.PROTOCOL_VERSION, "op": "status", **names}).encode(),
+                b'{"v": 1' + b"0" * 3000 + b', "op": "status"}']
+    with serve(cloud, tune=False) as (server, endpoint):
+        peer = Peer(endpoint)
+        try:
+            replies = [peer.ask([frames])[0] for frames in messages]  # decoded as an edge decodes them
+        finally:
+            peer.close()
+    assert [r["code"] for r in replies] == ["bad_message", "unsupported_version"], replies
+    assert all(len(r["message"]) == wire.MAX_ERROR_MESSAGE for r in replies)
+
+
 class FileMaker:
     """Unpickling this creates the file `path`: the marker of a reader that unpickles."""
 
