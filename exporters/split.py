@@ -131,7 +131,9 @@ def split_checkpoint(
         edge_w["norm"] = _checked(tensors.get(family.final_norm), (arch.hidden_size,), "norm")
 
         ab = {k: v for k, v in cloud_w.items() if ".A." in k or ".B." in k}
-        ab_fp = fingerprint(ab)
+        # Bound to the checkpoint too: another checkpoint of this shape, split with this seed, draws these A and B,
+        # and its edge (embedding, head, M) must not run on this cloud's layers.
+        ab_fp = fingerprint(ab, source=source_hash)
         cloud_graphs, edge_graphs = export_all(
             arch, plan, rank, inv_freq, cloud_dir / GRAPHS, edge_dir / GRAPHS,
             progress=lambda done: notify("graphs", done, graph_count(plan)),

@@ -204,9 +204,15 @@ def read_manifest(bundle_dir: str | Path, side: str | None = None) -> Manifest:
     return manifest
 
 
-def fingerprint(tensors: dict[str, np.ndarray]) -> str:
-    """sha256 over names, dtypes, shapes and bytes, in sorted name order."""
+def fingerprint(tensors: dict[str, np.ndarray], *, source: str = "") -> str:
+    """sha256 over `source` (a checkpoint's hash, when given), then names, dtypes, shapes and bytes in sorted name order.
+
+    A and B are drawn from the seed and the shapes alone, so two checkpoints of one shape split with one seed get the
+    same A and B; `split` passes its checkpoint's hash, so that their halves still pair only with each other.
+    """
     h = hashlib.sha256()
+    if source:
+        h.update(f"source|{source}|".encode())
     for name in sorted(tensors):
         t = np.ascontiguousarray(tensors[name])
         h.update(f"{name}|{t.dtype.str}|{t.shape}|".encode())

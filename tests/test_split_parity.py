@@ -231,7 +231,8 @@ def test_edge_and_cloud_are_paired_by_fingerprint(llama_bundle, llama_checkpoint
     cloud, edge = read_manifest(llama_bundle / "cloud"), read_manifest(llama_bundle / "edge")
     assert cloud.ab_fingerprint == edge.ab_fingerprint
     weights = load_file(str(llama_bundle / "cloud" / "weights.safetensors"))
-    assert cloud.ab_fingerprint == fingerprint({k: v for k, v in weights.items() if ".A." in k or ".B." in k})
+    ab = {k: v for k, v in weights.items() if ".A." in k or ".B." in k}
+    assert cloud.ab_fingerprint == fingerprint(ab, source=cloud.source_hash)
 
     reseeded = bundle_factory(llama_checkpoint, rank=8, seed=1)
     other = read_manifest(reseeded / "cloud")
@@ -243,6 +244,22 @@ def test_edge_and_cloud_are_paired_by_fingerprint(llama_bundle, llama_checkpoint
     mixed = tmp_path / "mixed"
     shutil.copytree(llama_bundle / "edge", mixed / "edge")
     shutil.copytree(reseeded / "cloud", mixed / "cloud")
+    with pytest.raises(BundleError, match="not split together"):
+        verify(mixed, llama_checkpoint, decode_steps=1)
+
+
+def test_splits_of_two_checkpoints_of_one_shape_do_not_pair(llama_bundle, llama_checkpoint, checkpoint_factory,
+                                                            bundle_factory, tmp_path):
+    """A and B come from the seed and the shapes alone: another checkpoint of this shape, split with the same seed,
+    draws the same A and B. Its edge (embedding, head, M) on this cloud's layers would generate garbage, so the
+    fingerprint binds the checkpoint too, and the pair is refused like any other."""
+    other = bundle_factory(checkpoint_factory("llama-other-weights", seed=1), rank=8)
+    ours, theirs = read_manifest(llama_bundle / "edge"), read_manifest(other / "edge")
+    assert ours.source_hash != theirs.source_hash and ours.seed == theirs.seed
+    assert ours.ab_fingerprint != theirs.ab_fingerprint
+    mixed = tmp_path / "mixed"
+    shutil.copytree(other / "edge", mixed / "edge")
+    shutil.copytree(llama_bundle / "cloud", mixed / "cloud")
     with pytest.raises(BundleError, match="not split together"):
         verify(mixed, llama_checkpoint, decode_steps=1)
 
