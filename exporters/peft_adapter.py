@@ -18,7 +18,8 @@ from pathlib import Path
 import numpy as np
 
 from plcli.recipes import llama, mistral, qwen2
-from plcli.runtime.bundle import WEIGHTS, BundleError, atomic_directory, read_manifest, reported_writes
+from plcli.runtime.bundle import (WEIGHTS, BundleError, atomic_directory, read_manifest, refuse_overlap,
+                                  reported_writes)
 from plcli.runtime.edge import load_adapter
 from plcli.runtime.ort import read_weights
 
@@ -75,6 +76,8 @@ def export_peft(cloud_dir: str | Path, edge_dir: str | Path, adapter_dir: str | 
                 *, base_model: str | None = None, force: bool = False) -> Path:
     from safetensors.numpy import save_file
 
+    # --force replaces --out whole: an --out that is, or holds, what is read here would be deleted by it.
+    refuse_overlap(out_dir, [("the cloud bundle", cloud_dir), ("the edge bundle", edge_dir), ("the adapter", adapter_dir)])
     config, tensors = peft_lora(cloud_dir, edge_dir, adapter_dir)
     config["base_model_name_or_path"] = base_model
     edge = read_manifest(edge_dir, side="edge")

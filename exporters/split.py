@@ -23,7 +23,7 @@ from plcli.recipes.base import UnsupportedModel, family_for, rope_frequencies
 from plcli.runtime.arch import layer_weight_shapes
 from plcli.runtime.errors import PlcliError
 from plcli.runtime.bundle import (GRAPHS, MANIFEST, TOKENIZER, WEIGHTS, BundleError, Manifest, atomic_directory,
-                                 check_target, fingerprint, is_int, is_number, reported_writes)
+                                 check_target, fingerprint, is_int, is_number, refuse_overlap, reported_writes)
 from plcli.runtime.edge import load_tokenizer
 from plcli.runtime.plan import ALL_TARGETS, DEFAULT_TARGETS, SplitPlan, normalize_targets
 
@@ -80,9 +80,7 @@ def split_checkpoint(
     if not 1 <= rank <= arch.hidden_size // 2:
         raise SplitError(f"--rank {rank} is out of range: use 1 to {arch.hidden_size // 2} (half the hidden size {arch.hidden_size})")
     check_target(out_dir, replace=force)
-    if out_dir.resolve() == model_dir.resolve() or out_dir.resolve() in model_dir.resolve().parents:
-        # With --force, replacing OUT_DIR would delete the checkpoint being split.
-        raise SplitError(f"{out_dir} holds the checkpoint {model_dir}: choose another output directory")
+    refuse_overlap(out_dir, [("the checkpoint", model_dir)])  # with --force, replacing OUT_DIR would delete it
     tok_files = tokenizer_files(model_dir)
     if not tok_files:
         raise SplitError(f"{model_dir}: no tokenizer files (the edge bundle needs the tokenizer)")

@@ -80,6 +80,7 @@ def tune(
     as_json: bool = typer.Option(False, "--json", help="Print a summary as JSON."),
 ):
     """Tune the adapter M on your own text: data, labels and loss never leave this device."""
+    from plcli.runtime.bundle import refuse_overlap
     from plcli.runtime.edge import EdgeModel
     from plcli.runtime.tune import Tuner, TuneConfig, check_out, default_adapter_dir, resume_config
 
@@ -96,6 +97,9 @@ def tune(
     urls = None if connect is None else cloud_urls(connect)
     data = [*data, *(more_data or [])]
     out = out or default_adapter_dir(edge_dir)
+    # A checkpoint replaces --out whole: what it holds of the inputs would be deleted (the bundles, a data file).
+    refuse_overlap(out, [("the edge bundle", edge_dir), ("the cloud bundle", cloud_dir),
+                         *(("the data file", p) for p in [*data, *(eval_data or [])])])
     given = {k: v for k, v in dict(
         steps=steps, epochs=epochs, lr=lr, batch_size=batch_size, seq_len=seq_len, grad_accum=grad_accum, warmup=warmup,
         weight_decay=weight_decay, max_grad_norm=max_grad_norm, seed=seed, eval_every=eval_every, save_every=save_every,

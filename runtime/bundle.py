@@ -331,6 +331,16 @@ def _fresh_directory(parent: Path, prefix: str) -> Path:
             continue
 
 
+def refuse_overlap(out: str | Path, inputs) -> None:
+    """Refuse an output directory that is one of the inputs, or holds one: writing it replaces the whole directory,
+    which would delete what is being read (`inputs`: pairs of what each is, for the message, and its path or None)."""
+    target = Path(out).resolve()
+    for what, path in inputs:
+        if path is not None and (Path(path).resolve() == target or target in Path(path).resolve().parents):
+            held = "is" if Path(path).resolve() == target else "holds"
+            raise BundleError(f"{out} {held} {what} {path}: writing it would delete that; choose another output directory")
+
+
 def check_target(final: Path, *, replace: bool) -> None:
     """Refuse `final` unless it is missing, or a directory and `replace`; after `restore_interrupted`.
 

@@ -1,0 +1,78 @@
+"""Bad input to every command: one line on stderr, exit code 2, and nothing the user had is lost.
+
+Each test here holds a case a sweep of paths, files and flags found wrong: an output that is also an input, JSON
+nested past Python's recursion limit, an interrupt that reached a command through a library, and so on.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from plcli.cli import app
+from plcli.exporters.verify import random_adapter
+from plcli.runtime.edge import EdgeModel
+from plcli.runtime.tune import write_adapter
+
+TEXT = ("Private notes stay on the edge. The cloud only sees activations of the frozen layers. " * 20).strip()
+
+
+def plcli(*args, input: str | None = None):
+    return CliRunner().invoke(app, [str(a) for a in args], input=input)
+
+
+def assert_refused(result, *, says: str, code: int = 2) -> None:
+    """Exit `code` with exactly one line on stderr that says `says`, nothing on stdout, no traceback."""
+    lines = result.stderr.strip().splitlines()
+    assert result.exit_code == code, (result.exit_code, result.stdout, result.stderr, result.exception)
+    assert isinstance(result.exception, SystemExit), result.exception
+    assert len(lines) == 1 and lines[0].startswith("error: ") and says in lines[0], result.stderr
+    assert "Traceback" not in result.output and result.stdout == ""
+
+
+def snapshot(d: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture
+def bundle_with_adapter(llama_bundle, tmp_path):
+    """A copy of the llama split whose edge holds a tuned adapter in its default place."""
+    out = tmp_path / "split"
+    shutil.copytree(llama_bundle, out)
+    edge = EdgeModel(out / "edge")
+    (out / "edge" / "adapter").mkdir()
+    write_adapter(out / "edge" / "adapter", edge.manifest, random_adapter(edge, seed=1))
+    return out
+
+
+# -- outputs that are inputs --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("where", ["edge", "cloud", "adapter", "split"])
+def test_export_peft_never_replaces_what_it_reads(bundle_with_adapter, where):
+    """`--out` with `--force` replaces a directory whole: the edge bundle, the cloud bundle or the adapter given as
+    `--out` (or a directory that holds them) were replaced by the peft files."""
+    split = bundle_with_adapter
+    out = {"edge": split / "edge", "cloud": split / "cloud", "adapter": split / "edge" / "adapter", "split": split}[where]
+    before = snapshot(split)
+    assert_refused(plcli("export-peft", "--cloud", split / "cloud", "--edge", split / "edge", "--out", out, "--force"),
+                   says="writing it would delete that")
+    assert snapshot(split) == before
+
+
+def test_tune_never_replaces_its_own_data(llama_bundle, bundle_with_adapter, tmp_path):
+    """A checkpoint replaces --out whole: a data file kept in it would be deleted by the first save."""
+    out = bundle_with_adapter / "edge" / "adapter"
+    (out / "notes.txt").write_text(TEXT)
+    (tmp_path / "train.txt").write_text(TEXT)
+    before = snapshot(out)
+    for flag in ("--data", "--eval-data"):
+        extra = () if flag == "--data" else ("--data", tmp_path / "train.txt")
+        assert_refused(plcli("tune", bundle_with_adapter / "edge", "--cloud", bundle_with_adapter / "cloud", *extra,
+                             flag, out / "notes.txt", "--steps", 1, "--seq-len", 16, "--out", out, "--force"),
+                       says=f"holds the data file {out / 'notes.txt'}")
+    assert snapshot(out) == before
