@@ -14,7 +14,7 @@ import typer
 from rich.table import Table
 from rich.text import Text
 
-from .app import app, console, print_json, printable, reports_errors, shown
+from .app import UserError, app, console, print_json, printable, reports_errors, shown
 from .bundle_commands import split_with_progress
 from .serve_commands import timed_turn
 
@@ -37,7 +37,9 @@ def run_demo(out: Path | None, *, as_json: bool = False) -> dict:
     say = (lambda *a: None) if as_json else console.print
     model_dir = demo_model_dir()
     out = Path(out) if out else cache_root() / "demo"
-    bundles = out / "bundles"
+    bundles, tune_bundles = out / "bundles", out / "tune-bundles"
+    for path in (bundles, tune_bundles):
+        _only_a_demo_split(path)
 
     say(f"[bold]1. split[/] the embedded demo model ({model_dir.name}) into {shown(bundles)}")
     result = split_with_progress(model_dir, bundles, force=True)
@@ -88,7 +90,6 @@ def run_demo(out: Path | None, *, as_json: bool = False) -> dict:
 
     # Recalling a fact verbatim takes the MLP too: with q, k, v alone this 2M-parameter model learns the notes' style
     # but none of their facts (recipes/tune_quality.py measures both), so the tuning act adapts all seven projections.
-    tune_bundles = out / "tune-bundles"
     say(f"[bold]5. tune[/] M on synthetic private notes through a loopback cloud, as `plcli tune --connect` does; "
         f"split again with all seven projections adapted into {shown(tune_bundles)}")
     split_with_progress(model_dir, tune_bundles, targets=ALL_TARGETS, force=True)
@@ -106,6 +107,16 @@ def run_demo(out: Path | None, *, as_json: bool = False) -> dict:
     if not (parity and identical and network["identical"]):
         raise typer.Exit(1)
     return report
+
+
+def _only_a_demo_split(path: Path) -> None:
+    """Refuse `path` unless it is missing, empty or an earlier demo's split: the demo replaces it without --force, so
+    under a user's --out it must never take a directory of theirs that happens to bear the name."""
+    from plcli.runtime.bundle import MANIFEST
+
+    if path.is_dir() and any(path.iterdir()) and not all((path / side / MANIFEST).is_file() for side in ("cloud", "edge")):
+        raise UserError(f"{path} exists and is not a split of an earlier demo, which the demo would replace: "
+                        "choose another --out")
 
 
 def serve_and_generate(cloud, edge, prompt_ids: list[int], sampling) -> dict:

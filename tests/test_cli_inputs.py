@@ -76,3 +76,13 @@ def test_tune_never_replaces_its_own_data(llama_bundle, bundle_with_adapter, tmp
                              flag, out / "notes.txt", "--steps", 1, "--seq-len", 16, "--out", out, "--force"),
                        says=f"holds the data file {out / 'notes.txt'}")
     assert snapshot(out) == before
+
+
+@pytest.mark.parametrize("name", ["bundles", "tune-bundles"])
+def test_demo_never_replaces_a_directory_it_did_not_write(tmp_path, name):
+    """The demo replaces OUT/bundles and OUT/tune-bundles without --force, which is right for its own earlier
+    splits only: a directory of the user's under that name in --out was deleted."""
+    (tmp_path / name).mkdir()
+    (tmp_path / name / "keep.txt").write_text("mine")
+    assert_refused(plcli("demo", "--out", tmp_path), says=f"{tmp_path / name} exists and is not a split of an earlier demo")
+    assert snapshot(tmp_path) == {f"{name}/keep.txt": b"mine"}
