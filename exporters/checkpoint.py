@@ -46,6 +46,8 @@ def load_config(model_dir: str | Path):
             if value is not None and (type(value) is not int or value < 1):
                 raise CheckpointError(f"{model_dir / 'config.json'}: {key} is {value!r}: must be a positive integer")
         return AutoConfig.from_pretrained(model_dir, local_files_only=True)
+    except RecursionError:  # json nests arrays and objects on Python's stack
+        raise CheckpointError(f"{model_dir / 'config.json'}: unreadable config (JSON nested too deeply)") from None
     except (OSError, ValueError, KeyError, TypeError) as e:
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"{model_dir / 'config.json'}: unreadable config ({first_line})") from None

@@ -211,6 +211,8 @@ def _generation_defaults(model_dir: Path) -> dict:
         values = json.loads(p.read_text())
     except (OSError, ValueError) as e:  # UnicodeDecodeError is a ValueError
         raise SplitError(f"{p}: unreadable generation config ({e})") from None
+    except RecursionError:  # json nests arrays and objects on Python's stack
+        raise SplitError(f"{p}: unreadable generation config (JSON nested too deeply)") from None
     if not isinstance(values, dict):
         raise SplitError(f"{p}: not a generation config (a JSON object)")
     settings = {k: v for k, v in values.items() if v is not None}

@@ -188,6 +188,8 @@ def read_manifest(bundle_dir: str | Path, side: str | None = None) -> Manifest:
         raise BundleError(f"{bundle_dir}: not a plcli bundle (no {MANIFEST})") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise BundleError(f"{path}: unreadable manifest ({e})") from None
+    except RecursionError:  # json nests arrays and objects on Python's stack
+        raise BundleError(f"{path}: unreadable manifest (JSON nested too deeply)") from None
     version = raw.get("format_version") if isinstance(raw, dict) else None
     if version != FORMAT_VERSION:
         raise BundleError(f"{path}: bundle format version {version!r}, this plcli reads version {FORMAT_VERSION}: "

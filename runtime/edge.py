@@ -127,6 +127,8 @@ def load_adapter(path: str | Path, manifest: Manifest) -> dict[str, np.ndarray]:
         raise BundleError(f"{path}: not an adapter directory (no {ADAPTER_CONFIG})") from None
     except (OSError, ValueError) as e:
         raise BundleError(f"{path / ADAPTER_CONFIG}: unreadable ({e})") from None
+    except RecursionError:  # json nests arrays and objects on Python's stack
+        raise BundleError(f"{path / ADAPTER_CONFIG}: unreadable (JSON nested too deeply)") from None
     if not isinstance(config, dict):
         raise BundleError(f"{path / ADAPTER_CONFIG}: not a JSON object")
     if config.get("ab_fingerprint") != manifest.ab_fingerprint:

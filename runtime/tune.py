@@ -586,6 +586,8 @@ def _read_json(path: Path) -> dict:
         d = json.loads(path.read_text())
     except (OSError, ValueError) as e:
         raise TuneError(f"{path}: unreadable ({e})") from None
+    except RecursionError:  # json nests arrays and objects on Python's stack
+        raise TuneError(f"{path}: unreadable (JSON nested too deeply)") from None
     if not isinstance(d, dict):
         raise TuneError(f"{path}: not a JSON object")
     return d

@@ -114,8 +114,15 @@ def read_records(path: Path) -> list[str | tuple[str, str]]:
             obj = json.loads(line)
         except json.JSONDecodeError as e:
             raise DataError(f"{where}: not valid JSON ({e.msg})") from None
+        except RecursionError:  # json nests arrays and objects on Python's stack
+            raise DataError(f"{where}: not valid JSON (nested too deeply)") from None
         if not isinstance(obj, dict):
             raise DataError(f"{where}: expected a JSON object with \"text\", or \"prompt\" and \"response\"")
+        for key in ("text", "prompt", "response"):
+            if isinstance(obj.get(key), str) and not _is_text(obj[key]):
+                # JSON can escape half of a UTF-16 pair ("\ud800"): Python decodes it to a lone surrogate, which is
+                # no Unicode text and which the tokenizer refuses with an error of its own.
+                raise DataError(f"{where}: \"{key}\" holds a lone surrogate escape (\\ud800-\\udfff), not text")
         if "text" in obj:
             if not isinstance(obj["text"], str) or not obj["text"].strip():
                 raise DataError(f"{where}: \"text\" must be a non-empty string")
@@ -130,6 +137,14 @@ def read_records(path: Path) -> list[str | tuple[str, str]]:
     if not records:
         raise DataError(f"{path}: no records")
     return records
+
+
+def _is_text(s: str) -> bool:
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def load_dataset(paths: list[Path], tokenizer, *, seq_len: int, bos: int, eos: int) -> Dataset:

@@ -86,3 +86,41 @@ def test_demo_never_replaces_a_directory_it_did_not_write(tmp_path, name):
     (tmp_path / name / "keep.txt").write_text("mine")
     assert_refused(plcli("demo", "--out", tmp_path), says=f"{tmp_path / name} exists and is not a split of an earlier demo")
     assert snapshot(tmp_path) == {f"{name}/keep.txt": b"mine"}
+
+
+# -- JSON that Python's json cannot hold ------------------------------------------------------------------------------
+
+DEEP = "[" * 100_000 + "]" * 100_000  # valid JSON, nested past Python's recursion limit
+
+
+@pytest.mark.parametrize("where", ["manifest", "config", "generation_config", "adapter", "tune_state", "tune_data"])
+def test_json_nested_too_deeply_is_one_line(llama_checkpoint, bundle_with_adapter, tmp_path, where):
+    """json.loads raises RecursionError, which is no ValueError: each reader let it through as an internal error."""
+    split, ckpt = bundle_with_adapter, tmp_path / "ckpt"
+    shutil.copytree(llama_checkpoint, ckpt)
+    (tmp_path / "train.txt").write_text(TEXT)
+    tune = ("tune", split / "edge", "--cloud", split / "cloud", "--data", tmp_path / "train.txt", "--seq-len", 16)
+    file, args = {
+        "manifest": (split / "cloud" / "manifest.json", ("inspect", split)),
+        "config": (ckpt / "config.json", ("split", ckpt, tmp_path / "out", "--rank", 8)),
+        "generation_config": (ckpt / "generation_config.json", ("split", ckpt, tmp_path / "out", "--rank", 8)),
+        "adapter": (split / "edge" / "adapter" / "adapter.json",
+                    ("run-edge", split / "edge", "--adapter", split / "edge" / "adapter", "--prompt", "hi")),
+        "tune_state": (split / "edge" / "adapter" / "training" / "state.json", (*tune, "--resume")),
+        "tune_data": (tmp_path / "deep.jsonl", (*tune[:4], "--data", tmp_path / "deep.jsonl", "--out", tmp_path / "a")),
+    }[where]
+    file.parent.mkdir(exist_ok=True)
+    file.write_text(DEEP)
+    assert_refused(plcli(*args), says="nested too deeply")
+
+
+@pytest.mark.parametrize("record", [{"text": "\ud800 notes"}, {"prompt": "Q\udfff", "response": "A."},
+                                    {"prompt": "Q", "response": "\udbff"}])
+def test_tune_refuses_a_lone_surrogate_escape_in_jsonl(llama_bundle, tmp_path, record):
+    """JSON may escape half a UTF-16 pair; Python decodes it to a lone surrogate, which the tokenizer refused with a
+    TypeError (an internal error)."""
+    data = tmp_path / "notes.jsonl"
+    data.write_text(json.dumps({"text": TEXT}) + "\n" + json.dumps(record) + "\n")  # json.dumps escapes it: ASCII
+    assert_refused(plcli("tune", llama_bundle / "edge", "--cloud", llama_bundle / "cloud", "--data", data,
+                         "--seq-len", 16, "--out", tmp_path / "adapter"), says=f"{data}:2: ")
+    assert not (tmp_path / "adapter").exists()
