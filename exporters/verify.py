@@ -84,6 +84,8 @@ def verify(bundle_dir: str | Path, model_dir: str | Path, *, decode_steps: int =
 
     if decode_steps < 1:
         raise VerifyError(f"--decode-steps {decode_steps} is out of range: must be at least 1")
+    if seed < 0:  # numpy seeds its generators with integers of 0 or more
+        raise VerifyError(f"--seed {seed} is out of range: must be 0 or more")
     bundle_dir = Path(bundle_dir)
     cloud = CloudModel(bundle_dir / "cloud")
     edge = EdgeModel(bundle_dir / "edge")
@@ -110,12 +112,6 @@ def verify(bundle_dir: str | Path, model_dir: str | Path, *, decode_steps: int =
     m = {k: np.zeros_like(v) for k, v in edge.adapter_matrices().items()} if zero_m else random_adapter(edge, seed)
     edge.set_adapter(m)
     reference = merged_reference(model_dir, cloud, m)
-    # Another checkpoint of the same shape (a base model and its fine-tune) would only fail parity, as if the split were
-    # wrong: the bundle records what it was split from (config.json and the weight files), and only that compares.
-    source = tensors.source_hash()
-    if source != cloud.manifest.source_hash:
-        raise CheckpointError(f"{model_dir}: not the checkpoint {bundle_dir} was split from (its config and weights hash "
-                              f"to {source[:23]}..., the split's source to {cloud.manifest.source_hash[:23]}...)")
 
     results = []
     for p, ids in enumerate(prompts):
@@ -131,6 +127,11 @@ def verify(bundle_dir: str | Path, model_dir: str | Path, *, decode_steps: int =
             with torch.no_grad():
                 want = reference(torch.from_numpy(ids)).logits.numpy()[:, -1:]
             results.append(_compare(p, f"decode {step + 1}", ids.shape[1], got, want))
+    if not all(r.ok for r in results) and tensors.source_hash() != cloud.manifest.source_hash:
+        # Another checkpoint of the same architecture: its logits differ, and that says nothing of the split. (The same
+        # weights stored otherwise, in shards, say, hash differently and compare equal: those pass.)
+        raise CheckpointError(f"{model_dir}: not the checkpoint {bundle_dir} was split from (its files and its logits "
+                              "differ from the split's)")
     return results
 
 

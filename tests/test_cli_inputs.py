@@ -124,3 +124,19 @@ def test_tune_refuses_a_lone_surrogate_escape_in_jsonl(llama_bundle, tmp_path, r
     assert_refused(plcli("tune", llama_bundle / "edge", "--cloud", llama_bundle / "cloud", "--data", data,
                          "--seq-len", 16, "--out", tmp_path / "adapter"), says=f"{data}:2: ")
     assert not (tmp_path / "adapter").exists()
+
+
+# -- verify ---------------------------------------------------------------------------------------------------------
+
+
+def test_verify_refuses_a_negative_seed(llama_bundle, llama_checkpoint):
+    assert_refused(plcli("verify", llama_bundle, "--reference", llama_checkpoint, "--seed", -1),
+                   says="--seed -1 is out of range: must be 0 or more")
+
+
+def test_verify_against_another_checkpoint_of_the_same_shape_is_bad_input(llama_bundle, checkpoint_factory):
+    """The README: a reference that is not the checkpoint that was split is one line and exit 2. One of the same
+    architecture passed every check and failed parity: exit 1, as if the split were wrong."""
+    other = checkpoint_factory("llama-other-weights", seed=1)
+    assert_refused(plcli("verify", llama_bundle, "--reference", other, "--decode-steps", 1),
+                   says=f"{other}: not the checkpoint {llama_bundle} was split from")
