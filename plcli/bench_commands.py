@@ -85,6 +85,8 @@ def bench_decode(
     ranks = _ranks(rank, bundles)
     if edges < 0 or edges == 1:
         raise UserError(f"--edges {edges} is out of range: 0 (off) or at least 2")
+    if plot is not None:
+        _check_plot(plot)
     positions = _max_positions(model_dir, bundles)
     if prompt_len + new_tokens - 1 > positions:  # the last new token is never fed back
         raise UserError(f"--prompt-len {prompt_len} and --new-tokens {new_tokens} need a context of "
@@ -167,6 +169,15 @@ def _decode_table(r: dict) -> Table:
     return table
 
 
+def _check_plot(path: Path) -> None:
+    """Refuse a --plot the run could not write at its end, before minutes of measuring."""
+    from plcli.runtime.bundle import check_writable
+
+    if path.is_dir() or path.name in ("", ".", ".."):
+        raise UserError(f"--plot {path} is a directory: give the file to write, e.g. {Path(path) / 'rank.png'}")
+    check_writable(path, "the plot")
+
+
 def _plot(results: list[dict], path: Path) -> None:
     try:
         import matplotlib
@@ -186,6 +197,7 @@ def _plot(results: list[dict], path: Path) -> None:
     ax.legend()
     fig.tight_layout()
     tmp = path.with_name(path.name + ".part.png")
+    path.parent.mkdir(parents=True, exist_ok=True)  # as every other output of plcli's; _check_plot made sure it can be
     fig.savefig(tmp)
     plt.close(fig)
     tmp.replace(path)

@@ -296,6 +296,7 @@ def atomic_directory(final: Path, *, replace: bool):
     Only directories are replaced: a file at `final` is refused, never deleted.
     """
     final = Path(final)
+    check_parent(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     check_target(final, replace=replace)
     tmp = _fresh_directory(final.parent, f".{final.name}.partial-")
@@ -348,11 +349,39 @@ def check_target(final: Path, *, replace: bool) -> None:
 
     `atomic_directory` checks on entry; callers with long work before it call this first, to refuse before the work.
     """
+    check_parent(final)
     restore_interrupted(final)
     _refuse(final, replace)
 
 
+def _nearest_existing(path: Path) -> Path:
+    path = Path(os.path.abspath(path))
+    return next((p for p in (path, *path.parents) if p.exists()), Path(path.anchor))
+
+
+def check_parent(final: Path) -> None:
+    """Refuse a path no directory can be made at: one named `.`, `..` or nothing (the root), or one below a file
+    (where mkdir says only "File exists")."""
+    final = Path(final)
+    if final.name in ("", ".", ".."):
+        raise BundleError(f"{final}: give the directory to write a name of its own (not ., .. or /)")
+    above = _nearest_existing(final.parent)
+    if not above.is_dir():
+        raise BundleError(f"cannot write {final}: {above} is not a directory")
+
+
+def check_writable(final: Path, what: str) -> None:
+    """Refuse now an output that only a later write would find unwritable (a read-only directory, a file on the way):
+    a directory is made and removed where `final` would go, as the write will make its temporary one."""
+    check_parent(final)
+    try:
+        _fresh_directory(_nearest_existing(Path(final).parent), f".{Path(final).name}.probe-").rmdir()
+    except OSError as e:
+        raise BundleError(f"cannot write {what} to {final}: {e.strerror or e}") from None
+
+
 def _refuse(final: Path, replace: bool) -> None:
+    check_parent(final)
     if final.exists() and not final.is_dir():
         raise BundleError(f"{final} exists and is not a directory")
     if final.exists() and not replace:

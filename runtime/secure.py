@@ -157,6 +157,12 @@ def generate_key_pair(path: Path, *, force: bool = False) -> tuple[Path, Path, s
         # `keys/` reaches here as `keys`: the pair would be keys.key and keys.key_secret beside that directory.
         raise KeyFileError(f"{path}: give the key pair a name, e.g. keys/edge")
     public_file, secret_file = directory / f"{name}.key", directory / f"{name}.key_secret"
+    above = next(p for p in (directory.absolute(), *directory.absolute().parents) if p.exists())
+    if not above.is_dir():
+        raise KeyFileError(f"cannot write {path}: {above} is not a directory")
+    for p in (public_file, secret_file):
+        if p.is_dir() or (p.exists() and not p.is_file()):
+            raise KeyFileError(f"{p} exists and is not a file: move it away, or name the pair otherwise")
     existing = [str(p) for p in (public_file, secret_file) if p.exists()]
     if existing and not force:
         raise KeyFileError(f"{' and '.join(existing)} already exist{'s' if len(existing) == 1 else ''} (--force replaces)")

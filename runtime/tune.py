@@ -27,7 +27,7 @@ from typing import Callable, TypeVar
 
 import numpy as np
 
-from .bundle import atomic_directory, is_int, is_number, reported_writes, restore_interrupted
+from .bundle import atomic_directory, check_writable, is_int, is_number, reported_writes, restore_interrupted
 from .edge import ADAPTER_CONFIG, ADAPTER_WEIGHTS, EdgeModel, load_adapter
 from .errors import PlcliError
 from .failover import is_loss
@@ -497,6 +497,8 @@ def check_out(out: Path, manifest, *, resume: bool, force: bool) -> None:
     out = Path(out)
     if resume and force:
         raise TuneError("give --resume to continue the run in --out or --force to replace it, not both")
+    # The first checkpoint comes after --save-every steps, or at the end: an --out it could not write is refused now.
+    check_writable(out, "the adapter")
     restore_interrupted(out)
     if out.exists() and not out.is_dir():
         raise TuneError(f"{out} exists and is not a directory")

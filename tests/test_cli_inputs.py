@@ -140,3 +140,55 @@ def test_verify_against_another_checkpoint_of_the_same_shape_is_bad_input(llama_
     other = checkpoint_factory("llama-other-weights", seed=1)
     assert_refused(plcli("verify", llama_bundle, "--reference", other, "--decode-steps", 1),
                    says=f"{other}: not the checkpoint {llama_bundle} was split from")
+
+
+# -- output paths that no directory can be made at ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("out", [".", "", ".."])
+def test_split_to_the_current_or_a_parent_directory_is_one_line(llama_checkpoint, tmp_path, monkeypatch, out):
+    """`.` (and `""`, which the command line reads as `.`) crashed with "PosixPath('.') has an empty name"."""
+    (tmp_path / "here").mkdir()
+    monkeypatch.chdir(tmp_path / "here")
+    assert_refused(plcli("split", llama_checkpoint, out, "--rank", 8, "--force"), says="give the directory to write a name")
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["here"]
+
+
+def test_outputs_below_a_file_say_so(llama_bundle, bundle_with_adapter, llama_checkpoint, tmp_path):
+    """mkdir of a path below a file says "File exists", which named the file as if it were the problem's answer."""
+    (tmp_path / "notes.txt").write_text(TEXT)
+    below = tmp_path / "notes.txt" / "out"
+    split = bundle_with_adapter
+    for args in (("split", llama_checkpoint, below, "--rank", 8),
+                 ("tune", split / "edge", "--cloud", split / "cloud", "--data", tmp_path / "notes.txt", "--out", below),
+                 ("export-peft", "--cloud", split / "cloud", "--edge", split / "edge", "--out", below),
+                 ("keys", "generate", below)):
+        assert_refused(plcli(*args), says=f"cannot write {below}: {tmp_path / 'notes.txt'} is not a directory")
+    assert (tmp_path / "notes.txt").read_text() == TEXT
+
+
+def test_tune_refuses_an_out_it_could_not_write_before_it_trains(llama_bundle, tmp_path):
+    """The adapter is first written after --save-every steps or at the end: an --out in a directory that takes no new
+    entries (/proc refuses them even to root) failed only then, the training lost. (The data here is empty: a run
+    that got as far as reading it would say so instead.)"""
+    (tmp_path / "notes.txt").write_text("")
+    assert_refused(plcli("tune", llama_bundle / "edge", "--cloud", llama_bundle / "cloud", "--data",
+                         tmp_path / "notes.txt", "--seq-len", 16, "--out", "/proc/plcli-adapter"),
+                   says="cannot write the adapter to /proc/plcli-adapter")
+
+
+@pytest.mark.parametrize("plot", ["dir", "below-a-file", "unwritable", "empty"])
+def test_bench_refuses_a_plot_it_could_not_write_before_it_measures(llama_checkpoint, tmp_path, monkeypatch, plot):
+    (tmp_path / "notes.txt").write_text(TEXT)
+    monkeypatch.chdir(tmp_path)
+    path, says = {"dir": (tmp_path, "is a directory"), "empty": ("", "is a directory"),
+                  "below-a-file": (tmp_path / "notes.txt" / "x.png", "is not a directory"),
+                  "unwritable": ("/proc/plcli.png", "cannot write the plot to /proc/plcli.png")}[plot]
+    assert_refused(plcli("bench", "decode", llama_checkpoint, "--rank", 8, "--plot", path), says=says)
+
+
+def test_keys_generate_refuses_a_directory_in_place_of_a_key_file(tmp_path):
+    (tmp_path / "edge.key_secret").mkdir()
+    assert_refused(plcli("keys", "generate", tmp_path / "edge", "--force"),
+                   says=f"{tmp_path / 'edge.key_secret'} exists and is not a file")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["edge.key_secret"]
