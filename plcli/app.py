@@ -159,8 +159,15 @@ def finite_json(obj):
     return obj
 
 
+def stdout():
+    """sys.stdout, or a one-line error where the command was started with it closed (`>&-`): Python has None there."""
+    if sys.stdout is None:
+        raise UserError("standard output is closed: there is nowhere to write the result")
+    return sys.stdout
+
+
 def print_json(obj) -> None:
-    sys.stdout.write(json.dumps(finite_json(obj), indent=2, default=str, allow_nan=False) + "\n")
+    stdout().write(json.dumps(finite_json(obj), indent=2, default=str, allow_nan=False) + "\n")
 
 
 class nullcontext_status:

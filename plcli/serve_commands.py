@@ -22,7 +22,7 @@ from rich.text import Text
 from plcli.runtime.cpu_latency import hold_low_latency
 
 from .app import (LOW_LATENCY_HELP, UserError, app, console, err_console, print_json, printable, reports_errors, seconds,
-                  shown, status, thread_count)
+                  shown, status, stdout, thread_count)
 
 DEFAULT_ENDPOINT = "tcp://127.0.0.1:5555"  # loopback: serving beyond this machine is a deliberate choice
 CHECKPOINT_DEFAULT = "Default: the checkpoint's when its generation config samples (do_sample), else greedy."
@@ -300,6 +300,9 @@ def run_edge(
 
     if as_json and prompt is None:
         raise UserError("--json needs --prompt (chat mode streams text)")
+    if prompt is None and sys.stdin is None:  # started with it closed (`<&-`): Python has None there
+        raise UserError("standard input is closed: give --prompt TEXT, or chat on standard input")
+    stdout()  # generated text goes there: refused now if it is closed, not after the generation
     if prompt is not None:
         _check_utf8(prompt, "--prompt")
     urls = cloud_urls(connect)
@@ -359,8 +362,9 @@ def _check_utf8(text: str, what: str) -> None:
 def _write(text: str) -> None:
     # The cloud can steer what the model writes (the threat model says so): on a terminal, an escape sequence in it
     # is shown, never acted on. Piped, the text goes out exactly as generated.
-    sys.stdout.write(printable(text, keep="\n\t") if sys.stdout.isatty() else text)
-    sys.stdout.flush()
+    out = stdout()
+    out.write(printable(text, keep="\n\t") if out.isatty() else text)
+    out.flush()
 
 
 def _generate_once(conversation, prompt: str, sampling, as_json: bool) -> None:

@@ -192,3 +192,25 @@ def test_keys_generate_refuses_a_directory_in_place_of_a_key_file(tmp_path):
     assert_refused(plcli("keys", "generate", tmp_path / "edge", "--force"),
                    says=f"{tmp_path / 'edge.key_secret'} exists and is not a file")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["edge.key_secret"]
+
+
+# -- standard streams ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("closed, args, says", [
+    (0, (), "standard input is closed: give --prompt TEXT"),
+    (1, ("--prompt", "hi"), "standard output is closed"),
+])
+def test_run_edge_with_a_closed_standard_stream_is_one_line(llama_bundle, closed, args, says):
+    """Started with stdin (`<&-`) or stdout (`>&-`) closed, Python has None there: chat and the generated text then
+    failed with "'NoneType' object has no attribute ..." as an internal error. Refused before any cloud is asked."""
+    import os
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "plcli.cli", "run-edge", str(llama_bundle / "edge"),
+                           "--connect", "tcp://127.0.0.1:1", "--timeout", "1", *args],
+                          stdin=subprocess.DEVNULL, stdout=None if closed == 1 else subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True, timeout=120, preexec_fn=lambda: os.close(closed))
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and len(lines) == 1 and says in lines[0], done.stderr
