@@ -33,6 +33,7 @@ from .errors import PlcliError
 from .failover import is_loss
 from .ort import read_weights
 from .train_link import LinkError, TrainLink
+from .wire import MAX_BATCH
 from .tune_data import IGNORE, Batch, RowOrder, eval_batches, load_dataset, make_batch
 
 T = TypeVar("T")
@@ -96,7 +97,8 @@ def check_config(c: TuneConfig, max_context: int) -> None:
         ("--steps", c.steps, c.steps is None or c.steps >= 1, "at least 1"),
         ("--epochs", c.epochs, c.epochs is None or 0 < c.epochs < math.inf, "positive"),
         ("--lr", c.lr, c.lr > 0 and math.isfinite(c.lr), "positive"),
-        ("--batch-size", c.batch_size, c.batch_size >= 1, "at least 1"),
+        # A pass carries each row's length in its header: the cloud takes at most wire.MAX_BATCH rows.
+        ("--batch-size", c.batch_size, 1 <= c.batch_size <= MAX_BATCH, f"1 to {MAX_BATCH} (the rows one pass carries)"),
         ("--seq-len", c.seq_len, c.seq_len >= 1, "at least 1"),
         ("--grad-accum", c.grad_accum, c.grad_accum >= 1, "at least 1"),
         ("--warmup", c.warmup, c.warmup >= 0, "0 or more"),
@@ -271,6 +273,7 @@ class Tuner:
                   for key, cut in self._cut_targets().items()}
         self.optimizer = AdamW(self.m, config.weight_decay)
         self.order = RowOrder(len(self.train.rows), config.seed)
+        self._row_targets = np.asarray([int(r.loss.sum()) for r in self.train.rows], np.int64)  # what make_batch counts
         self.step_count, self.tokens = 0, 0
         self.losses: list[float] = []
         self.evals: list[dict] = []
@@ -319,12 +322,18 @@ class Tuner:
         started = time.perf_counter()
         before = self.order.state()
         try:
-            batches = [make_batch([self.train.rows[i] for i in self.order.take(c.batch_size)], self.pad)
-                       for _ in range(c.grad_accum)]
-            targets = sum(b.target_count for b in batches)
+            # Token-mean over the whole accumulated batch, as one big batch would give. Its targets are counted on a
+            # copy of the row order first, so that one micro-batch at a time is built: building all of them at once
+            # held --grad-accum batches in memory.
+            ahead = self.order.copy()
+            targets = sum(int(self._row_targets[ahead.take(c.batch_size)].sum()) for _ in range(c.grad_accum))
             grads = {k: np.zeros_like(v) for k, v in self.m.items()}
-            # Token-mean over the whole accumulated batch, as one big batch would give.
-            loss = sum(self.forward_backward(b, 1.0 / targets, grads) for b in batches) / targets
+            loss, tokens = 0.0, 0
+            for _ in range(c.grad_accum):
+                batch = make_batch([self.train.rows[i] for i in self.order.take(c.batch_size)], self.pad)
+                loss += self.forward_backward(batch, 1.0 / targets, grads)
+                tokens += batch.token_count
+            loss /= targets
             norm = math.sqrt(sum(float((g.astype(np.float64) ** 2).sum()) for g in grads.values()))
             if not (math.isfinite(loss) and math.isfinite(norm)):
                 raise TuneError(f"step {self.step_count + 1} diverged (loss {loss}, gradient norm {norm}); lower --lr")
@@ -339,7 +348,6 @@ class Tuner:
         self.optimizer.step(grads, lr)
         self.step_count += 1
         self.losses.append(loss)
-        tokens = sum(b.token_count for b in batches)
         self.tokens += tokens
         return StepReport(self.step_count, self.total_steps, loss, lr, norm, tokens / (time.perf_counter() - started))
 

@@ -239,6 +239,15 @@ class RowOrder:
     def state(self) -> dict:
         return {"epoch": self.epoch, "cursor": self.cursor, "rng": self.epoch_rng_state}
 
+    def copy(self) -> "RowOrder":
+        """An order that goes on from here as this one will, on its own generator: to look ahead without moving."""
+        twin = RowOrder.__new__(RowOrder)
+        twin.n_rows, twin.epoch, twin.cursor = self.n_rows, self.epoch, self.cursor
+        twin.epoch_rng_state, twin.perm = self.epoch_rng_state, self.perm  # a new epoch makes a new perm, never edits it
+        twin.rng = np.random.Generator(np.random.PCG64())
+        twin.rng.bit_generator.state = self.rng.bit_generator.state
+        return twin
+
     def restore(self, state: dict) -> None:
         self.rng.bit_generator.state = state["rng"]
         self._start_epoch()

@@ -214,3 +214,13 @@ def test_run_edge_with_a_closed_standard_stream_is_one_line(llama_bundle, closed
                           stderr=subprocess.PIPE, text=True, timeout=120, preexec_fn=lambda: os.close(closed))
     lines = done.stderr.strip().splitlines()
     assert done.returncode == 2 and len(lines) == 1 and says in lines[0], done.stderr
+
+
+def test_tune_refuses_more_rows_per_pass_than_the_wire_carries(llama_bundle, tmp_path):
+    """The cloud takes at most 256 rows a pass: 300 failed at the first step with the cloud's "invalid lengths", and
+    a huge --batch-size (in-process too) built an index list until memory ran out."""
+    (tmp_path / "notes.txt").write_text(TEXT)
+    for rows in (257, 10**11):
+        assert_refused(plcli("tune", llama_bundle / "edge", "--cloud", llama_bundle / "cloud", "--data",
+                             tmp_path / "notes.txt", "--batch-size", rows, "--out", tmp_path / "adapter"),
+                       says=f"--batch-size {rows} is out of range: must be 1 to 256")

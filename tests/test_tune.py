@@ -310,6 +310,29 @@ class FailingLink:
         return call
 
 
+def test_grad_accum_builds_one_micro_batch_at_a_time_and_equals_one_big_batch(llama_bundle, data, tmp_path, monkeypatch):
+    """A step built all its --grad-accum micro-batches before running the first, so a large --grad-accum held them all
+    in memory at once (and a huge one never started). Now each is built as it runs; the step is unchanged: a token
+    mean over all of them, the rows one big batch of the same size would take."""
+    import plcli.runtime.tune as tune_module
+
+    events = []
+    real_make_batch = tune_module.make_batch
+    monkeypatch.setattr(tune_module, "make_batch", lambda *a, **k: events.append("build") or real_make_batch(*a, **k))
+    files = [data / "train.txt", data / "pairs.jsonl"]
+    accumulated = make_tuner(llama_bundle, files, tmp_path / "accumulated", steps=2, batch_size=2, grad_accum=3)
+    real_pass = accumulated.forward_backward
+    accumulated.forward_backward = lambda *a: events.append("run") or real_pass(*a)
+    summary = accumulated.run()
+    assert events == ["build", "run"] * 6
+    big = make_tuner(llama_bundle, files, tmp_path / "big", steps=2, batch_size=6).run()
+    np.testing.assert_allclose(summary.losses, big.losses, rtol=1e-5)
+    manifest = EdgeModel(llama_bundle / "edge").manifest
+    got, want = load_adapter(tmp_path / "accumulated", manifest), load_adapter(tmp_path / "big", manifest)
+    for k in want:
+        np.testing.assert_allclose(got[k], want[k], rtol=1e-4, atol=1e-6, err_msg=k)
+
+
 def resume_tuner(bundle, files, out, **config):
     edge = EdgeModel(bundle / "edge")
     link = TorchSegments(CloudModel(bundle / "cloud")).new_session()
