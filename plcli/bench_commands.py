@@ -41,9 +41,17 @@ def _max_positions(model_dir: Path, bundles: Path | None) -> int:
     Read before any method runs: a run that needs more would split, load and generate for minutes first.
     """
     if bundles is not None:
+        from plcli.exporters.checkpoint import CheckpointTensors
         from plcli.runtime.bundle import read_manifest
 
-        return read_manifest(bundles / "edge", side="edge").architecture.max_position_embeddings
+        edge = read_manifest(bundles / "edge", side="edge")
+        if read_manifest(bundles / "cloud", side="cloud").ab_fingerprint != edge.ab_fingerprint:
+            raise UserError(f"{bundles}: the edge and cloud bundles were not split together (A/B fingerprints differ)")
+        # Every method is checked against transformers on MODEL_DIR: a split of another checkpoint differs from it all.
+        if CheckpointTensors(model_dir).source_hash() != edge.source_hash:
+            raise UserError(f"--bundles {bundles} was not split from {model_dir} (its source hash differs): give its "
+                            "own checkpoint, or leave --bundles out to split this one")
+        return edge.architecture.max_position_embeddings
     from plcli.exporters.checkpoint import load_config
     from plcli.recipes.base import family_for
 

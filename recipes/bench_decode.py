@@ -46,6 +46,9 @@ LINK_PRESETS = {"5g": Link(up_mbps=60, down_mbps=100, rtt_ms=20)}
 METHODS = ("transformers", "onnx", "split", "split-link")
 
 
+MAX_RTT_MS = 60_000.0  # a minute per exchange: past any real link
+
+
 def parse_link(text: str) -> Link:
     """`5g`, or `up=60,down=100,rtt=20` (Mbit/s, Mbit/s, ms)."""
     if text in LINK_PRESETS:
@@ -55,9 +58,10 @@ def parse_link(text: str) -> Link:
         link = Link(up_mbps=float(fields.pop("up")), down_mbps=float(fields.pop("down")), rtt_ms=float(fields.pop("rtt", 0)))
     except (ValueError, KeyError):
         raise ValueError(f"--link {text!r}: give a preset ({', '.join(LINK_PRESETS)}) or up=MBIT,down=MBIT,rtt=MS") from None
-    # `not x > 0` rather than `x <= 0`: NaN passes every comparison, and would only fail in time.sleep, minutes in.
-    if fields or not (0 < link.up_mbps < math.inf and 0 < link.down_mbps < math.inf and 0 <= link.rtt_ms < math.inf):
-        raise ValueError(f"--link {text!r}: up and down must be positive Mbit/s, rtt a non-negative ms (all finite), "
+    # NaN passes every comparison, and an infinite or huge wait overflows time.sleep: each was an internal error.
+    if (fields or not 0 < link.up_mbps < math.inf or not 0 < link.down_mbps < math.inf
+            or not 0 <= link.rtt_ms <= MAX_RTT_MS):
+        raise ValueError(f"--link {text!r}: up and down must be positive finite Mbit/s, rtt 0 to {MAX_RTT_MS:g} ms, "
                          "nothing else")
     return link
 

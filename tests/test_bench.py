@@ -87,14 +87,17 @@ def test_bench_tune_reports_both_methods_and_their_losses_agree(llama_checkpoint
         assert text in out, text
 
 
-def test_links_parse_and_bad_input_is_one_line_exit_2(llama_checkpoint, llama_bundle, tmp_path):
+def test_links_parse_and_bad_input_is_one_line_exit_2(llama_checkpoint, llama_bundle, checkpoint_factory, bundle_factory,
+                                                      tmp_path):
     assert parse_link("5g") == LINK_PRESETS["5g"] == Link(up_mbps=60, down_mbps=100, rtt_ms=20)
     assert parse_link("up=1.5,down=3,rtt=40") == Link(1.5, 3, 40)
     for args, message in [
         (["--link", "up=1"], "--link"),
         (["--link", "up=1,down=0"], "must be positive"),
-        (["--link", "up=nan,down=3"], "all finite"),  # NaN passed every comparison, and failed in time.sleep
-        (["--link", "up=1,down=3,rtt=inf"], "all finite"),  # would have waited forever on the first exchange
+        # NaN passed every comparison and an infinite wait overflowed time.sleep: internal errors, after the split
+        (["--rank", 8, "--link", "up=nan,down=1,rtt=1"], "must be positive finite"),
+        (["--rank", 8, "--link", "up=1,down=inf,rtt=1"], "must be positive finite"),
+        (["--rank", 8, "--link", "up=1,down=1,rtt=1e300"], "rtt 0 to 60000 ms"),
         (["--rank", "8,x"], "--rank"),
         (["--bundles", tmp_path, "--rank", "8,16"], "--bundles fixes the rank"),
         (["--new-tokens", 1], "at least 2"),
@@ -107,6 +110,10 @@ def test_links_parse_and_bad_input_is_one_line_exit_2(llama_checkpoint, llama_bu
     ]:
         code, _, err = run_cli("bench", "decode", llama_checkpoint, *args)
         assert code == 2 and message in err and len(err.strip().splitlines()) == 1, (args, err)
+    # A split of another checkpoint of the same shape ran, and every method's ids "differed" from transformers'.
+    other = bundle_factory(checkpoint_factory("llama-other-weights", seed=1), rank=8)
+    code, _, err = run_cli("bench", "decode", llama_checkpoint, "--bundles", other)
+    assert code == 2 and f"--bundles {other} was not split from {llama_checkpoint}" in err, err
     code, _, err = run_cli("bench", "tune", tmp_path / "nothing")
     assert code == 2 and "no such checkpoint" in err
     code, _, err = run_cli("bench", "tune", llama_checkpoint, "--seq-len", 257)
