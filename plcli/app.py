@@ -107,6 +107,8 @@ def reports_errors(fn):
         except KeyboardInterrupt:
             fail("interrupted", 130)
         except Exception as e:
+            if _caused_by_interrupt(e):  # a library that turned the Ctrl-C into its own error
+                fail("interrupted", 130)
             if os.environ.get("PLCLI_DEBUG"):
                 raise
             fail(f"internal error: {type(e).__name__}: {e} (set PLCLI_DEBUG=1 for a traceback)", 1)
@@ -114,7 +116,23 @@ def reports_errors(fn):
     return wrapper
 
 
+def _caused_by_interrupt(e: BaseException | None) -> bool:
+    """Whether a KeyboardInterrupt is in `e`'s chain of causes: a Ctrl-C while onnxruntime's extension loads reaches
+    the command as "ImportError: initialization failed", raised from it."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, KeyboardInterrupt):
+            return True
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return False
+
+
+reported: list[str] = []  # what `fail` said: main() says "interrupted" for a Ctrl-C that typer turned into exit 130
+
+
 def fail(message: str, code: int):
+    reported.append(message)
     err_console.print(f"[bold red]error:[/] {shown(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 

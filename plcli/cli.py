@@ -1,29 +1,50 @@
 """The `plcli` command: a thin face over exporters/ and runtime/.
 
-Each module below registers its commands on the shared typer app.
+Each module below registers its commands on the shared typer app. They are imported inside `main`, where a Ctrl-C
+while they load (typer, rich: a few tenths of a second) is one line like any other, not a traceback; `app` is
+imported on first use (`from plcli.cli import app`).
 """
 
-from . import bundle_commands, demo  # noqa: F401  (registers commands)
-from . import estimate_commands  # noqa: F401  (registers `plcli estimate`)
-from . import tune_commands  # noqa: F401  (registers `plcli tune`, `plcli export-peft`)
-from . import serve_commands  # noqa: F401  (registers `plcli serve-cloud`, `plcli run-edge`)
-from . import keys_commands  # noqa: F401  (registers `plcli keys generate`)
-from . import bench_commands  # noqa: F401  (registers `plcli bench decode`, `plcli bench tune`)
-from .app import app
+import sys
+
+
+def _register():
+    from . import bundle_commands, demo  # noqa: F401  (registers commands)
+    from . import estimate_commands  # noqa: F401  (registers `plcli estimate`)
+    from . import tune_commands  # noqa: F401  (registers `plcli tune`, `plcli export-peft`)
+    from . import serve_commands  # noqa: F401  (registers `plcli serve-cloud`, `plcli run-edge`)
+    from . import keys_commands  # noqa: F401  (registers `plcli keys generate`)
+    from . import bench_commands  # noqa: F401  (registers `plcli bench decode`, `plcli bench tune`)
+    from .app import app
+
+    return app
+
+
+def __getattr__(name: str):
+    if name == "app":
+        return _register()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _interrupted() -> None:
+    sys.stderr.write("error: interrupted\n")
+    sys.exit(130)
 
 
 def main():
     """Run the app; usage errors too become one line and exit code 2."""
-    import sys
+    try:
+        app = _register()
+        import typer
 
-    import typer
+        try:  # typer >= 0.20 carries its own copy of click
+            from typer._click import exceptions as click_exceptions
+        except ImportError:
+            from click import exceptions as click_exceptions
 
-    try:  # typer >= 0.20 carries its own copy of click
-        from typer._click import exceptions as click_exceptions
-    except ImportError:
-        from click import exceptions as click_exceptions
-
-    from .app import err_console, shown
+        from .app import err_console, reported, shown
+    except KeyboardInterrupt:
+        _interrupted()
 
     try:
         code = app(standalone_mode=False)
@@ -34,9 +55,11 @@ def main():
         err_console.print(f"[bold red]error:[/] {shown(e.format_message() + where)}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except (typer.Abort, KeyboardInterrupt):
-        sys.exit(130)
+        _interrupted()  # before a command's own handling (reports_errors) began, or after it ended
     except typer.Exit as e:
-        sys.exit(e.exit_code)
+        code = e.exit_code
+    if code == 130 and not reported:
+        _interrupted()  # typer's exit code for a Ctrl-C outside the command's own handling, which said nothing
     sys.exit(code or 0)
 
 

@@ -224,3 +224,49 @@ def test_tune_refuses_more_rows_per_pass_than_the_wire_carries(llama_bundle, tmp
         assert_refused(plcli("tune", llama_bundle / "edge", "--cloud", llama_bundle / "cloud", "--data",
                              tmp_path / "notes.txt", "--batch-size", rows, "--out", tmp_path / "adapter"),
                        says=f"--batch-size {rows} is out of range: must be 1 to 256")
+
+
+# -- Ctrl-C ------------------------------------------------------------------------------------------------------
+
+
+def test_an_interrupt_that_a_library_wrapped_is_reported_as_an_interrupt(capsys):
+    """Ctrl-C while onnxruntime's extension loads (its first import, inside a command) comes out of the import as
+    "ImportError: initialization failed", raised from the KeyboardInterrupt: it was an internal error, exit 1."""
+    import typer
+
+    from plcli.app import reports_errors
+
+    @reports_errors
+    def command():
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt as e:
+            raise ImportError("initialization failed") from e
+
+    with pytest.raises(typer.Exit) as exit_:
+        command()
+    assert exit_.value.exit_code == 130 and capsys.readouterr().err.strip() == "error: interrupted"
+
+
+def test_an_interrupt_while_the_commands_load_is_one_line(monkeypatch, capsys):
+    """The commands' modules (typer, rich, ...) load in a few tenths of a second after start: a Ctrl-C then was a
+    traceback of the import."""
+    import plcli.cli as cli
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_register", interrupted)
+    with pytest.raises(SystemExit) as exit_:
+        cli.main()
+    assert exit_.value.code == 130 and capsys.readouterr().err.strip() == "error: interrupted"
+
+
+def test_an_interrupt_typer_turned_into_exit_130_is_one_line(monkeypatch, capsys):
+    """typer turns a Ctrl-C outside the command's own handling (while it parses, say) into exit code 130, silently."""
+    import plcli.cli as cli
+
+    monkeypatch.setattr(cli, "_register", lambda: (lambda **_: 130))
+    with pytest.raises(SystemExit) as exit_:
+        cli.main()
+    assert exit_.value.code == 130 and capsys.readouterr().err.strip() == "error: interrupted"
