@@ -46,6 +46,7 @@ def main():
     except KeyboardInterrupt:
         _interrupted()
 
+    reported.clear()  # this run's (the app may have run before in this process: tests)
     try:
         code = app(standalone_mode=False)
     except click_exceptions.NoArgsIsHelpError:
