@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from plcli.runtime.bundle import hash_files
+from plcli.runtime.bundle import BundleError, hash_files, readable
 from plcli.runtime.errors import PlcliError
 
 TOKENIZER_FILES = (
@@ -70,6 +70,10 @@ class CheckpointTensors:
             from safetensors import safe_open
 
             for f in self.files:
+                try:
+                    readable(f)
+                except BundleError as e:
+                    raise CheckpointError(str(e)) from None
                 try:
                     with safe_open(f, framework="pt") as handle:
                         for k in handle.keys():

@@ -206,6 +206,18 @@ def read_manifest(bundle_dir: str | Path, side: str | None = None) -> Manifest:
     return manifest
 
 
+def readable(path: str | Path) -> None:
+    """Raise BundleError for a file that is missing or that this user cannot open. safetensors and ONNX Runtime
+    word a file they may not read as missing, or as a damaged graph that a new split would mend."""
+    try:
+        with open(path, "rb"):
+            pass
+    except FileNotFoundError:
+        raise BundleError(f"{path}: missing") from None
+    except OSError as e:
+        raise BundleError(f"{path}: cannot read it ({e.strerror or e})") from None
+
+
 def fingerprint(tensors: dict[str, np.ndarray], *, source: str = "") -> str:
     """sha256 over `source` (a checkpoint's hash, when given), then names, dtypes, shapes and bytes in sorted name order.
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from .bundle import BundleError
+from .bundle import BundleError, readable
 
 # The size of this process's shared ONNX Runtime thread pool once it has one (0: ORT's default, one per core).
 _shared_threads: int | None = None
@@ -48,9 +48,14 @@ def _options(threads: int | None, spin: bool = True) -> ort.SessionOptions:
 
 
 def _graph_error(path: Path, error: Exception) -> BundleError:
-    """What to tell the user when the graph at `path` will not load: only a fresh split makes a graph again."""
+    """What to tell the user when the graph at `path` will not load: only a fresh split makes a graph again, unless it
+    is there and only this user may not read it."""
     if not Path(path).is_file():
         return BundleError(f"{path}: missing; split the checkpoint again")
+    try:
+        readable(path)
+    except BundleError as unreadable:
+        return unreadable
     reason = " ".join(str(error).split()) or type(error).__name__
     return BundleError(f"{path}: not a valid ONNX graph ({reason}); split the checkpoint again")
 
@@ -114,6 +119,7 @@ class BoundSession:
 def read_weights(path: Path) -> dict[str, np.ndarray]:
     from safetensors.numpy import load_file
 
+    readable(path)
     try:
         return load_file(str(path))
     except FileNotFoundError:

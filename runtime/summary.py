@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .bundle import GRAPHS, MANIFEST, TOKENIZER, WEIGHTS, BundleError, Manifest, read_manifest
+from .bundle import GRAPHS, MANIFEST, TOKENIZER, WEIGHTS, BundleError, Manifest, read_manifest, readable
 
 WIRE_BYTES = {"float32": 4, "float16": 2}
 
@@ -13,6 +13,7 @@ def _weights_size(path: Path) -> tuple[int, int]:
     from safetensors import safe_open
 
     params = 0
+    readable(path)
     try:
         with safe_open(str(path), framework="numpy") as f:
             for k in f.keys():

@@ -270,3 +270,36 @@ def test_an_interrupt_typer_turned_into_exit_130_is_one_line(monkeypatch, capsys
     with pytest.raises(SystemExit) as exit_:
         cli.main()
     assert exit_.value.code == 130 and capsys.readouterr().err.strip() == "error: interrupted"
+
+
+# -- files this user may not read -------------------------------------------------------------------------------------
+
+
+def _as_a_user_files_bind(args: list[str]):
+    """Run plcli with file permissions in force: as root, without the capabilities that override them (setpriv)."""
+    import os
+    import subprocess
+    import sys
+
+    prefix = []
+    if os.geteuid() == 0:
+        if shutil.which("setpriv") is None:
+            pytest.skip("root without setpriv: file permissions do not bind")
+        caps = "-dac_override,-dac_read_search"
+        prefix = ["setpriv", "--bounding-set", caps, "--inh-caps", caps]
+    return subprocess.run([*prefix, sys.executable, "-m", "plcli.cli", *map(str, args)], capture_output=True, text=True,
+                          timeout=120)
+
+
+@pytest.mark.parametrize("what", ["weights", "graph", "checkpoint"])
+def test_a_file_that_cannot_be_read_is_not_called_missing_or_damaged(llama_bundle, llama_checkpoint, tmp_path, what):
+    """safetensors words a file it may not open as missing, and ONNX Runtime as an invalid graph to split again."""
+    split, ckpt = shutil.copytree(llama_bundle, tmp_path / "split"), shutil.copytree(llama_checkpoint, tmp_path / "ckpt")
+    file, args = {"weights": (split / "cloud" / "weights.safetensors", ["inspect", split]),
+                  "graph": (split / "edge" / "graphs" / "head.onnx", ["run-edge", split / "edge", "--prompt", "hi"]),
+                  "checkpoint": (ckpt / "model.safetensors", ["split", ckpt, tmp_path / "out", "--rank", 8])}[what]
+    file.chmod(0)
+    done = _as_a_user_files_bind(args)
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and len(lines) == 1, done.stderr
+    assert lines[0] == f"error: {file}: cannot read it (Permission denied)", lines[0]
