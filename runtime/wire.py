@@ -381,7 +381,10 @@ def check_endpoint(endpoint: str, *, bind: bool) -> None:
     A bind may name port 0 or `*` (a free port); ipc:// and inproc:// endpoints, and other transports, are ZeroMQ's
     to check.
     """
-    transport, _, address = endpoint.partition("://")
+    transport, scheme, address = endpoint.partition("://")
+    if not (scheme and transport and address):
+        # ZeroMQ says only "Invalid argument", and serve-cloud took such a name for a non-loopback address.
+        raise ValueError(f"{endpoint!r} is not an endpoint: give TRANSPORT://ADDRESS, e.g. tcp://127.0.0.1:5555")
     if transport != "tcp":
         return
     host, colon, port = address.rpartition(":")

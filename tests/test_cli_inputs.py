@@ -303,3 +303,17 @@ def test_a_file_that_cannot_be_read_is_not_called_missing_or_damaged(llama_bundl
     lines = done.stderr.strip().splitlines()
     assert done.returncode == 2 and len(lines) == 1, done.stderr
     assert lines[0] == f"error: {file}: cannot read it (Permission denied)", lines[0]
+
+
+# -- endpoints ----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("endpoint", ["", "foo", "tcp://", "127.0.0.1:5555"])
+def test_an_endpoint_without_a_transport_is_named_as_such(llama_bundle, endpoint):
+    """serve-cloud took `--bind foo` (or nothing) for a non-loopback address ("foo is reachable from other machines"),
+    and run-edge passed it to ZeroMQ, which says only "Invalid argument"."""
+    says = f"{endpoint!r} is not an endpoint: give TRANSPORT://ADDRESS"
+    assert_refused(plcli("serve-cloud", llama_bundle / "cloud", "--bind", endpoint), says=f"--bind {says}")
+    if endpoint:  # an empty --connect names no endpoint at all (its own message)
+        assert_refused(plcli("run-edge", llama_bundle / "edge", "--connect", endpoint, "--prompt", "hi"),
+                       says=f"--connect {says}")
