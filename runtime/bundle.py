@@ -309,9 +309,15 @@ def atomic_directory(final: Path, *, replace: bool):
     """
     final = Path(final)
     check_parent(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise BundleError(f"cannot write {final}: {e.strerror or e}") from None
     check_target(final, replace=replace)
-    tmp = _fresh_directory(final.parent, f".{final.name}.partial-")
+    try:
+        tmp = _fresh_directory(final.parent, f".{final.name}.partial-")
+    except OSError as e:  # named after `final`, not the temporary name the user never gave
+        raise BundleError(f"cannot write {final}: {e.strerror or e}") from None
     try:
         yield tmp
         _refuse(final, replace)  # something may have appeared there while the block ran

@@ -166,8 +166,11 @@ def generate_key_pair(path: Path, *, force: bool = False) -> tuple[Path, Path, s
     existing = [str(p) for p in (public_file, secret_file) if p.exists()]
     if existing and not force:
         raise KeyFileError(f"{' and '.join(existing)} already exist{'s' if len(existing) == 1 else ''} (--force replaces)")
-    directory.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=directory))
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=directory))
+    except OSError as e:  # named after the pair, not the temporary directory the user never gave
+        raise KeyFileError(f"cannot write {path}: {e.strerror or e}") from None
     try:
         written = [Path(p) for p in zmq.auth.create_certificates(staging, name)]
         if [p.name for p in written] != [public_file.name, secret_file.name]:

@@ -317,3 +317,8 @@ def test_an_endpoint_without_a_transport_is_named_as_such(llama_bundle, endpoint
     if endpoint:  # an empty --connect names no endpoint at all (its own message)
         assert_refused(plcli("run-edge", llama_bundle / "edge", "--connect", endpoint, "--prompt", "hi"),
                        says=f"--connect {says}")
+
+
+def test_an_unwritable_key_directory_names_the_pair_not_a_temporary_one(tmp_path):
+    """/proc refuses new entries even to root: the message named `.k.RANDOM`, the staging directory."""
+    assert_refused(plcli("keys", "generate", "/proc/plcli-k"), says="cannot write /proc/plcli-k: ")

@@ -262,8 +262,10 @@ def test_split_never_replaces_its_own_checkpoint(tmp_path, llama_checkpoint):
 
 def test_split_reports_unwritable_out_dir(tmp_path, llama_checkpoint):
     # /proc refuses new directories even to root.
-    assert_refused(plcli("split", llama_checkpoint, "/proc/plcli-no-such-dir/out", "--rank", "8"),
-                   says="No such file or directory")
+    # The message names OUT_DIR, not the directory above it or the temporary one beside it that the split makes.
+    for out in ("/proc/plcli-no-such-dir/out", "/proc/plcli-out"):
+        assert_refused(plcli("split", llama_checkpoint, out, "--rank", "8"),
+                       says=f"cannot write {out}: No such file or directory")
 
 
 @pytest.fixture
