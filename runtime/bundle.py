@@ -372,7 +372,8 @@ def check_target(final: Path, *, replace: bool) -> None:
     _refuse(final, replace)
 
 
-def _nearest_existing(path: Path) -> Path:
+def nearest_existing(path: Path) -> Path:
+    """`path` or the nearest of its parents that exists: where a write below it would first have to make something."""
     path = Path(os.path.abspath(path))
     return next((p for p in (path, *path.parents) if p.exists()), Path(path.anchor))
 
@@ -383,7 +384,7 @@ def check_parent(final: Path) -> None:
     final = Path(final)
     if final.name in ("", ".", ".."):
         raise BundleError(f"{final}: give the directory to write a name of its own (not ., .. or /)")
-    above = _nearest_existing(final.parent)
+    above = nearest_existing(final.parent)
     if not above.is_dir():
         raise BundleError(f"cannot write {final}: {above} is not a directory")
 
@@ -393,7 +394,7 @@ def check_writable(final: Path, what: str) -> None:
     a directory is made and removed where `final` would go, as the write will make its temporary one."""
     check_parent(final)
     try:
-        _fresh_directory(_nearest_existing(Path(final).parent), f".{Path(final).name}.probe-").rmdir()
+        _fresh_directory(nearest_existing(Path(final).parent), f".{Path(final).name}.probe-").rmdir()
     except OSError as e:
         raise BundleError(f"cannot write {what} to {final}: {e.strerror or e}") from None
 

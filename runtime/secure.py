@@ -25,6 +25,7 @@ import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
 from zmq.utils import z85
 
+from .bundle import nearest_existing
 from .errors import PlcliError
 
 KEY_CHARS = 40  # a 32-byte CURVE key in z85
@@ -157,7 +158,7 @@ def generate_key_pair(path: Path, *, force: bool = False) -> tuple[Path, Path, s
         # `keys/` reaches here as `keys`: the pair would be keys.key and keys.key_secret beside that directory.
         raise KeyFileError(f"{path}: give the key pair a name, e.g. keys/edge")
     public_file, secret_file = directory / f"{name}.key", directory / f"{name}.key_secret"
-    above = next(p for p in (directory.absolute(), *directory.absolute().parents) if p.exists())
+    above = nearest_existing(directory)
     if not above.is_dir():
         raise KeyFileError(f"cannot write {path}: {above} is not a directory")
     for p in (public_file, secret_file):
