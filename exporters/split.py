@@ -23,7 +23,7 @@ from plcli.recipes.base import UnsupportedModel, family_for, rope_frequencies
 from plcli.runtime.arch import layer_weight_shapes
 from plcli.runtime.errors import PlcliError
 from plcli.runtime.bundle import (GRAPHS, MANIFEST, TOKENIZER, WEIGHTS, BundleError, Manifest, atomic_directory,
-                                 check_target, fingerprint, is_int, is_number, refuse_overlap, reported_writes)
+                                 check_target, fingerprint, is_int, is_number, loads_json, refuse_overlap, reported_writes)
 from plcli.runtime.edge import load_tokenizer
 from plcli.runtime.plan import ALL_TARGETS, DEFAULT_TARGETS, SplitPlan, normalize_targets
 
@@ -208,11 +208,9 @@ def _generation_defaults(model_dir: Path) -> dict:
     if not p.is_file():
         p = model_dir / "config.json"
     try:
-        values = json.loads(p.read_text())
+        values = loads_json(p.read_text())
     except (OSError, ValueError) as e:  # UnicodeDecodeError is a ValueError
         raise SplitError(f"{p}: unreadable generation config ({e})") from None
-    except RecursionError:  # json nests arrays and objects on Python's stack
-        raise SplitError(f"{p}: unreadable generation config (JSON nested too deeply)") from None
     if not isinstance(values, dict):
         raise SplitError(f"{p}: not a generation config (a JSON object)")
     settings = {k: v for k, v in values.items() if v is not None}

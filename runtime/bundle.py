@@ -183,13 +183,11 @@ def read_manifest(bundle_dir: str | Path, side: str | None = None) -> Manifest:
     if not Path(bundle_dir).is_dir():
         raise BundleError(f"{bundle_dir}: no such bundle directory")
     try:
-        raw = json.loads(path.read_text())
+        raw = loads_json(path.read_text())
     except FileNotFoundError:
         raise BundleError(f"{bundle_dir}: not a plcli bundle (no {MANIFEST})") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise BundleError(f"{path}: unreadable manifest ({e})") from None
-    except RecursionError:  # json nests arrays and objects on Python's stack
-        raise BundleError(f"{path}: unreadable manifest (JSON nested too deeply)") from None
     version = raw.get("format_version") if isinstance(raw, dict) else None
     if version != FORMAT_VERSION:
         raise BundleError(f"{path}: bundle format version {version!r}, this plcli reads version {FORMAT_VERSION}: "
@@ -204,6 +202,15 @@ def read_manifest(bundle_dir: str | Path, side: str | None = None) -> Manifest:
         if not (Path(bundle_dir) / GRAPHS / manifest.graphs[name]).is_file():
             raise BundleError(f"{bundle_dir}: graph {name} ({GRAPHS}/{manifest.graphs[name]}) is missing")
     return manifest
+
+
+def loads_json(text: str):
+    """json.loads, where a document nested past Python's recursion limit (json nests on Python's stack) is the
+    JSONDecodeError it is to a reader, not a RecursionError that every caller would have to catch too."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise json.JSONDecodeError("JSON nested too deeply", text, 0) from None
 
 
 def readable(path: str | Path) -> None:

@@ -7,13 +7,12 @@ an adapter directory written by `plcli tune`.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 
 from .arch import edge_weight_shapes
-from .bundle import GRAPHS, TOKENIZER, WEIGHTS, BundleError, Manifest, is_int, read_manifest
+from .bundle import GRAPHS, TOKENIZER, WEIGHTS, BundleError, Manifest, is_int, loads_json, read_manifest
 from .ort import make_session, read_weights
 
 ADAPTER_CONFIG = "adapter.json"
@@ -122,13 +121,11 @@ def load_adapter(path: str | Path, manifest: Manifest) -> dict[str, np.ndarray]:
     """M matrices from an adapter directory, refused unless it belongs to this bundle's A/B."""
     path = Path(path)
     try:
-        config = json.loads((path / ADAPTER_CONFIG).read_text())
+        config = loads_json((path / ADAPTER_CONFIG).read_text())
     except FileNotFoundError:
         raise BundleError(f"{path}: not an adapter directory (no {ADAPTER_CONFIG})") from None
     except (OSError, ValueError) as e:
         raise BundleError(f"{path / ADAPTER_CONFIG}: unreadable ({e})") from None
-    except RecursionError:  # json nests arrays and objects on Python's stack
-        raise BundleError(f"{path / ADAPTER_CONFIG}: unreadable (JSON nested too deeply)") from None
     if not isinstance(config, dict):
         raise BundleError(f"{path / ADAPTER_CONFIG}: not a JSON object")
     if config.get("ab_fingerprint") != manifest.ab_fingerprint:

@@ -27,7 +27,7 @@ from typing import Callable, TypeVar
 
 import numpy as np
 
-from .bundle import atomic_directory, check_writable, is_int, is_number, reported_writes, restore_interrupted
+from .bundle import atomic_directory, check_writable, is_int, is_number, loads_json, reported_writes, restore_interrupted
 from .edge import ADAPTER_CONFIG, ADAPTER_WEIGHTS, EdgeModel, load_adapter
 from .errors import PlcliError
 from .failover import is_loss
@@ -593,11 +593,9 @@ def _expect(a: np.ndarray | None, shape: tuple[int, ...], what: str) -> None:
 
 def _read_json(path: Path) -> dict:
     try:
-        d = json.loads(path.read_text())
+        d = loads_json(path.read_text())
     except (OSError, ValueError) as e:
         raise TuneError(f"{path}: unreadable ({e})") from None
-    except RecursionError:  # json nests arrays and objects on Python's stack
-        raise TuneError(f"{path}: unreadable (JSON nested too deeply)") from None
     if not isinstance(d, dict):
         raise TuneError(f"{path}: not a JSON object")
     return d

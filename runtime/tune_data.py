@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .bundle import loads_json
 from .errors import PlcliError
 
 IGNORE = -1  # target id of a position without loss
@@ -111,11 +112,9 @@ def read_records(path: Path) -> list[str | tuple[str, str]]:
             continue
         where = f"{path}:{number}"
         try:
-            obj = json.loads(line)
+            obj = loads_json(line)
         except json.JSONDecodeError as e:
             raise DataError(f"{where}: not valid JSON ({e.msg})") from None
-        except RecursionError:  # json nests arrays and objects on Python's stack
-            raise DataError(f"{where}: not valid JSON (nested too deeply)") from None
         if not isinstance(obj, dict):
             raise DataError(f"{where}: expected a JSON object with \"text\", or \"prompt\" and \"response\"")
         for key in ("text", "prompt", "response"):
