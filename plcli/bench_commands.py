@@ -10,7 +10,7 @@ from rich.table import Table
 
 from plcli.runtime.cpu_latency import hold_low_latency
 
-from .app import (LOW_LATENCY_HELP, UserError, app, console, print_json, print_table, progress_bar, reports_errors, shown,
+from .app import (HUGE_PAGES_HELP, LOW_LATENCY_HELP, UserError, app, console, print_json, print_table, progress_bar, reports_errors, shown,
                   status, thread_count)
 
 bench_app = typer.Typer(no_args_is_help=True, help="Measure speed: every method side by side in one run, as ratios.")
@@ -74,6 +74,7 @@ def bench_decode(
     edges: int = typer.Option(0, "--edges", help="Also N edges at once on one cloud (all driven by one thread of this process): aggregate tok/s against one alone."),
     plot: Optional[Path] = typer.Option(None, "--plot", help="Write decode tok/s against rank, per method, to this PNG."),
     low_latency: bool = typer.Option(False, "--low-latency", help=LOW_LATENCY_HELP + " Held for every method alike."),
+    huge_pages: bool = typer.Option(True, "--huge-pages/--no-huge-pages", help=HUGE_PAGES_HELP + " For every method alike."),
     as_json: bool = typer.Option(False, "--json", help="Print the results as JSON."),
 ):
     """Decode speed: transformers, the ONNX graphs in one process, the split over loopback and over an emulated link."""
@@ -105,12 +106,13 @@ def bench_decode(
             task = progress.add_task("benchmarking", total=len(ranks) * rounds)
             for r in ranks:
                 results.append(run(model_dir, bundles=bundles, rank=r, prompt_len=prompt_len, new_tokens=new_tokens,
-                                   rounds=rounds, link=emulated, threads=threads, float16=float16,
+                                   rounds=rounds, link=emulated, threads=threads, float16=float16, huge_pages=huge_pages,
                                    progress=lambda msg: progress.advance(task) if msg.startswith("round") else None))
         if edges:
-            results[-1]["edges"] = _edges(model_dir, bundles, ranks[-1], edges, prompt_len, new_tokens, rounds)
+            results[-1]["edges"] = _edges(model_dir, bundles, ranks[-1], edges, prompt_len, new_tokens, rounds, huge_pages)
     for result in results:
         result["low_latency"] = low_latency
+        result["huge_pages"] = huge_pages
     if plot is not None:
         _plot(results, plot)
     if as_json:
@@ -135,7 +137,8 @@ def _cloud_cpu(e: dict) -> str:
     return f", cloud {e['cloud_cpu_ms_per_token']:.1f} ms (edges alone: {e['cloud_cpu_ms_per_token_alone']:.1f} ms)"
 
 
-def _edges(model_dir: Path, bundles: Path | None, rank: int, edges: int, prompt_len: int, new_tokens: int, rounds: int) -> dict:
+def _edges(model_dir: Path, bundles: Path | None, rank: int, edges: int, prompt_len: int, new_tokens: int, rounds: int,
+           huge_pages: bool) -> dict:
     """Aggregate decode of `edges` edges on one cloud (cross-session batching), against one edge alone."""
     import tempfile
 
@@ -146,7 +149,8 @@ def _edges(model_dir: Path, bundles: Path | None, rank: int, edges: int, prompt_
         if bundles is None:
             bundles = Path(work) / "split"
             split_checkpoint(model_dir, bundles, rank=rank)
-        return aggregate_decode(bundles / "cloud", bundles / "edge", edges, new_tokens, prompt_len, rounds=rounds)
+        return aggregate_decode(bundles / "cloud", bundles / "edge", edges, new_tokens, prompt_len, rounds=rounds,
+                                huge_pages=huge_pages)
 
 
 def _decode_table(r: dict) -> Table:
@@ -173,7 +177,8 @@ def _decode_table(r: dict) -> Table:
                      f"an empty round trip to the cloud takes {r['empty_round_trip_ms']:.2f} ms: at "
                      f"{split['round_trips_per_token']:g} per token, split / onnx can reach about "
                      f"{ratios['split_vs_onnx_ceiling']:.2f} at best here"
-                     + (" · idle cores polling (--low-latency)" if r["low_latency"] else ""))
+                     + (" · idle cores polling (--low-latency)" if r["low_latency"] else "")
+                     + ("" if r["huge_pages"] else " · small pages (--no-huge-pages)"))
     return table
 
 

@@ -21,7 +21,7 @@ from rich.text import Text
 
 from plcli.runtime.cpu_latency import hold_low_latency
 
-from .app import (LOW_LATENCY_HELP, UserError, app, console, err_console, print_json, printable, reports_errors, seconds,
+from .app import (HUGE_PAGES_HELP, LOW_LATENCY_HELP, UserError, app, console, err_console, print_json, printable, reports_errors, seconds,
                   shown, status, stdout, thread_count)
 
 DEFAULT_ENDPOINT = "tcp://127.0.0.1:5555"  # loopback: serving beyond this machine is a deliberate choice
@@ -103,10 +103,12 @@ def serve_cloud(
     batch_wait_us: int = typer.Option(0, "--batch-wait-us", help="Microseconds a group may wait for sessions whose edge "
                                        "still owes an answer at that layer, while other groups run (default 0: never)."),
     low_latency: bool = typer.Option(False, "--low-latency", help=LOW_LATENCY_HELP),
+    huge_pages: bool = typer.Option(True, "--huge-pages/--no-huge-pages", help=HUGE_PAGES_HELP),
     as_json: bool = typer.Option(False, "--json", help="Log one JSON object per event on stdout."),
 ):
     """Serve a cloud bundle to edges over ZeroMQ: generation (one KV cache per session) and tuning (`plcli tune`)."""
     from plcli.runtime.cloud import CloudModel
+    from plcli.runtime.huge_pages import back_with_huge_pages, huge_page_bytes
     from plcli.runtime.secure import ServerKeys
     from plcli.runtime.server import CloudServer, memory_per_session
     from plcli.runtime.wire import check_endpoint
@@ -137,9 +139,12 @@ def serve_cloud(
                                      max_train_tokens=max_train_tokens, threads=threads, on_event=reporter.event, curve=curve,
                                      max_memory_bytes=None if max_memory is None else max_memory * 2**20,
                                      max_group=max_group, batch_wait_s=batch_wait_us / 1e6)
+                if huge_pages:
+                    back_with_huge_pages()
         except ValueError as e:
             raise UserError(str(e)) from None
         reporter.server = server
+        reporter.huge_page_bytes = huge_page_bytes()
         if curve is None and not _is_local(server.endpoint):
             err_console.print(f"[yellow]warning:[/] {shown(server.endpoint)} is reachable from other machines without encryption or "
                               "authentication (--insecure): anyone who reaches it can use this cloud and read its traffic",
@@ -148,7 +153,8 @@ def serve_cloud(
             kv = memory_per_session(model, server.max_context, max_batch)
             grouping = f"steps of up to {server.max_group} sessions per call" if server.max_group > 1 else "every step alone"
             reporter.line(f"{model.arch.family} · {model.arch.num_layers} layers · rank {model.manifest.rank} · "
-                          f"KV cache up to {kv / 2**20:.1f} MiB per session · {grouping}"
+                          f"KV cache up to {kv / 2**20:.1f} MiB per session · {grouping} · "
+                          f"{reporter.huge_page_bytes / 2**20:.0f} MiB on huge pages"
                           + (" · idle cores poll (--low-latency)" if low_latency else ""))
         stop = threading.Event()
         previous = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -177,6 +183,7 @@ class _Reporter:
     def __init__(self, as_json: bool):
         self.as_json = as_json
         self.server = None
+        self.huge_page_bytes = 0  # the process's memory on huge pages once loaded: in the `listening` event
         self._live: Live | None = None
 
     def live(self):
@@ -198,6 +205,8 @@ class _Reporter:
         sys.stdout.flush()
 
     def event(self, e: dict) -> None:
+        if e["event"] == "listening":
+            e = {**e, "huge_pages_bytes": self.huge_page_bytes}
         if self.as_json:
             sys.stdout.write(json.dumps({"time": round(time.time(), 3), **e}) + "\n")
             sys.stdout.flush()
@@ -291,12 +300,14 @@ def run_edge(
     server_key: Optional[Path] = typer.Option(None, "--server-key", help=SERVER_KEY_HELP),
     threads: Optional[int] = typer.Option(None, "--threads", help="ONNX Runtime threads for the LM head."),
     low_latency: bool = typer.Option(False, "--low-latency", help=LOW_LATENCY_HELP),
+    huge_pages: bool = typer.Option(True, "--huge-pages/--no-huge-pages", help=HUGE_PAGES_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object (needs --prompt) instead of streaming text."),
 ):
     """Generate with an edge bundle against a running `plcli serve-cloud`: text and token ids stay here."""
     from plcli.runtime.client import RemoteCloudSession
     from plcli.runtime.edge import EdgeModel
     from plcli.runtime.generate import Conversation, Sampling, unapplied_note
+    from plcli.runtime.huge_pages import back_with_huge_pages
 
     if as_json and prompt is None:
         raise UserError("--json needs --prompt (chat mode streams text)")
@@ -318,6 +329,8 @@ def run_edge(
     curve = client_keys(curve_secret, server_key)
     with hold_low_latency(low_latency):
         edge = EdgeModel(edge_dir, adapter=adapter, threads=threads)
+        if huge_pages:
+            back_with_huge_pages()
         # What the flags leave open, the checkpoint's generation config settles, as in transformers' generate.
         sampling = _sampling({**Sampling.checkpoint_defaults(edge.manifest.generation), **given},
                              max_new_tokens=max_new_tokens, seed=seed, stop=list(stop or []), ignore_eos=ignore_eos)

@@ -174,11 +174,13 @@ def empty_round_trip_s(endpoint: str, count: int = 100) -> float:
 
 
 @contextmanager
-def cloud_process(cloud_dir: Path, *, threads: int, wire_dtype: str = "float32", tune: bool = False) -> Iterator[str]:
+def cloud_process(cloud_dir: Path, *, threads: int, wire_dtype: str = "float32", tune: bool = False,
+                  huge_pages: bool = True) -> Iterator[str]:
     """`plcli serve-cloud` on a free loopback port, in its own process; yields the endpoint; always stopped."""
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     proc = subprocess.Popen([sys.executable, "-m", "plcli.cli", "serve-cloud", str(cloud_dir), "--bind", "tcp://127.0.0.1:*",
-                             "--threads", str(threads), "--wire-dtype", wire_dtype, "--tune" if tune else "--no-tune", "--json"],
+                             "--threads", str(threads), "--wire-dtype", wire_dtype, "--tune" if tune else "--no-tune",
+                             "--huge-pages" if huge_pages else "--no-huge-pages", "--json"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
         line = proc.stdout.readline()
@@ -196,10 +198,13 @@ def cloud_process(cloud_dir: Path, *, threads: int, wire_dtype: str = "float32",
 
 def bench_decode(model_dir: Path, *, bundles: Path | None = None, rank: int = 64, prompt_len: int = 32,
                  new_tokens: int = 64, rounds: int = 3, link: Link = LINK_PRESETS["5g"], threads: int = 1,
-                 float16: bool = False, seed: int = 0, progress: Callable[[str], None] = lambda _: None) -> dict:
+                 float16: bool = False, seed: int = 0, huge_pages: bool = True,
+                 progress: Callable[[str], None] = lambda _: None) -> dict:
     """Every method, `rounds` times interleaved; medians, the ratios, and whether greedy ids agree.
 
     With `float16`, also the split with `--wire-dtype float16` on both sides (a second cloud process).
+    With `huge_pages`, every method's memory goes onto huge pages alike: this process's once its models are
+    loaded (transformers', the one-process graphs', the edge's), and the cloud process's.
     """
     import torch
     from transformers import AutoModelForCausalLM
@@ -209,6 +214,7 @@ def bench_decode(model_dir: Path, *, bundles: Path | None = None, rank: int = 64
     from plcli.runtime.cloud import CloudModel
     from plcli.runtime.edge import EdgeModel
     from plcli.runtime.generate import Sampling, generate
+    from plcli.runtime.huge_pages import back_with_huge_pages
 
     with tempfile.TemporaryDirectory(prefix="plcli-bench-") as work:
         if bundles is None:
@@ -219,6 +225,8 @@ def bench_decode(model_dir: Path, *, bundles: Path | None = None, rank: int = 64
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, local_files_only=True).eval()
         edge = EdgeModel(bundles / "edge", threads=1)
         cloud = CloudModel(bundles / "cloud", threads=threads, prepack=True)  # as `serve-cloud` runs it
+        if huge_pages:
+            back_with_huge_pages()
         rng = np.random.default_rng(seed)
         vocab_limit = edge.vocab_limit
         prompt = [int(i) for i in rng.integers(1, vocab_limit, prompt_len)]
@@ -227,7 +235,8 @@ def bench_decode(model_dir: Path, *, bundles: Path | None = None, rank: int = 64
         runs: dict[str, list[Run]] = {m: [] for m in methods}
         empty_trips: list[float] = []
         with ExitStack() as stack:
-            endpoints = {dtype: stack.enter_context(cloud_process(bundles / "cloud", threads=threads, wire_dtype=dtype))
+            endpoints = {dtype: stack.enter_context(cloud_process(bundles / "cloud", threads=threads, wire_dtype=dtype,
+                                                                  huge_pages=huge_pages))
                          for dtype in ("float32", "float16")[: 1 + float16]}
 
             def remote(wrap=lambda s: s, wire_dtype="float32") -> Run:

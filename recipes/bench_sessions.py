@@ -182,11 +182,12 @@ def _rate(result: dict) -> float:
 
 
 def aggregate_decode(cloud_dir, edge_dir, edges: int, new_tokens: int, prompt_len: int, *, rounds: int = 1,
-                     serve_options: list[str] | None = None) -> dict:
+                     serve_options: list[str] | None = None, huge_pages: bool = True) -> dict:
     """Decode tokens/s of `edges` edges at once on one cloud, next to one edge alone, and whether every edge got its solo ids.
 
     `rounds` alternate the solo runs and the run together that many times (medians reported, and each round's ratio).
-    `serve_options` are extra `plcli serve-cloud` options (say ["--max-group", "1"]).
+    `serve_options` are extra `plcli serve-cloud` options (say ["--max-group", "1"]). `huge_pages` puts the cloud's
+    memory and the edges' on huge pages, as `serve-cloud` and `run-edge` do by default.
     """
     import numpy as np
 
@@ -194,12 +195,16 @@ def aggregate_decode(cloud_dir, edge_dir, edges: int, new_tokens: int, prompt_le
         raise ValueError("need at least 1 edge, 2 new tokens, 1 prompt token and 1 round")
     from plcli.runtime.bundle import read_manifest
     from plcli.runtime.client import cloud_status
+    from plcli.runtime.huge_pages import back_with_huge_pages
 
     vocab = read_manifest(Path(edge_dir), side="edge").architecture.vocab_size
     rng = np.random.default_rng(0)
     prompts = [rng.integers(1, vocab, size=prompt_len).tolist() for _ in range(edges)]
     models = {seed: _edge_model(Path(edge_dir), seed) for seed in range(edges)}
-    server, endpoint = _serve(Path(cloud_dir), max(edges, 16), list(serve_options or []))
+    if huge_pages:
+        back_with_huge_pages()
+    server, endpoint = _serve(Path(cloud_dir), max(edges, 16),
+                              ["--huge-pages" if huge_pages else "--no-huge-pages", *(serve_options or [])])
     alone, together, grouped_calls, edge_cpu_s = [], [], 0, 0.0
     cloud_cpu_s = {"alone": 0.0, "together": 0.0} if _cpu_s(server.pid) is not None else None
     try:
@@ -346,6 +351,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-wait-us", type=int, help="serve-cloud --batch-wait-us (default: its own).")
     parser.add_argument("--low-latency", action="store_true", help="Keep idle cores polling for the whole run "
                                                                    "(/dev/cpu_dma_latency, needs root).")
+    parser.add_argument("--no-huge-pages", action="store_true", help="Leave the cloud's and the edges' memory on small "
+                                                                      "pages (serve-cloud --no-huge-pages).")
     parser.add_argument("--group-cost", action="store_true", help="Instead: the cloud server's own CPU per session step "
                                                                   "in groups of 1, 2, 4, 8 (up to --edges), in this process "
                                                                   "(group_cost).")
@@ -369,11 +376,12 @@ def main(argv: list[str] | None = None) -> None:
                 _print_group_cost(rows, args.json)
                 return
             result = aggregate_decode(cloud_dir, edge_dir, args.edges, args.new_tokens, args.prompt_len,
-                                      rounds=args.rounds, serve_options=serve_options)
+                                      rounds=args.rounds, serve_options=serve_options, huge_pages=not args.no_huge_pages)
     finally:
         if args.out is None:
             shutil.rmtree(work, ignore_errors=True)
     result["low_latency"] = args.low_latency
+    result["huge_pages"] = not args.no_huge_pages
     if args.json:
         print(json.dumps(result))
         return

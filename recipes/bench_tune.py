@@ -42,7 +42,9 @@ def bench_tune(model_dir: Path, *, bundles: Path | None = None, rank: int = 64, 
         edge = EdgeModel(bundles / "edge", threads=1)
         config = TuneConfig(steps=steps, batch_size=batch_size, seq_len=seq_len, seed=seed, save_every=0)
         runs: dict[str, list] = {m: [] for m in METHODS}
-        with cloud_process(bundles / "cloud", threads=threads, tune=True) as endpoint:
+        # Small pages on both sides: the one-process cloud is loaded afresh for every run, so nothing here could put
+        # it on huge pages as serve-cloud puts its own.
+        with cloud_process(bundles / "cloud", threads=threads, tune=True, huge_pages=False) as endpoint:
             links = {"one-process": lambda: local_train_link(bundles / "cloud", threads=threads),
                      "split": lambda: RemoteTrainLink(endpoint, edge.manifest, timeout=120)}
 

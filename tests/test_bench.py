@@ -37,7 +37,7 @@ def test_bench_decode_reports_every_method_and_ratio(llama_checkpoint, llama_bun
     assert set(r["ratios"]) == {"split_vs_transformers", "split_vs_onnx", "split_link_vs_transformers", "split_vs_onnx_ceiling"}
     assert r["empty_round_trip_ms"] > 0 and 0 < r["ratios"]["split_vs_onnx_ceiling"] < 1
     assert r["link"] == {"up_mbps": 50, "down_mbps": 80, "rtt_ms": 1} and r["model"]["rank"] == 8
-    assert r["low_latency"] is False
+    assert r["low_latency"] is False and r["huge_pages"] is True
     assert (tmp_path / "rank.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     edges = r["edges"]  # two edges at once on one cloud, each with its solo ids
     assert edges["edges"] == 2 and edges["identical"] and edges["aggregate_tokens_per_s"] > 0 and edges["ratio"] > 0
