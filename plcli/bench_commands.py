@@ -10,8 +10,8 @@ from rich.table import Table
 
 from plcli.runtime.cpu_latency import hold_low_latency
 
-from .app import (HUGE_PAGES_HELP, LOW_LATENCY_HELP, UserError, app, console, print_json, print_table, progress_bar, reports_errors, shown,
-                  status, thread_count)
+from .app import (HUGE_PAGES_HELP, LOW_LATENCY_HELP, UserError, app, console, print_json, print_table, progress_bar,
+                  reports_errors, shown, status, thread_count)
 
 bench_app = typer.Typer(no_args_is_help=True, help="Measure speed: every method side by side in one run, as ratios.")
 app.add_typer(bench_app, name="bench")

@@ -21,8 +21,8 @@ from rich.text import Text
 
 from plcli.runtime.cpu_latency import hold_low_latency
 
-from .app import (HUGE_PAGES_HELP, LOW_LATENCY_HELP, UserError, app, console, err_console, print_json, printable, reports_errors, seconds,
-                  shown, status, stdout, thread_count)
+from .app import (HUGE_PAGES_HELP, LOW_LATENCY_HELP, UserError, app, console, err_console, print_json, printable,
+                  reports_errors, seconds, shown, status, stdout, thread_count)
 
 DEFAULT_ENDPOINT = "tcp://127.0.0.1:5555"  # loopback: serving beyond this machine is a deliberate choice
 CHECKPOINT_DEFAULT = "Default: the checkpoint's when its generation config samples (do_sample), else greedy."

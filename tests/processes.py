@@ -20,3 +20,18 @@ def listening(server: subprocess.Popen) -> dict:
     line = server.stdout.readline()
     assert '"listening"' in line, (line, server.stderr.read() if server.poll() is not None else "")
     return json.loads(line)
+
+
+def edge_ids(edge_dir, endpoint: str, *flag_sets: list[str]) -> list[list[int]]:
+    """The token ids `run-edge --json` generates against `endpoint`, greedy and past eos, once with each set of flags."""
+    from typer.testing import CliRunner
+
+    from plcli.cli import app
+
+    ids = []
+    for flags in flag_sets:
+        run = CliRunner().invoke(app, ["run-edge", str(edge_dir), "--connect", endpoint, "--prompt", "Private text",
+                                       "--max-new-tokens", "6", "--ignore-eos", "--json", *flags])
+        assert run.exit_code == 0, run.output
+        ids.append(json.loads(run.stdout)["token_ids"])
+    return ids

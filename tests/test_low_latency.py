@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import struct
 
@@ -12,7 +11,7 @@ from typer.testing import CliRunner
 from plcli.cli import app
 from plcli.runtime import cpu_latency
 from plcli.runtime.cpu_latency import CpuLatencyError, CpuLatencyRequest, latency_in_force
-from processes import listening, spawn_plcli
+from processes import edge_ids, listening, spawn_plcli
 
 # The real device, where this machine lets the tests use it (root, or a udev rule): the kernel's own behaviour.
 REAL = os.access(cpu_latency.DEVICE, os.W_OK)
@@ -56,12 +55,8 @@ def test_serve_cloud_holds_it_while_serving_and_the_edge_generates_the_same_ids(
     try:
         endpoint = listening(server)["endpoint"]
         assert latency_in_force() == 0
-        runs = [CliRunner().invoke(app, ["run-edge", str(llama_bundle / "edge"), "--connect", endpoint, "--prompt",
-                                         "Private text", "--max-new-tokens", "6", "--ignore-eos", "--json", *flag])
-                for flag in ([], ["--low-latency"])]
-        for run in runs:
-            assert run.exit_code == 0, run.output
-        assert json.loads(runs[0].stdout)["token_ids"] == json.loads(runs[1].stdout)["token_ids"]
+        plain, polling = edge_ids(llama_bundle / "edge", endpoint, [], ["--low-latency"])
+        assert plain == polling
     finally:
         server.terminate()
         server.communicate(timeout=30)
