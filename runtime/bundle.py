@@ -15,6 +15,7 @@ import os
 import re
 import secrets
 import shutil
+import socket
 from contextlib import contextmanager
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
@@ -280,9 +281,12 @@ def restore_interrupted(final: Path) -> None:
     one such copy is renamed back to `final`, so the result is where the user
     left it, and several are refused (which one is newest cannot be told).
     With `final` present, they are older copies the killed process was about
-    to delete, and are deleted.
+    to delete, and are deleted. So are the temporary directories of writers of
+    `final` on this host that were killed mid-write (their process is gone);
+    a live writer's, and other hosts' on a shared filesystem, are left alone.
     """
     final = Path(final)
+    _remove_dead_partials(final)
     left = sorted(final.parent.glob(f".{glob.escape(final.name)}.old-*"))
     if not left:
         return
@@ -294,6 +298,31 @@ def restore_interrupted(final: Path) -> None:
     else:
         raise BundleError(f"{final} is missing and interrupted replacements left {len(left)} earlier copies "
                           f"({', '.join(p.name for p in left)}): rename the one to keep to {final.name}")
+
+
+def _partial_prefix(final: Path, pid: int | None = None) -> str:
+    """How the temporary directories of writers of `final` on this host start: the writer's pid follows, so that a
+    later write can tell a dead writer's leftovers from a live one's."""
+    host = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]  # a host name could make the name too long
+    return f".{final.name}.partial-{host}-" + ("" if pid is None else f"{pid}-")
+
+
+def _remove_dead_partials(final: Path) -> None:
+    prefix = _partial_prefix(final)
+    for path in final.parent.glob(glob.escape(prefix) + "*"):
+        pid = path.name[len(prefix):].split("-", 1)[0]
+        if pid.isdigit() and not _process_alive(int(pid)):
+            _remove(path)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # it exists but is not ours (EPERM), or the answer is unclear: keep what it may be writing
+        return True
+    return True
 
 
 def _remove(path: Path) -> None:
@@ -322,7 +351,7 @@ def atomic_directory(final: Path, *, replace: bool):
         raise BundleError(f"cannot write {final}: {e.strerror or e}") from None
     check_target(final, replace=replace)
     try:
-        tmp = _fresh_directory(final.parent, f".{final.name}.partial-")
+        tmp = _fresh_directory(final.parent, _partial_prefix(final, os.getpid()))
     except OSError as e:  # named after `final`, not the temporary name the user never gave
         raise BundleError(f"cannot write {final}: {e.strerror or e}") from None
     try:

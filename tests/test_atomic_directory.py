@@ -82,6 +82,35 @@ def test_a_replacement_killed_between_the_renames_is_put_back_by_the_next_write(
     assert [n for n in beside(final) if ".old-" in n] == []
 
 
+KILLED_WHILE_WRITING = textwrap.dedent("""
+    import os, signal, sys
+    from plcli.runtime.bundle import atomic_directory
+
+    with atomic_directory(sys.argv[1], replace=True) as tmp:
+        (tmp / "result.txt").write_text("half")
+        os.kill(os.getpid(), signal.SIGKILL)
+""")
+
+
+def test_what_a_writer_killed_mid_write_left_is_deleted_by_the_next_write_and_a_live_ones_is_not(tmp_path):
+    final = good_result(tmp_path)
+    killed = subprocess.run([sys.executable, "-c", KILLED_WHILE_WRITING, str(final)], capture_output=True, text=True)
+    assert killed.returncode == -9, killed.stderr
+    [dead] = [n for n in beside(final) if n.startswith(".out.partial-")]
+    assert (tmp_path / dead / "result.txt").read_text() == "half"
+    stem, host, pid, rand = dead.split("-")
+    assert stem == ".out.partial" and int(pid) > 0
+    live = tmp_path / f"{stem}-{host}-{os.getpid()}-{rand}"  # this process's: alive
+    other_host = tmp_path / ".out.partial-0000beef-1-abcd"
+    for kept in (live, other_host):
+        kept.mkdir()
+    with pytest.raises(BundleError, match="exists"):  # even a refused write clears them, before refusing
+        with atomic_directory(final, replace=False):
+            pass
+    assert beside(final) == sorted([".out.partial-0000beef-1-abcd", live.name, "out"])
+    assert (final / "result.txt").read_text() == "good"
+
+
 def test_a_copy_superseded_before_the_kill_is_deleted_by_the_next_write(tmp_path):
     final = good_result(tmp_path)
     stale = tmp_path / ".out.old-4242"  # killed after its second rename, before deleting the copy it moved aside
