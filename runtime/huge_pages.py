@@ -10,8 +10,9 @@ minutes for a model. So once a model is loaded, `back_with_huge_pages` asks for
 huge pages for every large private anonymous region of the process and collapses
 them at once (MADV_COLLAPSE, Linux 6.1). That covers the weights read from
 safetensors and ONNX Runtime's packed copies of them, which no option of ORT
-places. Measured on the project's 2-core machine (the README's *Huge pages*),
-decoding on the 512 shape ran 4-10% faster with it, split and one-process alike.
+places. On the project's 2-core machine, `bench decode` of the 512 shape ran
+about 5% faster with it, split and one-process alike; transformers, given the
+same, did not (the README's *Huge pages*).
 
 Only regions at least `MIN_RESIDENT` resident are collapsed: collapsing fills a
 region's untouched pages, and a sparse region (a thread's malloc arena, say)
