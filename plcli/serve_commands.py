@@ -139,12 +139,10 @@ def serve_cloud(
                                      max_train_tokens=max_train_tokens, threads=threads, on_event=reporter.event, curve=curve,
                                      max_memory_bytes=None if max_memory is None else max_memory * 2**20,
                                      max_group=max_group, batch_wait_s=batch_wait_us / 1e6)
-                if huge_pages:
-                    back_with_huge_pages()
+                reporter.huge_page_bytes = back_with_huge_pages().bytes if huge_pages else huge_page_bytes()
         except ValueError as e:
             raise UserError(str(e)) from None
         reporter.server = server
-        reporter.huge_page_bytes = huge_page_bytes()
         if curve is None and not _is_local(server.endpoint):
             err_console.print(f"[yellow]warning:[/] {shown(server.endpoint)} is reachable from other machines without encryption or "
                               "authentication (--insecure): anyone who reaches it can use this cloud and read its traffic",
