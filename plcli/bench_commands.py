@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import statistics
 from pathlib import Path
 from typing import Optional
 
@@ -27,6 +28,20 @@ def _ranks(text: str, bundles: Path | None) -> list[int]:
     if bundles is not None and len(ranks) > 1:
         raise UserError("--bundles fixes the rank: give one bundle and no --rank list")
     return ranks
+
+
+def _edge_counts(text: str) -> list[int]:
+    """`--edges`: 0 (off), a count, or a comma-separated list of counts (aggregate tok/s against concurrent edges)."""
+    try:
+        counts = sorted({int(n) for n in text.split(",") if n.strip()})
+    except ValueError:
+        raise UserError(f"--edges {text!r}: give a count of edges or a comma-separated list, e.g. 2,4,8") from None
+    if counts == [0]:
+        return []
+    if not counts or counts[0] < 2:
+        raise UserError(f"--edges {text} is out of range: 0 (off), or counts of at least 2 (one edge alone is measured "
+                        "beside each)")
+    return counts
 
 
 def _positive(name: str, value: int) -> int:
@@ -71,8 +86,8 @@ def bench_decode(
     link: str = typer.Option("5g", "--link", help="Emulated link: 5g (60 Mbit/s up, 100 down, 20 ms RTT) or up=MBIT,down=MBIT,rtt=MS."),
     threads: int = typer.Option(1, "--threads", help="Compute threads of the cloud and of transformers (the edge uses one)."),
     float16: bool = typer.Option(False, "--float16", help="Also the split with --wire-dtype float16: bytes, speed, same tokens?"),
-    edges: int = typer.Option(0, "--edges", help="Also N edges at once on one cloud (all driven by one thread of this process): aggregate tok/s against one alone."),
-    plot: Optional[Path] = typer.Option(None, "--plot", help="Write decode tok/s against rank, per method, to this PNG."),
+    edges: str = typer.Option("0", "--edges", help="Also N edges at once on one cloud (all driven by one thread of this process): aggregate tok/s against one alone; a comma-separated list measures each (tok/s against concurrent edges)."),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="Write decode tok/s against rank, per method (and against concurrent edges, with --edges), to this PNG."),
     low_latency: bool = typer.Option(False, "--low-latency", help=LOW_LATENCY_HELP + " Held for every method alike."),
     huge_pages: bool = typer.Option(True, "--huge-pages/--no-huge-pages", help=HUGE_PAGES_HELP + " For every method alike."),
     as_json: bool = typer.Option(False, "--json", help="Print the results as JSON."),
@@ -92,8 +107,7 @@ def bench_decode(
     if not model_dir.is_dir():
         raise UserError(f"{model_dir}: no such checkpoint directory")
     ranks = _ranks(rank, bundles)
-    if edges < 0 or edges == 1:
-        raise UserError(f"--edges {edges} is out of range: 0 (off) or at least 2")
+    edge_counts = _edge_counts(edges)
     if plot is not None:
         _check_plot(plot)
     positions = _max_positions(model_dir, bundles)
@@ -108,8 +122,9 @@ def bench_decode(
                 results.append(run(model_dir, bundles=bundles, rank=r, prompt_len=prompt_len, new_tokens=new_tokens,
                                    rounds=rounds, link=emulated, threads=threads, float16=float16, huge_pages=huge_pages,
                                    progress=lambda msg: progress.advance(task) if msg.startswith("round") else None))
-        if edges:
-            results[-1]["edges"] = _edges(model_dir, bundles, ranks[-1], edges, prompt_len, new_tokens, rounds, huge_pages)
+        if edge_counts:
+            results[-1]["edges"] = _edges(model_dir, bundles, ranks[-1], edge_counts, prompt_len, new_tokens, rounds,
+                                          huge_pages)
     for result in results:
         result["low_latency"] = low_latency
         result["huge_pages"] = huge_pages
@@ -121,36 +136,46 @@ def bench_decode(
     for result in results:
         print_table(_decode_table(result))
         if "edges" in result:
-            e = result["edges"]
-            console.print(f"{e['edges']} edges at once: {e['aggregate_tokens_per_s']:.1f} tok/s together, "
-                          f"{e['single_tokens_per_s']:.1f} alone: {e['ratio']:.2f}x (rounds: "
-                          f"{', '.join(f'{r:.2f}x' for r in e['ratio_per_round'])}); each edge's ids as alone: "
-                          f"{'yes' if e['identical'] else 'no'}; largest group {e['largest_group']}; CPU per token: "
-                          f"edges {e['edge_cpu_ms_per_token']:.1f} ms" + _cloud_cpu(e))
+            print_table(_edges_table(result["edges"], result["rounds"]))
     if plot is not None:
         console.print(f"plot: [bold]{shown(plot)}[/]")
 
 
-def _cloud_cpu(e: dict) -> str:
-    if e["cloud_cpu_ms_per_token"] is None:
-        return ""
-    return f", cloud {e['cloud_cpu_ms_per_token']:.1f} ms (edges alone: {e['cloud_cpu_ms_per_token_alone']:.1f} ms)"
-
-
-def _edges(model_dir: Path, bundles: Path | None, rank: int, edges: int, prompt_len: int, new_tokens: int, rounds: int,
-           huge_pages: bool) -> dict:
-    """Aggregate decode of `edges` edges on one cloud (cross-session batching), against one edge alone."""
+def _edges(model_dir: Path, bundles: Path | None, rank: int, counts: list[int], prompt_len: int, new_tokens: int,
+           rounds: int, huge_pages: bool) -> list[dict]:
+    """Aggregate decode of each count of edges on one cloud (cross-session batching), against one edge alone."""
     import tempfile
 
     from plcli.exporters.split import split_checkpoint
     from plcli.recipes.bench_sessions import aggregate_decode
 
-    with status(f"{edges} edges at once on one cloud"), tempfile.TemporaryDirectory(prefix="plcli-bench-edges-") as work:
+    with tempfile.TemporaryDirectory(prefix="plcli-bench-edges-") as work:
         if bundles is None:
-            bundles = Path(work) / "split"
-            split_checkpoint(model_dir, bundles, rank=rank)
-        return aggregate_decode(bundles / "cloud", bundles / "edge", edges, new_tokens, prompt_len, rounds=rounds,
-                                huge_pages=huge_pages)
+            with status(f"splitting {model_dir} at rank {rank} for the edges"):
+                bundles = Path(work) / "split"
+                split_checkpoint(model_dir, bundles, rank=rank)
+        results = []
+        for count in counts:
+            with status(f"{count} edges at once on one cloud"):
+                results.append(aggregate_decode(bundles / "cloud", bundles / "edge", count, new_tokens, prompt_len,
+                                                rounds=rounds, huge_pages=huge_pages))
+        return results
+
+
+def _edges_table(results: list[dict], rounds: int) -> Table:
+    table = Table(title=f"concurrent edges on one cloud · each against one edge alone · median of {rounds}")
+    for col in ("edges", "tok/s together", "tok/s alone", "x alone", "per round", "ids as alone", "largest group",
+                "edge CPU ms/tok", "cloud CPU ms/tok"):
+        table.add_column(col, justify="right", no_wrap=True)
+    for e in results:
+        cloud = ("-" if e["cloud_cpu_ms_per_token"] is None
+                 else f"{e['cloud_cpu_ms_per_token']:.1f} (alone {e['cloud_cpu_ms_per_token_alone']:.1f})")
+        table.add_row(str(e["edges"]), f"{e['aggregate_tokens_per_s']:.1f}", f"{e['single_tokens_per_s']:.1f}",
+                      f"{e['ratio']:.2f}", ", ".join(f"{r:.2f}" for r in e["ratio_per_round"]),
+                      "yes" if e["identical"] else "no", str(e["largest_group"]), f"{e['edge_cpu_ms_per_token']:.1f}", cloud)
+    table.caption = ("all edges are driven by one thread of this process; the cloud groups the steps of sessions at the "
+                     "same layer into one call (cross-session batching)")
+    return table
 
 
 def _decode_table(r: dict) -> Table:
@@ -200,7 +225,9 @@ def _plot(results: list[dict], path: Path) -> None:
     except ImportError:
         raise UserError("--plot needs matplotlib: pip install matplotlib") from None
     ranks = [r["model"]["rank"] for r in results]
-    fig, ax = plt.subplots(figsize=(6, 4))
+    edges = results[-1].get("edges", [])
+    fig, axes = plt.subplots(1, 1 + bool(edges), figsize=(6 + 5 * bool(edges), 4), squeeze=False)
+    ax = axes[0][0]
     for method in [row["method"] for row in results[0]["rows"]]:
         rates = [next(row for row in r["rows"] if row["method"] == method)["decode_tokens_per_s"] for r in results]
         ax.plot(ranks, rates, marker="o", label=method)
@@ -208,6 +235,16 @@ def _plot(results: list[dict], path: Path) -> None:
     ax.set(xlabel="rank", ylabel="decode tokens/s", xticks=ranks,
            title=f"hidden {m['hidden']}, {m['layers']} layers, {results[0]['new_tokens']} new tokens")
     ax.legend()
+    if edges:
+        # One edge alone is measured beside every count; its median over them all is the curve's first point.
+        alone = statistics.median(e["single_tokens_per_s"] for e in edges)
+        counts = [1] + [e["edges"] for e in edges]
+        ax = axes[0][1]
+        ax.plot(counts, [alone] + [e["aggregate_tokens_per_s"] for e in edges], marker="o", label="all edges together")
+        ax.plot(counts, [alone] + [e["aggregate_tokens_per_s"] / e["edges"] for e in edges], marker="o", label="per edge")
+        ax.set(xlabel="concurrent edges (sessions batched by the cloud)", ylabel="decode tokens/s", xticks=counts,
+               title=f"split over loopback, rank {results[-1]['model']['rank']}")
+        ax.legend()
     fig.tight_layout()
     tmp = path.with_name(path.name + ".part.png")
     path.parent.mkdir(parents=True, exist_ok=True)  # as every other output of plcli's; _check_plot made sure it can be

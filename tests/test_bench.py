@@ -22,7 +22,7 @@ def run_cli(*args):
 def test_bench_decode_reports_every_method_and_ratio(llama_checkpoint, llama_bundle, tmp_path):
     code, out, err = run_cli("bench", "decode", llama_checkpoint, "--bundles", llama_bundle, "--new-tokens", 4,
                              "--prompt-len", 8, "--rounds", 1, "--float16", "--link", "up=50,down=80,rtt=1",
-                             "--plot", tmp_path / "rank.png", "--edges", 2, "--json")
+                             "--plot", tmp_path / "rank.png", "--edges", "3,2", "--json")
     assert code == 0, err
     r = json.loads(out)
     rows = {row["method"]: row for row in r["rows"]}
@@ -39,11 +39,14 @@ def test_bench_decode_reports_every_method_and_ratio(llama_checkpoint, llama_bun
     assert r["link"] == {"up_mbps": 50, "down_mbps": 80, "rtt_ms": 1} and r["model"]["rank"] == 8
     assert r["low_latency"] is False and r["huge_pages"] is True
     assert (tmp_path / "rank.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    edges = r["edges"]  # two edges at once on one cloud, each with its solo ids
-    assert edges["edges"] == 2 and edges["identical"] and edges["aggregate_tokens_per_s"] > 0 and edges["ratio"] > 0
-    assert edges["rounds"] == 1 and len(edges["ratio_per_round"]) == 1
-    # /proc counts CPU in clock ticks: a tiny run may take none of them.
-    assert edges["edge_cpu_ms_per_token"] > 0 and edges["cloud_cpu_ms_per_token_alone"] >= 0 and edges["cloud_cpu_ms_per_token"] >= 0
+    # Two, then three edges at once on one cloud (the plot's second panel), each edge with its solo ids.
+    assert [e["edges"] for e in r["edges"]] == [2, 3]
+    for edges in r["edges"]:
+        assert edges["identical"] and edges["aggregate_tokens_per_s"] > 0 and edges["ratio"] > 0
+        assert edges["rounds"] == 1 and len(edges["ratio_per_round"]) == 1
+        # /proc counts CPU in clock ticks: a tiny run may take none of them.
+        assert (edges["edge_cpu_ms_per_token"] > 0 and edges["cloud_cpu_ms_per_token_alone"] >= 0
+                and edges["cloud_cpu_ms_per_token"] >= 0)
 
 
 def test_bench_decode_table_names_every_method_and_the_ceiling(llama_checkpoint, llama_bundle):
@@ -51,7 +54,7 @@ def test_bench_decode_table_names_every_method_and_the_ceiling(llama_checkpoint,
                              "--prompt-len", 4, "--rounds", 1, "--edges", 2)
     assert code == 0, err
     for text in ("transformers", "onnx", "split-link", "split / onnx", "an empty round trip to the cloud takes",
-                 "at 3 per token", "2 edges at once:", "each edge's ids as alone: yes"):
+                 "at 3 per token", "concurrent edges on one cloud", "ids as alone"):
         assert text in " ".join(out.split()), text
 
 
@@ -101,7 +104,9 @@ def test_links_parse_and_bad_input_is_one_line_exit_2(llama_checkpoint, llama_bu
         (["--rank", "8,x"], "--rank"),
         (["--bundles", tmp_path, "--rank", "8,16"], "--bundles fixes the rank"),
         (["--new-tokens", 1], "at least 2"),
-        (["--edges", 1], "--edges 1"),
+        (["--edges", 1], "--edges 1 is out of range"),
+        (["--edges", "0,4"], "--edges 0,4 is out of range"),
+        (["--edges", "2,x"], "--edges '2,x'"),
         # the small Llama holds 256 positions; the bundle's count when one is given
         (["--rank", 8, "--prompt-len", 100000],
          "--prompt-len 100000 and --new-tokens 64 need a context of 100063 tokens; the model holds 256"),
