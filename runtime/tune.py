@@ -262,17 +262,17 @@ class Tuner:
         self.data_digest = self.train.digest()
         self.eval = load_dataset(eval_data, edge.tokenizer, **opts) if eval_data else None
         self.eval_set = eval_batches(self.eval, config.batch_size, self.pad) if self.eval else []
-        per_step = config.batch_size * config.grad_accum
+        self.order = RowOrder(len(self.train.rows), config.seed)
         if config.steps is not None:
             self.total_steps = config.steps
         else:
-            self.total_steps = max(1, math.ceil((config.epochs or DEFAULT_EPOCHS) * len(self.train.rows) / per_step))
+            batches = (config.epochs or DEFAULT_EPOCHS) * self.order.batches_per_epoch(config.batch_size)
+            self.total_steps = max(1, math.ceil(batches / config.grad_accum))
         # Forward visits the cuts in plan order, backward in reverse: anything else from the cloud is refused.
         self.cuts = [(s.cut_layer, s.kind.out_cut.stage) for s in edge.plan.segments if s.kind.out_cut is not None]
         self.m = {key: np.zeros((len(cut.targets), manifest.rank, manifest.rank), np.float32)
                   for key, cut in self._cut_targets().items()}
         self.optimizer = AdamW(self.m, config.weight_decay)
-        self.order = RowOrder(len(self.train.rows), config.seed)
         self._row_targets = np.asarray([int(r.loss.sum()) for r in self.train.rows], np.int64)  # what make_batch counts
         self.step_count, self.tokens = 0, 0
         self.losses: list[float] = []

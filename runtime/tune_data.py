@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -210,8 +211,11 @@ def eval_batches(dataset: Dataset, batch_size: int, pad_id: int) -> list[Batch]:
 class RowOrder:
     """An endless stream of row indices: one seeded permutation per epoch.
 
-    Its position (epoch, cursor, the generator's state at the start of the
-    epoch) is all a checkpoint needs to continue the stream exactly.
+    A batch never crosses an epoch's end: the last one of each is smaller when
+    the rows do not divide evenly, so that an epoch sees every row exactly once
+    (as a shuffling DataLoader without drop_last) and a batch never holds a row
+    twice. Its position (epoch, cursor, the generator's state at the start of
+    the epoch) is all a checkpoint needs to continue the stream exactly.
     """
 
     def __init__(self, n_rows: int, seed: int):
@@ -225,15 +229,16 @@ class RowOrder:
         self.perm = self.rng.permutation(self.n_rows)
 
     def take(self, n: int) -> list[int]:
-        out: list[int] = []
-        while len(out) < n:
-            if self.cursor == self.n_rows:
-                self.epoch, self.cursor = self.epoch + 1, 0
-                self._start_epoch()
-            k = min(n - len(out), self.n_rows - self.cursor)
-            out += self.perm[self.cursor:self.cursor + k].tolist()
-            self.cursor += k
+        """The next batch: `n` rows, or the rest of this epoch where fewer are left."""
+        if self.cursor == self.n_rows:
+            self.epoch, self.cursor = self.epoch + 1, 0
+            self._start_epoch()
+        out = self.perm[self.cursor:self.cursor + n].tolist()
+        self.cursor += len(out)
         return out
+
+    def batches_per_epoch(self, n: int) -> int:
+        return math.ceil(self.n_rows / n)
 
     def state(self) -> dict:
         return {"epoch": self.epoch, "cursor": self.cursor, "rng": self.epoch_rng_state}

@@ -867,3 +867,28 @@ def test_cli_tune_over_the_network_survives_a_killed_cloud_and_resumes_exactly(l
             if p.poll() is None:
                 p.kill()
             p.wait()
+
+
+def test_an_epoch_sees_every_row_once_and_a_batch_never_holds_a_row_twice(llama_bundle, data, tmp_path, monkeypatch):
+    """With fewer rows than --batch-size, a batch took the rows of the next epoch as well, so it held rows twice and
+    --epochs counted rows seen: 3 epochs of 3 rows at batch 8 ran 2 steps, 16 rows. Now an epoch's last batch is
+    smaller, as a shuffling DataLoader's without drop_last, and an epoch is a whole number of batches."""
+    import plcli.runtime.tune as tune_module
+    from plcli.runtime.tune_data import RowOrder
+
+    order = RowOrder(10, seed=0)
+    epochs = [[order.take(4) for _ in range(3)] for _ in range(3)]
+    for batches in epochs:
+        assert [len(b) for b in batches] == [4, 4, 2] and sorted(sum(batches, [])) == list(range(10))
+    assert epochs[0] != epochs[1]  # reshuffled each epoch
+    assert [order.batches_per_epoch(n) for n in (4, 10, 16)] == [3, 1, 1]
+
+    (data / "three.jsonl").write_text("".join(json.dumps({"prompt": f"Q{i}:", "response": f" {i}."}) + "\n" for i in range(3)))
+    seen = []
+    real_make_batch = tune_module.make_batch
+    monkeypatch.setattr(tune_module, "make_batch",
+                        lambda rows, pad: seen.append([r.ids.tobytes() for r in rows]) or real_make_batch(rows, pad))
+    tuner = make_tuner(llama_bundle, [data / "three.jsonl"], tmp_path / "out", epochs=3, batch_size=8)
+    assert len(tuner.train.rows) == 3 and tuner.total_steps == 3
+    tuner.run()
+    assert len(seen) == 3 and all(len(rows) == 3 == len(set(rows)) for rows in seen)
