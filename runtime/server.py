@@ -297,7 +297,7 @@ class CloudServer:
                 # Even mid-step: an edge stopped by Ctrl-C closes without waiting for the reply it asked for,
                 # and its session must not hold a slot and its memory until it expires. `_run_next` and `_take`
                 # drop the steps of sessions that are gone.
-                del self.sessions[session.id]
+                self._drop(session)
                 self._send(peer, wire.encode("closed", {"session": session.id}))
                 self.on_event({"event": "closed", "session": session.id[:8], "tokens": session.tokens,
                                "sessions": len(self.sessions)})
@@ -607,9 +607,14 @@ class CloudServer:
     def _expire(self, now: float) -> None:
         # A busy session waits on the cloud, not on its edge, however long the calls queued before it take.
         for session in [s for s in self.sessions.values() if not s.busy and now - s.last_seen > self.session_timeout]:
-            del self.sessions[session.id]
+            self._drop(session)
             self.on_event({"event": "expired", "session": session.id[:8], "idle_s": round(now - session.last_seen, 3),
                            "tokens": session.tokens, "sessions": len(self.sessions)})
+
+    def _drop(self, session: Session) -> None:
+        del self.sessions[session.id]
+        if session.cloud is not None:
+            session.cloud.release()  # the rows it held in a group's cache buffers, for the sessions still there
 
     def _count_tokens(self, n: int) -> None:
         c = self.counters

@@ -5,7 +5,8 @@ caches, and masks the shorter ones past their own lengths; these tests run the
 same steps for twin sessions, one set alone and one set grouped, and compare
 every segment's outputs and the KV caches they leave, on full attention and on
 a sliding window shorter than some of the pasts, with one cache growing by a
-chunk on the way.
+chunk on the way; and as sessions come into groups and leave them, with the
+caches the groups share (SharedCache).
 """
 
 from __future__ import annotations
@@ -130,3 +131,76 @@ def test_stacked_caches_hold_zeros_in_the_free_slots_whatever_the_memory_held(mo
     for row, (buffer, used) in enumerate(zip(buffers, [3, 40, 0])):
         np.testing.assert_array_equal(stacked[row, :, :used], buffer[0, :, :used])
         assert not stacked[row, :, used:].any()
+
+
+def _decode_twins(cloud, pasts, rng):
+    """Sessions with `pasts` cached tokens, each with a twin that will run alone."""
+    hidden = cloud.arch.hidden_size
+    alone, grouped = [cloud.new_session() for _ in pasts], [cloud.new_session() for _ in pasts]
+    for a, g, past in zip(alone, grouped, pasts):
+        prompt = rng.standard_normal((1, past, hidden)).astype(np.float32)
+        step_alone(a, prompt)
+        step_alone(g, prompt)
+    return alone, grouped
+
+
+def _check_step(cloud, alone, grouped, rng):
+    """One decode step for each session of `alone`, and as one group for their twins in `grouped`: the same outputs."""
+    embeds = [rng.standard_normal((1, 1, cloud.arch.hidden_size)).astype(np.float32) for _ in alone]
+    want = [step_alone(a, e) for a, e in zip(alone, embeds)]
+    got = step_grouped(cloud, grouped, embeds)
+    for w, g in zip(want, got):
+        for w_out, g_out in zip(w, g):
+            np.testing.assert_allclose(g_out, w_out, rtol=RTOL, atol=ATOL)
+
+
+def test_a_group_that_runs_again_reads_its_caches_in_place(cloud_dir, monkeypatch):
+    """The first call of a group stacks its members' caches into buffers they then share; the group's next calls, in
+    any order of members, copy nothing, and give what each session gets alone."""
+    from plcli.runtime import cloud as cloud_module
+
+    cloud = CloudModel(cloud_dir("llama"), threads=1, prepack=True)
+    rng = np.random.default_rng(3)
+    alone, grouped = _decode_twins(cloud, [2, 5, 9], rng)
+    _check_step(cloud, alone, grouped, rng)
+    for layer in range(cloud.arch.num_layers):
+        shared = grouped[0].shared[layer]
+        assert shared is not None and all(g.shared[layer] is shared for g in grouped)
+        assert [shared.rows[g] for g in grouped] == [(0, 1), (1, 1), (2, 1)]
+        assert all(np.shares_memory(g.kv[layer][0], shared.keys) for g in grouped)
+    stacked = []
+    monkeypatch.setattr(cloud_module, "_stack_cache", lambda *a, **k: stacked.append(a) or pytest.fail("copied"))
+    _check_step(cloud, alone, grouped, rng)
+    _check_step(cloud, alone[::-1], grouped[::-1], rng)
+    assert not stacked
+
+
+def test_members_that_leave_a_shared_cache_leave_the_others_exact_and_never_more_than_twice_the_memory(cloud_dir):
+    """Some members of a group run as another group, one grows past the buffers and one is released: once half the rows
+    are left behind, the rest move to buffers of their own, and every session still gets what it gets alone."""
+    cloud = CloudModel(cloud_dir("llama"), threads=1, prepack=True)
+    rng = np.random.default_rng(4)
+    alone, grouped = _decode_twins(cloud, [3, 4, 6, 7], rng)
+    _check_step(cloud, alone, grouped, rng)
+    first = grouped[0].shared[0]
+    # Rows 0 and 2: one buffer, rows apart: stacked for this call only, the buffer kept whole for its group.
+    _check_step(cloud, [alone[0], alone[2]], [grouped[0], grouped[2]], rng)
+    assert all(g.shared[0] is first for g in grouped)
+    # Rows 1 and 3 with a session from elsewhere: they move to new buffers; half the first one's rows are still used.
+    extra_alone, extra = _decode_twins(cloud, [5], rng)
+    _check_step(cloud, [alone[1], alone[3], *extra_alone], [grouped[1], grouped[3], *extra], rng)
+    assert grouped[0].shared[0] is None and grouped[2].shared[0] is None  # half left: the other half moved out
+    assert grouped[1].shared[0] is grouped[3].shared[0] is extra[0].shared[0] is not None
+    assert not np.shares_memory(grouped[0].kv[0][0], first.keys)
+    # A member whose cache must grow past the buffers leaves them too; released, one leaves them for good.
+    big = grouped[1].shared[0].keys.shape[2]
+    prompt = rng.standard_normal((1, big - grouped[1].position + 1, cloud.arch.hidden_size)).astype(np.float32)
+    step_alone(alone[1], prompt)
+    step_alone(grouped[1], prompt)
+    assert grouped[1].shared[0] is None
+    extra[0].release()
+    assert grouped[3].shared[0] is None and all(s is None for s in extra[0].shared)
+    _check_step(cloud, alone, grouped, rng)
+    for a, g in zip(alone, grouped):
+        for layer in range(cloud.arch.num_layers):
+            np.testing.assert_allclose(g.cache(layer)[0], a.cache(layer)[0], rtol=RTOL, atol=ATOL)
