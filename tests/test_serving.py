@@ -90,17 +90,45 @@ def test_greedy_ids_over_loopback_match_transformers_with_bma_merged(model, name
     ckpt, bundle, cloud = model(name)
     edge = edge_of(bundle, m)
     prompt_ids = edge.tokenizer(PROMPT)["input_ids"]
-    reference = merged_reference(ckpt, cloud, edge.adapter_matrices())
-    vocab = reference.config.vocab_size
-    unused_rows = list(range(len(edge.tokenizer), vocab))  # ids no tokenizer can emit: neither side may pick them
-    with torch.no_grad():
-        ids = torch.tensor([prompt_ids])  # the mask given: else generate masks prompt tokens equal to the pad id
-        want = reference.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=64, do_sample=False,
-                                  eos_token_id=None, pad_token_id=0,
-                                  suppress_tokens=unused_rows or None)[0, len(prompt_ids):].tolist()
+    want = transformers_ids(ckpt, cloud, edge, prompt_ids, 64)
     with serve(cloud) as (_, endpoint, _), RemoteCloudSession(endpoint, edge.manifest, timeout=TIMEOUT) as session:
         got = list(generate(edge, session, prompt_ids, Sampling(max_new_tokens=64, ignore_eos=True)))
     assert len(want) == 64 and got == want
+
+
+def transformers_ids(ckpt: Path, cloud: CloudModel, edge: EdgeModel, prompt_ids: list[int], new_tokens: int) -> list[int]:
+    """transformers' greedy ids with the edge's B M A merged into the checkpoint's weights."""
+    reference = merged_reference(ckpt, cloud, edge.adapter_matrices())
+    unused_rows = list(range(len(edge.tokenizer), reference.config.vocab_size))  # ids no tokenizer can emit: neither side may pick them
+    with torch.no_grad():
+        ids = torch.tensor([prompt_ids])  # the mask given: else generate masks prompt tokens equal to the pad id
+        return reference.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, do_sample=False,
+                                  eos_token_id=None, pad_token_id=0,
+                                  suppress_tokens=unused_rows or None)[0, len(prompt_ids):].tolist()
+
+
+@pytest.mark.parametrize("stream", [True, False], ids=["one-row-streamed", "all-packed"])
+def test_a_prepacked_cloud_decodes_transformers_ids_with_one_row_calls_on_either_kernel(model, stream):
+    """One-row calls run on the sessions fed their weights when the cloud streams them, on the packed ones otherwise;
+    prompts and groups always on the packed ones; the greedy ids are transformers' either way."""
+    ckpt, bundle, _ = model("llama")
+    cloud = CloudModel(bundle / "cloud", threads=1, prepack=True, stream_one_row=stream)
+    assert cloud.streams_one_row is stream and (cloud._fed is not None) is stream
+    rows = {"fed": [], "packed": []}
+    for kind, pairs in (("fed", cloud._fed or []), ("packed", cloud._packed)):
+        for session in {id(s): s for pair in pairs for s in pair if s}.values():  # fed ones are shared by kind
+            run = session.run
+            session.run = lambda outputs, feed, run=run, kind=kind: rows[kind].append(
+                next(v.shape[:2] for k, v in feed.items() if k in ("inputs_embeds", "resid", "x"))) or run(outputs, feed)
+    edge = edge_of(bundle, "random")
+    prompt_ids = edge.tokenizer(PROMPT)["input_ids"]
+    got = local_ids(edge, cloud, prompt_ids, Sampling(max_new_tokens=16, ignore_eos=True))
+    assert got == transformers_ids(ckpt, cloud, edge, prompt_ids, 16)
+    one_row = (1, 1)
+    if stream:
+        assert rows["fed"] and set(rows["fed"]) == {one_row} and rows["packed"] and one_row not in rows["packed"]
+    else:
+        assert not rows["fed"] and one_row in rows["packed"] and (1, len(prompt_ids)) in rows["packed"]
 
 
 def test_a_chat_turn_continues_the_cache_exactly_like_a_fresh_prefill(model):

@@ -40,7 +40,7 @@ try:
     refused = None
 except ValueError as e:
     refused = str(e)
-json.dump({"sessions": sum(s is not None for pair in pooled._sessions for s in pair), "gained": gained,
+json.dump({"sessions": sum(s is not None for pair in pooled._packed for s in pair), "gained": gained,
            "alone": step(alone, embeds).tolist(), "pooled": step(pooled, embeds).tolist(), "refused": refused}, sys.stdout)
 """
 
