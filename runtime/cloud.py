@@ -32,7 +32,8 @@ from .ort import BoundSession, make_session, read_weights, share_threads
 # Full-attention layers get a window longer than any context.
 NO_WINDOW = np.array(1 << 62, np.int64)
 # Cache buffers grow by whole chunks of key slots: a session copies its cache only when a step crosses a chunk
-# boundary, and attention reads at most this many free (masked) slots besides the used ones.
+# boundary, and attention reads at most this many free (masked) slots besides the used ones (a group reads up to
+# two chunks past its longest member's).
 KV_CHUNK = 32
 # Cache buffers in a feed: a group reads its members' rows of one buffer (SharedCache).
 CACHE_INPUTS = ("past_key", "past_value")
