@@ -111,6 +111,8 @@ def transformers_ids(ckpt: Path, cloud: CloudModel, edge: EdgeModel, prompt_ids:
 def test_a_prepacked_cloud_decodes_transformers_ids_with_one_row_calls_on_either_kernel(model, stream):
     """One-row calls run on the sessions fed their weights when the cloud streams them, on the packed ones otherwise;
     prompts and groups always on the packed ones; the greedy ids are transformers' either way."""
+    from plcli.runtime.cloud import _activations
+
     ckpt, bundle, _ = model("llama")
     cloud = CloudModel(bundle / "cloud", threads=1, prepack=True, stream_one_row=stream)
     assert cloud.streams_one_row is stream and (cloud._fed is not None) is stream
@@ -119,7 +121,7 @@ def test_a_prepacked_cloud_decodes_transformers_ids_with_one_row_calls_on_either
         for session in {id(s): s for pair in pairs for s in pair if s}.values():  # fed ones are shared by kind
             run = session.run
             session.run = lambda outputs, feed, run=run, kind=kind: rows[kind].append(
-                next(v.shape[:2] for k, v in feed.items() if k in ("inputs_embeds", "resid", "x"))) or run(outputs, feed)
+                _activations(feed).shape[:2]) or run(outputs, feed)
     edge = edge_of(bundle, "random")
     prompt_ids = edge.tokenizer(PROMPT)["input_ids"]
     got = local_ids(edge, cloud, prompt_ids, Sampling(max_new_tokens=16, ignore_eos=True))
