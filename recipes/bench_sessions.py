@@ -25,8 +25,8 @@ each edge's message and answers whichever replies came in
 once, then the LM heads of the edges whose step is done as one product, since
 eight devices would run theirs at the same time (one after another, they let
 the cloud's next steps in one by one, and it ran 11% of the steps alone, at
-their first segment; together, the eight decoded 328-333 tok/s where they had
-272-284). Edges run on
+their first segment; together, the eight decoded 312-328 tok/s where they had
+285-291 in alternating runs). Edges run on
 devices of their own in deployment; here they take the cloud's cores, and
 what they take is what the run measures besides the cloud: eight processes,
 each with an interpreter and an I/O thread to wake on every message, made it
