@@ -90,6 +90,18 @@ def thread_count(value: int | None) -> int | None:
     return value
 
 
+def cpu_list(text: str | None, option: str) -> frozenset[int] | None:
+    """A --cpus list (taskset's form: 0, 0-3, 0,2,4-5), checked against the cores this process may use."""
+    from plcli.runtime.cpus import parse_cpus
+
+    if text is None:
+        return None
+    try:
+        return parse_cpus(text, option)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+
+
 def reports_errors(fn):
     """One clear line and a non-zero exit instead of a traceback."""
 

@@ -20,9 +20,10 @@ from rich.live import Live
 from rich.text import Text
 
 from plcli.runtime.cpu_latency import hold_low_latency
+from plcli.runtime.cpus import MAX_SPIN_US, format_cpus, pinned, usable_cpus
 
-from .app import (HUGE_PAGES_HELP, LOW_LATENCY_HELP, UserError, app, console, err_console, print_json, printable,
-                  reports_errors, seconds, shown, status, stdout, thread_count)
+from .app import (HUGE_PAGES_HELP, LOW_LATENCY_HELP, UserError, app, console, cpu_list, err_console, print_json,
+                  printable, reports_errors, seconds, shown, status, stdout, thread_count)
 
 DEFAULT_ENDPOINT = "tcp://127.0.0.1:5555"  # loopback: serving beyond this machine is a deliberate choice
 CHECKPOINT_DEFAULT = "Default: the checkpoint's when its generation config samples (do_sample), else greedy."
@@ -102,6 +103,14 @@ def serve_cloud(
                                              "for it (about as much memory again); 1 runs every step alone."),
     batch_wait_us: int = typer.Option(0, "--batch-wait-us", help="Microseconds a group may wait for sessions whose edge "
                                        "still owes an answer at that layer, while other groups run (default 0: never)."),
+    cpus: Optional[str] = typer.Option(None, "--cpus", help="Cores the compute threads run on (the server's loop and "
+                                       "ONNX Runtime's pool), as taskset -c takes them: 0, 0-3, 0,2 (default: any)."),
+    io_cpus: Optional[str] = typer.Option(None, "--io-cpus", help="Cores ZeroMQ's I/O thread runs on (default with "
+                                          "--cpus: the others this process may use, so that no message waits for the "
+                                          "compute; else any)."),
+    spin_us: int = typer.Option(0, "--spin-us", help="Microseconds to poll for the next message before sleeping: the "
+                                "core stays awake between an edge's answers. Worth it where --cpus gives the server "
+                                "cores of its own (default 0: sleep at once)."),
     low_latency: bool = typer.Option(False, "--low-latency", help=LOW_LATENCY_HELP),
     huge_pages: bool = typer.Option(True, "--huge-pages/--no-huge-pages", help=HUGE_PAGES_HELP),
     as_json: bool = typer.Option(False, "--json", help="Log one JSON object per event on stdout."),
@@ -128,8 +137,14 @@ def serve_cloud(
     if curve_secret is None and not insecure and not _is_local(bind):
         raise UserError(f"{bind} is reachable from other machines: give --curve-secret and --authorized-keys "
                         "(`plcli keys generate`), or --insecure to serve it unencrypted and open to anyone")
+    compute_cpus, io = cpu_list(cpus, "--cpus"), cpu_list(io_cpus, "--io-cpus")
+    if io is None and compute_cpus is not None:
+        io = (usable_cpus() - compute_cpus) or None
+    if not 0 <= spin_us <= MAX_SPIN_US:
+        raise UserError(f"--spin-us {spin_us} is out of range: 0 to {MAX_SPIN_US}")
     curve = ServerKeys.load(curve_secret, authorized_keys) if curve_secret is not None else None
-    with hold_low_latency(low_latency):
+    # Pinned before the model loads: ONNX Runtime's pool threads start on the cores of the thread that makes them.
+    with hold_low_latency(low_latency), pinned(compute_cpus):
         reporter = _Reporter(as_json)
         try:
             with status("loading the cloud bundle"):
@@ -138,7 +153,8 @@ def serve_cloud(
                                      session_timeout=session_timeout, wire_dtype=wire_dtype, max_batch=max_batch, tune=tune,
                                      max_train_tokens=max_train_tokens, threads=threads, on_event=reporter.event, curve=curve,
                                      max_memory_bytes=None if max_memory is None else max_memory * 2**20,
-                                     max_group=max_group, batch_wait_s=batch_wait_us / 1e6)
+                                     max_group=max_group, batch_wait_s=batch_wait_us / 1e6, spin_s=spin_us / 1e6,
+                                     io_cpus=io)
                 reporter.huge_page_bytes = back_with_huge_pages().bytes if huge_pages else huge_page_bytes()
         except ValueError as e:
             raise UserError(str(e)) from None
@@ -153,7 +169,10 @@ def serve_cloud(
             reporter.line(f"{model.arch.family} · {model.arch.num_layers} layers · rank {model.manifest.rank} · "
                           f"KV cache up to {kv / 2**20:.1f} MiB per session · {grouping} · "
                           f"{reporter.huge_page_bytes / 2**20:.0f} MiB on huge pages"
-                          + (" · idle cores poll (--low-latency)" if low_latency else ""))
+                          + (" · idle cores poll (--low-latency)" if low_latency else "")
+                          + (f" · compute on cores {format_cpus(compute_cpus)}" if compute_cpus is not None else "")
+                          + (f" · ZeroMQ I/O on {format_cpus(io)}" if io is not None else "")
+                          + (f" · polls {spin_us} us before sleeping" if spin_us else ""))
         stop = threading.Event()
         previous = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
@@ -297,6 +316,9 @@ def run_edge(
     curve_secret: Optional[Path] = typer.Option(None, "--curve-secret", help=CURVE_SECRET_HELP),
     server_key: Optional[Path] = typer.Option(None, "--server-key", help=SERVER_KEY_HELP),
     threads: Optional[int] = typer.Option(None, "--threads", help="ONNX Runtime threads for the LM head."),
+    cpus: Optional[str] = typer.Option(None, "--cpus", help="Cores every thread of the edge runs on, as taskset -c takes "
+                                       "them: 0, 0-3, 0,2 (default: any). On a cloud's machine, the cores its --cpus "
+                                       "leaves free."),
     low_latency: bool = typer.Option(False, "--low-latency", help=LOW_LATENCY_HELP),
     huge_pages: bool = typer.Option(True, "--huge-pages/--no-huge-pages", help=HUGE_PAGES_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object (needs --prompt) instead of streaming text."),
@@ -325,7 +347,7 @@ def run_edge(
     # Bad flags fail here, before the bundle loads; the bundle's own settings join them below.
     _sampling(given, max_new_tokens=max_new_tokens, seed=seed, stop=list(stop or []), ignore_eos=ignore_eos)
     curve = client_keys(curve_secret, server_key)
-    with hold_low_latency(low_latency):
+    with hold_low_latency(low_latency), pinned(cpu_list(cpus, "--cpus")):
         edge = EdgeModel(edge_dir, adapter=adapter, threads=threads)
         if huge_pages:
             back_with_huge_pages()

@@ -45,6 +45,7 @@ import zmq
 
 from . import wire
 from .cloud import CloudModel, CloudSession, SegmentCall, StepOutput, cache_slots
+from .cpus import MAX_SPIN_US, io_context
 from .secure import ServerKeys, peer_key, secure_server
 
 if TYPE_CHECKING:
@@ -130,10 +131,12 @@ class CloudServer:
         max_memory_bytes: int | None = None,
         max_group: int | None = None,
         batch_wait_s: float = 0.0,
+        spin_s: float = 0.0,
         threads: int | None = None,
         on_event: Callable[[dict], None] | None = None,
         context: zmq.Context | None = None,
         curve: ServerKeys | None = None,
+        io_cpus: frozenset[int] | None = None,
     ):
         if max_sessions < 1:
             raise ValueError("--max-sessions must be at least 1")
@@ -155,6 +158,8 @@ class CloudServer:
             raise ValueError("--max-group must be at least 1")
         if not batch_wait_s >= 0:
             raise ValueError("--batch-wait-us must be >= 0")
+        if not 0 <= spin_s <= MAX_SPIN_US / 1e6:
+            raise ValueError(f"--spin-us {spin_s * 1e6:g} is out of range: 0 to {MAX_SPIN_US}")
         wire.check_endpoint(bind, bind=True)
         self.model = model
         self.max_sessions = max_sessions
@@ -166,6 +171,7 @@ class CloudServer:
         self.max_memory_bytes = max_memory_bytes
         self.max_group = max_group or max_sessions
         self.batch_wait_s = batch_wait_s
+        self.spin_s = spin_s
         self._queue: list[QueuedCall] = []
         self.segments = None  # torch segments shared by tune sessions
         if tune:
@@ -187,8 +193,13 @@ class CloudServer:
         self.counters = _Counters()
         self.tokens_per_s = 0.0
         self.curve = curve
-        # ZAP allows one handler per context: a secured server brings its own unless the caller gives one.
-        self._own_context = zmq.Context() if curve is not None and context is None else None
+        if context is not None and io_cpus is not None:
+            raise ValueError("io_cpus places the I/O threads of the server's own context: give no context with it")
+        # ZAP allows one handler per context: a secured server brings its own unless the caller gives one; so does a
+        # server whose I/O threads run on cores of their own.
+        self.io_cpus = io_cpus
+        self._own_context = (io_context(io_cpus) if io_cpus is not None else
+                             zmq.Context() if curve is not None and context is None else None)
         self.socket = (context or self._own_context or zmq.Context.instance()).socket(zmq.ROUTER)
         self.socket.setsockopt(zmq.LINGER, 0)
         # An edge waits for each reply before its next request, so a connection never has more than one or two
@@ -214,7 +225,8 @@ class CloudServer:
         """Serve until `stop` is set, then free every session and close the socket."""
         self.on_event({"event": "listening", "endpoint": self.endpoint, "max_sessions": self.max_sessions,
                        "max_context": self.max_context, "session_timeout": self.session_timeout,
-                       "wire_dtype": self.wire_dtype,
+                       "wire_dtype": self.wire_dtype, "spin_us": round(self.spin_s * 1e6),
+                       "io_cpus": None if self.io_cpus is None else sorted(self.io_cpus),
                        "authorized_keys": self.curve.authorized if self.curve is not None else None})
         try:
             idle_s = POLL_S
@@ -231,13 +243,28 @@ class CloudServer:
 
         Returns how long the next turn may wait. `serve` is these turns until stopped.
         """
-        if self._poller.poll(math.ceil(wait_s * 1000)):
+        if self._wait(wait_s):
             self._take([r for r in (self._admit(*message) for message in self._receive()) if r])
         # Expired only once what has arrived is taken in: after a long call, an edge's answer may be waiting.
         self._expire(time.monotonic())
         idle_s = self._run_next()
         self._update_rate(time.monotonic())
         return idle_s
+
+    def _wait(self, wait_s: float) -> bool:
+        """Whether a message waits, after up to `wait_s`: the first `spin_s` of it polling, then asleep.
+
+        A thread asleep leaves its core idle, and an idle core halts: waking it costs more than a round trip
+        (runtime/cpus.py). Polling keeps the core awake, and is worth it where the core is the server's own.
+        """
+        if self.spin_s and wait_s:
+            start = time.perf_counter()
+            end = start + min(self.spin_s, wait_s)
+            while time.perf_counter() < end:
+                if self.socket.getsockopt(_EVENTS) & _POLLIN:
+                    return True
+            wait_s -= end - start
+        return bool(self._poller.poll(math.ceil(wait_s * 1000)))
 
     def close(self) -> None:
         """Close the socket (and what secures it); `serve` does this when it stops."""
