@@ -10,6 +10,7 @@ import typer
 from rich.table import Table
 
 from plcli.runtime.cpu_latency import hold_low_latency
+from plcli.runtime.cpus import apart, format_cpus
 
 from .app import (HUGE_PAGES_HELP, LOW_LATENCY_HELP, UserError, app, console, print_json, print_table, progress_bar,
                   reports_errors, shown, status, thread_count)
@@ -90,6 +91,10 @@ def bench_decode(
     plot: Optional[Path] = typer.Option(None, "--plot", help="Write decode tok/s against rank, per method (and against concurrent edges, with --edges), to this PNG."),
     low_latency: bool = typer.Option(False, "--low-latency", help=LOW_LATENCY_HELP + " Held for every method alike."),
     huge_pages: bool = typer.Option(True, "--huge-pages/--no-huge-pages", help=HUGE_PAGES_HELP + " For every method alike."),
+    pin: bool = typer.Option(False, "--pin/--no-pin", help="Where the machine has a core more than --threads: the "
+                             "cloud's compute on the first --threads cores, polling for its next message, and all else "
+                             "(its ZeroMQ I/O thread, the edges, transformers, the one-process run) on the others, as "
+                             "`serve-cloud --cpus --spin-us` and `run-edge --cpus` place them."),
     as_json: bool = typer.Option(False, "--json", help="Print the results as JSON."),
 ):
     """Decode speed: transformers, the ONNX graphs in one process, the split over loopback and over an emulated link."""
@@ -114,6 +119,7 @@ def bench_decode(
     if prompt_len + new_tokens - 1 > positions:  # the last new token is never fed back
         raise UserError(f"--prompt-len {prompt_len} and --new-tokens {new_tokens} need a context of "
                         f"{prompt_len + new_tokens - 1} tokens; the model holds {positions}")
+    placement = apart(threads) if pin else None
     results = []
     with hold_low_latency(low_latency):
         with progress_bar() as progress:
@@ -121,10 +127,10 @@ def bench_decode(
             for r in ranks:
                 results.append(run(model_dir, bundles=bundles, rank=r, prompt_len=prompt_len, new_tokens=new_tokens,
                                    rounds=rounds, link=emulated, threads=threads, float16=float16, huge_pages=huge_pages,
-                                   progress=lambda msg: progress.advance(task) if msg.startswith("round") else None))
+                                   placement=placement, progress=lambda msg: progress.advance(task) if msg.startswith("round") else None))
         if edge_counts:
             results[-1]["edges"] = _edges(model_dir, bundles, ranks[-1], edge_counts, prompt_len, new_tokens, rounds,
-                                          huge_pages)
+                                          huge_pages, placement)
     for result in results:
         result["low_latency"] = low_latency
         result["huge_pages"] = huge_pages
@@ -142,7 +148,7 @@ def bench_decode(
 
 
 def _edges(model_dir: Path, bundles: Path | None, rank: int, counts: list[int], prompt_len: int, new_tokens: int,
-           rounds: int, huge_pages: bool) -> list[dict]:
+           rounds: int, huge_pages: bool, placement) -> list[dict]:
     """Aggregate decode of each count of edges on one cloud (cross-session batching), against one edge alone."""
     import tempfile
 
@@ -158,7 +164,7 @@ def _edges(model_dir: Path, bundles: Path | None, rank: int, counts: list[int], 
         for count in counts:
             with status(f"{count} edges at once on one cloud"):
                 results.append(aggregate_decode(bundles / "cloud", bundles / "edge", count, new_tokens, prompt_len,
-                                                rounds=rounds, huge_pages=huge_pages))
+                                                rounds=rounds, huge_pages=huge_pages, placement=placement))
         return results
 
 
@@ -203,7 +209,11 @@ def _decode_table(r: dict) -> Table:
                      f"{split['round_trips_per_token']:g} per token, split / onnx can reach about "
                      f"{ratios['split_vs_onnx_ceiling']:.2f} at best here"
                      + (" · idle cores polling (--low-latency)" if r["low_latency"] else "")
-                     + ("" if r["huge_pages"] else " · small pages (--no-huge-pages)"))
+                     + ("" if r["huge_pages"] else " · small pages (--no-huge-pages)")
+                     + ("" if r["placement"] is None else
+                        f"\ncloud compute on cores {format_cpus(r['placement']['cloud_cpus'])}, polling "
+                        f"{r['placement']['spin_us']:,} us for its next message; all else on "
+                        f"{format_cpus(r['placement']['other_cpus'])}"))
     return table
 
 

@@ -40,6 +40,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
+from plcli.runtime.cpus import Apart, pinned
 from plcli.runtime.estimate import Link
 
 LINK_PRESETS = {"5g": Link(up_mbps=60, down_mbps=100, rtt_ms=20)}
@@ -175,12 +176,16 @@ def empty_round_trip_s(endpoint: str, count: int = 100) -> float:
 
 @contextmanager
 def cloud_process(cloud_dir: Path, *, threads: int, wire_dtype: str = "float32", tune: bool = False,
-                  huge_pages: bool = True) -> Iterator[str]:
-    """`plcli serve-cloud` on a free loopback port, in its own process; yields the endpoint; always stopped."""
+                  huge_pages: bool = True, placement: Apart | None = None) -> Iterator[str]:
+    """`plcli serve-cloud` on a free loopback port, in its own process; yields the endpoint; always stopped.
+
+    With `placement`, its compute runs on the cores set apart for it, and polls for its next message.
+    """
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     proc = subprocess.Popen([sys.executable, "-m", "plcli.cli", "serve-cloud", str(cloud_dir), "--bind", "tcp://127.0.0.1:*",
                              "--threads", str(threads), "--wire-dtype", wire_dtype, "--tune" if tune else "--no-tune",
-                             "--huge-pages" if huge_pages else "--no-huge-pages", "--json"],
+                             "--huge-pages" if huge_pages else "--no-huge-pages", "--json",
+                             *(placement.serve_options() if placement else [])],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
         line = proc.stdout.readline()
@@ -198,13 +203,15 @@ def cloud_process(cloud_dir: Path, *, threads: int, wire_dtype: str = "float32",
 
 def bench_decode(model_dir: Path, *, bundles: Path | None = None, rank: int = 64, prompt_len: int = 32,
                  new_tokens: int = 64, rounds: int = 3, link: Link = LINK_PRESETS["5g"], threads: int = 1,
-                 float16: bool = False, seed: int = 0, huge_pages: bool = True,
+                 float16: bool = False, seed: int = 0, huge_pages: bool = True, placement: Apart | None = None,
                  progress: Callable[[str], None] = lambda _: None) -> dict:
     """Every method, `rounds` times interleaved; medians, the ratios, and whether greedy ids agree.
 
     With `float16`, also the split with `--wire-dtype float16` on both sides (a second cloud process).
     With `huge_pages`, every method's memory goes onto huge pages alike: this process's once its models are
     loaded (transformers', the one-process graphs', the edge's), and the cloud process's.
+    With `placement` (runtime/cpus.py), the cloud's compute runs on cores of its own, and this process, the edge's,
+    transformers' and the one-process run's threads included, on the others; the JSON's `placement` says which.
     """
     import torch
     from transformers import AutoModelForCausalLM
@@ -236,8 +243,10 @@ def bench_decode(model_dir: Path, *, bundles: Path | None = None, rank: int = 64
         empty_trips: list[float] = []
         with ExitStack() as stack:
             endpoints = {dtype: stack.enter_context(cloud_process(bundles / "cloud", threads=threads, wire_dtype=dtype,
-                                                                  huge_pages=huge_pages))
+                                                                  huge_pages=huge_pages, placement=placement))
                          for dtype in ("float32", "float16")[: 1 + float16]}
+            # Only once the clouds have started: a child starts on its parent's cores, and must be free to leave them.
+            stack.enter_context(pinned(placement and placement.rest))
 
             def remote(wrap=lambda s: s, wire_dtype="float32") -> Run:
                 with RemoteCloudSession(endpoints[wire_dtype], edge.manifest, wire_dtype=wire_dtype, timeout=60) as session:
@@ -258,8 +267,10 @@ def bench_decode(model_dir: Path, *, bundles: Path | None = None, rank: int = 64
                 for name in methods:
                     runs[name].append(measure[name]())
                 empty_trips.append(empty_round_trip_s(endpoints["float32"]))
-    return summarize(runs, edge, prompt_len, new_tokens, rank=edge.manifest.rank, link=link, rounds=rounds,
-                     empty_round_trip_s=statistics.median(empty_trips))
+    result = summarize(runs, edge, prompt_len, new_tokens, rank=edge.manifest.rank, link=link, rounds=rounds,
+                       empty_round_trip_s=statistics.median(empty_trips))
+    result["placement"] = placement and placement.as_json()
+    return result
 
 
 def summarize(runs: dict[str, list[Run]], edge, prompt_len: int, new_tokens: int, *, rank: int, link: Link,

@@ -1,7 +1,8 @@
 """Aggregate decode speed of many edges on one cloud, next to one edge alone.
 
     python -m plcli.recipes.bench_sessions [--edges 8] [--new-tokens 40] [--prompt-len 16] [--rounds 3] [--out DIR]
-                                           [--json] [--max-group N] [--batch-wait-us N] [--low-latency] [--group-cost]
+                                           [--json] [--max-group N] [--batch-wait-us N] [--low-latency] [--pin]
+                                           [--group-cost]
 
 Builds a random-weight Llama (hidden 512, 8 layers, 8 heads, intermediate
 1376, vocab 8000; rank 64, q/k/v adapted) unless `--out` already holds one,
@@ -38,7 +39,8 @@ alone and together (where /proc tells): what grouping saves the cloud
 wherever the edges run.
 `--max-group` and `--batch-wait-us` go to serve-cloud, to compare without
 grouping or with a wait; `--low-latency` keeps idle cores polling for the
-whole run (runtime/cpu_latency.py).
+whole run (runtime/cpu_latency.py); `--pin` runs the cloud's compute on a
+core of its own and the edges on the others (runtime/cpus.py).
 
 `--group-cost` measures instead what grouping saves the cloud where nothing
 else gets in the way: its CPU per session step with every group of 1, 2, 4
@@ -59,6 +61,7 @@ import time
 from pathlib import Path
 
 from plcli.runtime.cpu_latency import CpuLatencyError, hold_low_latency
+from plcli.runtime.cpus import Apart, apart, pinned
 
 SHAPE = "bench-512"  # of recipes.checkpoints.BENCH_SHAPES, the shapes `plcli bench decode` is held to
 RANK = 64
@@ -196,12 +199,13 @@ def _rate(result: dict) -> float:
 
 
 def aggregate_decode(cloud_dir, edge_dir, edges: int, new_tokens: int, prompt_len: int, *, rounds: int = 1,
-                     serve_options: list[str] | None = None, huge_pages: bool = True) -> dict:
+                     serve_options: list[str] | None = None, huge_pages: bool = True, placement: Apart | None = None) -> dict:
     """Decode tokens/s of `edges` edges at once on one cloud, next to one edge alone, and whether every edge got its solo ids.
 
     `rounds` alternate the solo runs and the run together that many times (medians reported, and each round's ratio).
     `serve_options` are extra `plcli serve-cloud` options (say ["--max-group", "1"]). `huge_pages` puts the cloud's
-    memory and the edges' on huge pages, as `serve-cloud` and `run-edge` do by default.
+    memory and the edges' on huge pages, as `serve-cloud` and `run-edge` do by default. With `placement`
+    (runtime/cpus.py), the cloud computes on cores of its own and the edges run on the others.
     """
     import numpy as np
 
@@ -218,25 +222,27 @@ def aggregate_decode(cloud_dir, edge_dir, edges: int, new_tokens: int, prompt_le
     if huge_pages:
         back_with_huge_pages()
     server, endpoint = _serve(Path(cloud_dir), max(edges, 16),
-                              ["--huge-pages" if huge_pages else "--no-huge-pages", *(serve_options or [])])
+                              ["--huge-pages" if huge_pages else "--no-huge-pages", *(serve_options or []),
+                               *(placement.serve_options() if placement else [])])
     alone, together, grouped_calls, edge_cpu_s = [], [], 0, 0.0
     cloud_cpu_s = {"alone": 0.0, "together": 0.0} if _cpu_s(server.pid) is not None else None
-    try:
-        for _ in range(rounds):
-            cpu_start = _cpu_s(server.pid)
-            alone.append([_solo(models[i], endpoint, p, new_tokens) for i, p in enumerate(prompts)])
-            before, cpu_before = cloud_status(endpoint), _cpu_s(server.pid)
-            results, cpu_s = _together(models, endpoint, dict(enumerate(prompts)), new_tokens)
-            together.append(results)
-            edge_cpu_s += cpu_s
-            after, cpu_after = cloud_status(endpoint), _cpu_s(server.pid)
-            grouped_calls += after["grouped_calls"] - before["grouped_calls"]
-            if cloud_cpu_s is not None:
-                cloud_cpu_s["alone"] += cpu_before - cpu_start
-                cloud_cpu_s["together"] += cpu_after - cpu_before
-    finally:
-        server.terminate()
-        server.wait()
+    with pinned(placement and placement.rest):  # the edges, on the cores the cloud's compute leaves
+        try:
+            for _ in range(rounds):
+                cpu_start = _cpu_s(server.pid)
+                alone.append([_solo(models[i], endpoint, p, new_tokens) for i, p in enumerate(prompts)])
+                before, cpu_before = cloud_status(endpoint), _cpu_s(server.pid)
+                results, cpu_s = _together(models, endpoint, dict(enumerate(prompts)), new_tokens)
+                together.append(results)
+                edge_cpu_s += cpu_s
+                after, cpu_after = cloud_status(endpoint), _cpu_s(server.pid)
+                grouped_calls += after["grouped_calls"] - before["grouped_calls"]
+                if cloud_cpu_s is not None:
+                    cloud_cpu_s["alone"] += cpu_before - cpu_start
+                    cloud_cpu_s["together"] += cpu_after - cpu_before
+        finally:
+            server.terminate()
+            server.wait()
 
     def tokens(runs):
         return sum(len(r["ids"]) for results in runs for r in results)
@@ -258,7 +264,8 @@ def aggregate_decode(cloud_dir, edge_dir, edges: int, new_tokens: int, prompt_le
             "edge_cpu_ms_per_token": round(1000 * edge_cpu_s / tokens(together), 2),
             # The cloud's CPU per token, edges alone and together: what grouping saves the cloud, wherever the edges run.
             "cloud_cpu_ms_per_token_alone": cloud_ms("alone", alone),
-            "cloud_cpu_ms_per_token": cloud_ms("together", together)}
+            "cloud_cpu_ms_per_token": cloud_ms("together", together),
+            "placement": placement and placement.as_json()}
 
 
 def group_cost(cloud_dir, *, sessions: int = 8, new_tokens: int = 24, prompt_len: int = 16,
@@ -367,6 +374,9 @@ def main(argv: list[str] | None = None) -> None:
                                                                    "(/dev/cpu_dma_latency, needs root).")
     parser.add_argument("--no-huge-pages", action="store_true", help="Leave the cloud's and the edges' memory on small "
                                                                       "pages (serve-cloud --no-huge-pages).")
+    parser.add_argument("--pin", action="store_true", help="The cloud's compute on a core of its own, polling for its "
+                                                           "next message, the edges on the others (runtime/cpus.py; "
+                                                           "default: wherever the scheduler puts them).")
     parser.add_argument("--group-cost", action="store_true", help="Instead: the cloud server's own CPU per session step "
                                                                   "in groups of 1, 2, 4, 8 (up to --edges), in this process "
                                                                   "(group_cost).")
@@ -390,7 +400,8 @@ def main(argv: list[str] | None = None) -> None:
                 _print_group_cost(rows, args.json)
                 return
             result = aggregate_decode(cloud_dir, edge_dir, args.edges, args.new_tokens, args.prompt_len,
-                                      rounds=args.rounds, serve_options=serve_options, huge_pages=not args.no_huge_pages)
+                                      rounds=args.rounds, serve_options=serve_options, huge_pages=not args.no_huge_pages,
+                                      placement=apart(1) if args.pin else None)
     finally:
         if args.out is None:
             shutil.rmtree(work, ignore_errors=True)

@@ -8,6 +8,7 @@ from typer.testing import CliRunner
 
 from plcli.cli import app
 from plcli.recipes.bench_decode import LINK_PRESETS, parse_link, transformers_run
+from plcli.runtime.cpus import SPIN_US, usable_cpus
 from plcli.runtime.estimate import Link
 
 DECODE_ROW = {"method", "decode_tokens_per_s", "ttft_s", "greedy_ids_identical"}
@@ -22,7 +23,7 @@ def run_cli(*args):
 def test_bench_decode_reports_every_method_and_ratio(llama_checkpoint, llama_bundle, tmp_path):
     code, out, err = run_cli("bench", "decode", llama_checkpoint, "--bundles", llama_bundle, "--new-tokens", 4,
                              "--prompt-len", 8, "--rounds", 1, "--float16", "--link", "up=50,down=80,rtt=1",
-                             "--plot", tmp_path / "rank.png", "--edges", "3,2", "--json")
+                             "--plot", tmp_path / "rank.png", "--edges", "3,2", "--pin", "--json")
     assert code == 0, err
     r = json.loads(out)
     rows = {row["method"]: row for row in r["rows"]}
@@ -38,6 +39,10 @@ def test_bench_decode_reports_every_method_and_ratio(llama_checkpoint, llama_bun
     assert r["empty_round_trip_ms"] > 0 and 0 < r["ratios"]["split_vs_onnx_ceiling"] < 1
     assert r["link"] == {"up_mbps": 50, "down_mbps": 80, "rtt_ms": 1} and r["model"]["rank"] == 8
     assert r["low_latency"] is False and r["huge_pages"] is True
+    # --pin: where a core is to spare, the cloud computes on the first, polling; all else runs on the others.
+    cpus = sorted(usable_cpus())
+    placed = None if len(cpus) < 2 else {"cloud_cpus": cpus[:1], "other_cpus": cpus[1:], "spin_us": SPIN_US}
+    assert r["placement"] == placed and all(e["placement"] == placed for e in r["edges"])
     assert (tmp_path / "rank.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # Two, then three edges at once on one cloud (the plot's second panel), each edge with its solo ids.
     assert [e["edges"] for e in r["edges"]] == [2, 3]
@@ -56,6 +61,7 @@ def test_bench_decode_table_names_every_method_and_the_ceiling(llama_checkpoint,
     for text in ("transformers", "onnx", "split-link", "split / onnx", "an empty round trip to the cloud takes",
                  "at 3 per token", "concurrent edges on one cloud", "ids as alone"):
         assert text in " ".join(out.split()), text
+    assert "cloud compute on cores" not in out  # without --pin, every thread runs wherever the scheduler puts it
 
 
 def test_bench_reference_goes_on_past_an_end_of_text_token_as_the_split_does(llama_checkpoint, llama_bundle):
