@@ -89,10 +89,11 @@ def pinned(cpus: frozenset[int] | None) -> Iterator[None]:
     if cpus is None:
         yield
         return
-    before = {tid: os.sched_getaffinity(tid) for tid in _threads()}
-    process = os.sched_getaffinity(0)
-    for tid in before:
-        os.sched_setaffinity(tid, cpus)
+    process, before = os.sched_getaffinity(0), {}
+    for tid in _threads():
+        with contextlib.suppress(OSError):  # a thread that has ended since it was listed
+            before[tid] = os.sched_getaffinity(tid)
+            os.sched_setaffinity(tid, cpus)
     try:
         yield
     finally:
