@@ -197,10 +197,10 @@ class CloudModel:
         session's free slots. Positions stay each session's own. Each call gets
         back its own rows: what `run_segment` gives it alone, up to float rounding.
         """
-        if len({(c.index, c.projection, c.tokens_per_row) for c in calls}) != 1:
-            raise ValueError("a group runs one segment (or projection) with one number of new tokens per row")
         if len(calls) == 1:
             return [self.run(calls[0])]
+        if len({(c.index, c.projection, c.tokens_per_row) for c in calls}) != 1:
+            raise ValueError("a group runs one segment (or projection) with one number of new tokens per row")
         layer = None if calls[0].projection else self.plan.segments[calls[0].index].attention_layer
         order = list(range(len(calls)))
         caches = None
@@ -403,7 +403,7 @@ class CloudSession:
         self._reserve(bsz, self.position + seq)
         self._state = {
             "inputs_embeds": embeds,
-            "position_ids": np.tile(np.arange(self.position, self.position + seq, dtype=np.int64), (bsz, 1)),
+            "position_ids": np.arange(self.position, self.position + seq, dtype=np.int64).reshape(1, seq).repeat(bsz, 0),
             "attention_mask": np.ones((bsz, seq), np.int64),
             "past_length": np.full(bsz, self.position, np.int64),
         }

@@ -20,6 +20,7 @@ one graph ("kind").
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 PIECES_PER_LAYER = 5
 
@@ -70,12 +71,13 @@ class SegmentKind:
     in_cut: Cut | None  # None: starts at the model's input embeddings
     out_cut: Cut | None  # None: ends with the last hidden state
 
-    @property
-    def pieces(self) -> list[tuple[int, int]]:
+    # Cached: the cloud asks for these on every message, and a frozen dataclass never changes.
+    @cached_property
+    def pieces(self) -> tuple[tuple[int, int], ...]:
         """(relative layer, piece) for every piece this kind runs."""
-        return [divmod(g, PIECES_PER_LAYER) for g in range(self.start, self.end)]
+        return tuple(divmod(g, PIECES_PER_LAYER) for g in range(self.start, self.end))
 
-    @property
+    @cached_property
     def attention_layer(self) -> int | None:
         """Relative layer whose attention runs inside this kind (at most one by construction)."""
         hits = [rel for rel, p in self.pieces if p == ATTENTION_PIECE]
@@ -89,7 +91,7 @@ class Segment:
     layer: int  # absolute layer of the kind's relative layer 0
     cut_layer: int | None  # absolute layer whose M the edge applies after this segment
 
-    @property
+    @cached_property
     def attention_layer(self) -> int | None:
         rel = self.kind.attention_layer
         return None if rel is None else self.layer + rel

@@ -55,6 +55,7 @@ if TYPE_CHECKING:
 _EVENTS, _POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)
 MESSAGES_QUEUED_PER_PEER = 4
 POLL_S = 0.05  # how often the loop wakes to expire sessions and notice a stop request
+HOUSEKEEPING_S = 0.01  # how often a busy loop looks for expired sessions: not on every message, where it costs most
 RATE_WINDOW_S = 5.0
 
 
@@ -97,11 +98,11 @@ class QueuedCall:
     request: StepRequest
     call: SegmentCall
     queued: float  # monotonic time it was queued
+    key: tuple[int, int] = field(init=False)  # (segment, tokens per row): calls group only with calls of the same key
     passed: int = 0  # groups that ran before it since
 
-    @property
-    def key(self) -> tuple[int, int]:
-        return (self.call.index, self.call.tokens_per_row)
+    def __post_init__(self):
+        self.key = (self.call.index, self.call.tokens_per_row)
 
 
 @dataclass
@@ -110,7 +111,6 @@ class _Counters:
     tokens: int = 0
     rejected: int = 0
     recent: collections.deque = field(default_factory=collections.deque)  # (time, tokens) of completed steps
-    recent_tokens: int = 0
     grouped_calls: int = 0  # segment calls that ran the steps of more than one session
     largest_group: int = 0
 
@@ -191,7 +191,7 @@ class CloudServer:
         self.train_bytes_per_token = len(plan.segments) * (2 * arch.hidden_size + widest) * 4
         self.sessions: dict[str, Session] = {}
         self.counters = _Counters()
-        self.tokens_per_s = 0.0
+        self._housekeeping_due = 0.0
         self.curve = curve
         if context is not None and io_cpus is not None:
             raise ValueError("io_cpus places the I/O threads of the server's own context: give no context with it")
@@ -246,10 +246,11 @@ class CloudServer:
         if self._wait(wait_s):
             self._take([r for r in (self._admit(*message) for message in self._receive()) if r])
         # Expired only once what has arrived is taken in: after a long call, an edge's answer may be waiting.
-        self._expire(time.monotonic())
-        idle_s = self._run_next()
-        self._update_rate(time.monotonic())
-        return idle_s
+        now = time.monotonic()
+        if now >= self._housekeeping_due:
+            self._housekeeping_due = now + HOUSEKEEPING_S
+            self._expire(now)
+        return self._run_next()
 
     def _wait(self, wait_s: float) -> bool:
         """Whether a message waits, after up to `wait_s`: the first `spin_s` of it polling, then asleep.
@@ -281,9 +282,13 @@ class CloudServer:
         and bytes of all of them (`wire.receive` keeps only the first few).
         """
         messages = []
-        # Asking first is cheaper than the exception a receive raises when nothing is left.
-        while len(messages) < self.max_sessions + 8 and self.socket.getsockopt(_EVENTS) & _POLLIN:
-            frames, count, nbytes = wire.receive(self.socket, zmq.NOBLOCK, routed=True)
+        # Asking first is cheaper than the exception a receive raises when nothing is left; `_wait` has asked for
+        # the first one.
+        while not messages or (len(messages) < self.max_sessions + 8 and self.socket.getsockopt(_EVENTS) & _POLLIN):
+            try:
+                frames, count, nbytes = wire.receive(self.socket, zmq.NOBLOCK, routed=True)
+            except zmq.Again:
+                break
             messages.append((frames[0].bytes, peer_key(frames[0]) if self.curve is not None else None, frames[1:],
                              count, nbytes))
         return messages
@@ -294,7 +299,7 @@ class CloudServer:
     def _answer(self, session: Session, frames: list) -> None:
         """Reply to a session's model op: from now on its edge owes the next message, so its idle time starts now."""
         session.last_seen = time.monotonic()
-        self._send(session.peer, frames)
+        wire.send(self.socket, [session.peer, *frames])
 
     def _reply_error(self, peer: bytes, code: str, message: str) -> None:
         # Cut to what the protocol lets a reader take: a message quotes a peer's words (field names, an op), whose
@@ -472,6 +477,16 @@ class CloudServer:
 
     def _run_next(self) -> float:
         """Run the group `_choose` picks; return how long the loop may then wait for messages."""
+        if not self._queue:
+            return POLL_S
+        if len(self._queue) == 1 and not self.batch_wait_s:  # one edge's step: nothing to choose, group or wait for
+            queued = self._queue.pop()
+            session = queued.request.session
+            if self.sessions.get(session.id) is session:
+                session.busy = False
+                self._run_group([(queued.request, queued.call)])
+                return 0.0
+            return POLL_S
         self._queue = [r for r in self._queue if self.sessions.get(r.request.session.id) is r.request.session]
         if not self._queue:
             return POLL_S
@@ -645,15 +660,19 @@ class CloudServer:
 
     def _count_tokens(self, n: int) -> None:
         c = self.counters
+        now = time.monotonic()
         c.tokens += n
-        c.recent.append((time.monotonic(), n))
-        c.recent_tokens += n
+        c.recent.append((now, n))
+        while now - c.recent[0][0] > RATE_WINDOW_S:
+            c.recent.popleft()
 
-    def _update_rate(self, now: float) -> None:
-        c = self.counters
-        while c.recent and now - c.recent[0][0] > RATE_WINDOW_S:
-            c.recent_tokens -= c.recent.popleft()[1]
-        self.tokens_per_s = c.recent_tokens / min(RATE_WINDOW_S, max(now - c.started, POLL_S))
+    @property
+    def tokens_per_s(self) -> float:
+        """Tokens completed per second over the last RATE_WINDOW_S: worked out when asked, not on every message."""
+        c, now = self.counters, time.monotonic()
+        # A copy first: the live status line asks from another thread while steps complete.
+        recent = sum(n for t, n in tuple(c.recent) if now - t <= RATE_WINDOW_S)
+        return recent / min(RATE_WINDOW_S, max(now - c.started, POLL_S))
 
     def memory_bytes(self) -> int:
         """Bytes the sessions hold against --max-memory: KV caches and the activations of open tune passes."""
