@@ -477,16 +477,6 @@ class CloudServer:
 
     def _run_next(self) -> float:
         """Run the group `_choose` picks; return how long the loop may then wait for messages."""
-        if not self._queue:
-            return POLL_S
-        if len(self._queue) == 1 and not self.batch_wait_s:  # one edge's step: nothing to choose, group or wait for
-            queued = self._queue.pop()
-            session = queued.request.session
-            if self.sessions.get(session.id) is session:
-                session.busy = False
-                self._run_group([(queued.request, queued.call)])
-                return 0.0
-            return POLL_S
         self._queue = [r for r in self._queue if self.sessions.get(r.request.session.id) is r.request.session]
         if not self._queue:
             return POLL_S
@@ -519,10 +509,12 @@ class CloudServer:
         a segment that other sessions owe (their edge is computing its
         `M A x`) waits up to that long for them, while other groups run.
         """
+        if len(self._queue) == 1 and not self.batch_wait_s:  # the common case of one edge: nothing to choose or wait for
+            return self._queue[0].key, 0.0
         groups: dict[tuple[int, int], list[QueuedCall]] = {}
         for r in self._queue:
             groups.setdefault(r.key, []).append(r)
-        if len(groups) == 1 and not self.batch_wait_s:  # the common case of one edge: nothing to choose or wait for
+        if len(groups) == 1 and not self.batch_wait_s:  # steps of several edges at one segment: they run together
             return next(iter(groups)), 0.0
         segments = len(self.model.plan.segments)
         starved = [k for k, rs in groups.items() if max(r.passed for r in rs) >= segments]
