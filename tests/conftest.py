@@ -6,13 +6,16 @@ not weights), so many splits of the same shape cost one export.
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
 import pytest
 
 _SESSION_CACHE = tempfile.mkdtemp(prefix="plcli-test-cache-")
+atexit.register(shutil.rmtree, _SESSION_CACHE, ignore_errors=True)  # a run leaves nothing behind, pass or fail
 os.environ["PLCLI_CACHE"] = _SESSION_CACHE
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
