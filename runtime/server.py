@@ -32,7 +32,9 @@ expires.
 from __future__ import annotations
 
 import collections
+import ctypes
 import math
+import os
 import secrets
 import threading
 import time
@@ -200,6 +202,7 @@ class CloudServer:
         self.io_cpus = io_cpus
         self._own_context = (io_context(io_cpus) if io_cpus is not None else
                              zmq.Context() if curve is not None and context is None else None)
+        unguessable_routing_ids()  # before the socket: libzmq draws the counter's start as it makes a ROUTER
         self.socket = (context or self._own_context or zmq.Context.instance()).socket(zmq.ROUTER)
         self.socket.setsockopt(zmq.LINGER, 0)
         # An edge waits for each reply before its next request, so a connection never has more than one or two
@@ -700,6 +703,23 @@ def running(server: CloudServer) -> Iterator[str]:
     finally:
         stop.set()
         thread.join()
+
+
+def unguessable_routing_ids() -> None:
+    """Seed the C library's `rand()`, from which libzmq starts the routing ids a ROUTER gives its peers.
+
+    A ROUTER names each peer that does not name itself with the next value of a 32-bit counter, and never checks
+    that value against the names peers chose for themselves: when it reaches one, libzmq (4.3.5) fails an
+    assertion and aborts the whole process. Unseeded, the counter starts at the same value in every process, so a
+    peer could claim the next few names and then kill the cloud by connecting once more. Seeded from os.urandom, a
+    peer would have to guess a 32-bit value it never sees. Where there is no C library to seed, nothing changes.
+    """
+    try:
+        srand = ctypes.CDLL(None).srand
+    except (OSError, AttributeError):
+        return
+    srand.argtypes = [ctypes.c_uint]
+    srand(int.from_bytes(os.urandom(4), "little"))
 
 
 def memory_per_session(model: CloudModel, tokens: int, batch: int = 1) -> int:

@@ -458,6 +458,45 @@ def test_words_of_a_peer_reach_the_log_escaped_and_the_cloud_serves_on(llama_bun
     assert "\x1b" not in log and "forged" in log and "\nforged" not in log
 
 
+def test_peers_that_claim_the_routing_ids_libzmq_would_give_next_do_not_abort_the_cloud(llama_bundle):
+    """libzmq aborts a ROUTER's process when the id it gives a peer is one another peer chose for itself. Unseeded,
+    the first id is 0x00 + 0x6b8b4567 (glibc's first `rand()`) in every process: a real process, since the abort
+    would take pytest with it."""
+    from processes import listening, spawn_plcli
+
+    server = spawn_plcli("serve-cloud", llama_bundle / "cloud", "--bind", "tcp://127.0.0.1:*", "--no-tune",
+                         "--threads", 1, "--json")
+    context = zmq.Context()
+    sockets = []
+
+    def dealer(routing_id: bytes | None = None) -> zmq.Socket:
+        s = context.socket(zmq.DEALER)
+        s.setsockopt(zmq.LINGER, 0)
+        if routing_id is not None:
+            s.setsockopt(zmq.ROUTING_ID, routing_id)
+        s.connect(endpoint)
+        sockets.append(s)
+        return s
+
+    status = json.dumps({"v": wire.PROTOCOL_VERSION, "op": "status"}).encode()
+    try:
+        endpoint = listening(server)["endpoint"]
+        claimed = [dealer(b"\x00" + struct.pack(">I", 0x6B8B4567 + k)) for k in range(64)]
+        for s in claimed:
+            s.send(status)
+        assert all(s.poll(int(TIMEOUT * 1000)) for s in claimed)
+        plain = dealer()
+        plain.send(status)
+        assert plain.poll(int(TIMEOUT * 1000)), server.stderr.read() if server.poll() is not None else "no answer"
+        assert json.loads(plain.recv())["op"] == "status" and server.poll() is None
+    finally:
+        for s in sockets:
+            s.close()
+        context.term()
+        server.send_signal(signal.SIGINT)
+        server.communicate(timeout=30)
+
+
 def test_an_error_quoting_a_peers_words_is_still_a_reply_the_protocol_allows(models):
     """An error message quotes a peer's field names or version: escaped, six names of 40 unprintable characters made
     a message of 2,000 characters, and a version of 3,000 digits one of 3,000, past the 1,000 an `error` may have.
