@@ -341,16 +341,18 @@ class CloudServer:
                 raise wire.ProtocolError("out_of_order", "one message at a time per session")
             if op not in (GENERATE_OPS if session.mode == "generate" else TUNE_OPS):
                 raise wire.ProtocolError("wrong_mode", f"{op} does not belong to a {session.mode} session")
-            session.last_seen = time.monotonic()
+            # Only a message that is taken renews the session: one refused changes nothing, its idle clock included,
+            # or a peer could hold a session (and its slot) for ever with messages that are never valid.
             if op == "abort":
                 session.trainer.abort()
                 session.cut = None
                 session.memory = 0
+                session.last_seen = time.monotonic()
                 self._send(peer, wire.encode("aborted", {"session": session.id}))
                 return None
             admit = self._admit_step if session.mode == "generate" else self._admit_tune
             request = admit(session, op, header, payload)
-            session.busy = True
+            session.busy, session.last_seen = True, time.monotonic()
             return request
         except wire.ProtocolError as e:
             self._reply_error(peer, e.code, str(e))

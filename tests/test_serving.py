@@ -650,6 +650,37 @@ def test_an_edge_that_closes_or_gives_up_mid_step_frees_its_session_at_once(mode
         server.close()
 
 
+def test_a_refused_message_does_not_keep_its_session_alive_and_a_taken_one_does(model, monkeypatch):
+    """A refused message changes nothing, its session's idle clock included: else a peer could hold every session
+    slot for ever with messages that are never valid."""
+    import types
+
+    import plcli.runtime.server as server_module
+
+    _, bundle, cloud = model("llama")
+    edge = edge_of(bundle)
+    clock = types.SimpleNamespace(now=1000.0)
+    monkeypatch.setattr(server_module, "time", types.SimpleNamespace(monotonic=lambda: clock.now))
+    open_ = wire.encode("open", {"ab_fingerprint": edge.manifest.ab_fingerprint, "wire_dtype": "float32", "batch": 1,
+                                 "mode": "generate"})
+    x = edge.embed(np.asarray([[5, 6, 7]]))
+    with serve(cloud, tune=False, session_timeout=5.0) as (server, endpoint, events):
+        squatter, honest = RawEdge(endpoint), RawEdge(endpoint)
+        squatted, kept = (raw.ask(open_)[0]["session"] for raw in (squatter, honest))
+        clock.now += 4.0
+        assert squatter.error(wire.encode("madx", {"session": squatted, "step": 0, "cut": 0}, x)) == "out_of_order"
+        assert honest.ask(wire.encode("step", {"session": kept, "step": 0}, x))[0]["op"] == "ax"
+        clock.now += 2.0  # 6 s after the squatter's last message taken, 2 s after the honest edge's
+        deadline = time.monotonic() + TIMEOUT
+        while squatted in server.sessions:
+            assert time.monotonic() < deadline, "a refused message kept its session alive"
+            time.sleep(0.01)
+        assert kept in server.sessions
+        assert [e["session"] for e in events if e["event"] == "expired"] == [squatted[:8]]
+        for raw in (squatter, honest):
+            raw.socket.close()
+
+
 def test_a_session_is_idle_only_while_its_edge_owes_a_message_however_slow_the_cloud(model, monkeypatch):
     """Every model call takes longer than --session-timeout: no session waiting on the cloud may expire for it."""
     import types
