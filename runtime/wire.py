@@ -303,6 +303,23 @@ def receive(socket: zmq.Socket, flags: int = 0, *, routed: bool = False) -> tupl
     return frames, count - routed, nbytes
 
 
+class _DuplicateField(ValueError):
+    pass
+
+
+def _unique_fields(pairs: list[tuple[str, object]]) -> dict:
+    """A JSON object whose every name is its own: with `{"op": "open", "op": "status"}`, json.loads keeps the last,
+    and a proxy or a log in front of the cloud might read the first."""
+    fields = dict(pairs)
+    if len(fields) != len(pairs):
+        name = next(n for i, (n, _) in enumerate(pairs) if any(n == m for m, _ in pairs[:i]))
+        raise _DuplicateField(f"header names {name[:40]!r} twice")
+    return fields
+
+
+_HEADER_DECODER = json.JSONDecoder(object_pairs_hook=_unique_fields)
+
+
 def decode(frames: Sequence, table: dict[str, dict[str, Check]], *, max_message_bytes: int,
            count: int | None = None, nbytes: int | None = None) -> tuple[dict, memoryview | None]:
     """Validated (header, tensor frame or None) of one message; raises ProtocolError.
@@ -322,7 +339,9 @@ def decode(frames: Sequence, table: dict[str, dict[str, Check]], *, max_message_
     if views[0].nbytes > MAX_HEADER_BYTES:
         raise ProtocolError("too_large", f"header of {views[0].nbytes} bytes exceeds the limit of {MAX_HEADER_BYTES}")
     try:
-        header = json.loads(str(views[0], "utf-8"))
+        header = _HEADER_DECODER.decode(str(views[0], "utf-8"))
+    except _DuplicateField as e:
+        raise ProtocolError("bad_message", str(e)) from None
     except (ValueError, RecursionError):
         raise ProtocolError("bad_message", "header is not UTF-8 JSON") from None
     if not isinstance(header, dict):

@@ -147,6 +147,8 @@ def test_received_tensors_are_aligned_float32_even_at_odd_offsets():
      "bad_message"),
     ([_header(op="grad_ax", session=SID, step=0, shape=[1, 1, 8]), b"\0" * 32], "bad_message"),  # no cut
     ([_header(op="status", extra=1)], "bad_message"),
+    ([b'{"v": 2, "op": "open", "op": "status"}'], "bad_message"),  # a name twice: readers may differ on which counts
+    ([b'{"v": 2, "v": 2, "op": "status"}'], "bad_message"),
     ([_header(op="status"), b"tensor"], "bad_message"),
     ([_header(op="close")], "bad_message"),
     ([_header(op="close", session="XYZ")], "bad_message"),
