@@ -13,6 +13,7 @@ from typing import Iterator
 import numpy as np
 
 from .edge import EdgeModel, forward
+from .errors import PlcliError
 from .failover import is_loss
 from .train_link import LinkError
 
@@ -161,6 +162,10 @@ class Conversation:
                 raise
             logits = self._replay(lost, ids)
         self.fed += ids
+        # The remote session refuses a non-finite hidden state, an in-process one cannot (a bundle whose weights
+        # overflow): NaN logits would make greedy decoding pick token 0 for ever, silently.
+        if not np.isfinite(logits[0, -1]).all():
+            raise PlcliError("the model gave NaN or infinite logits: its weights (or the cloud's) are broken")
         return logits[0, -1]
 
     def _replay(self, error: LinkError, ids: list[int]) -> np.ndarray:

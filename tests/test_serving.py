@@ -133,6 +133,36 @@ def test_a_prepacked_cloud_decodes_transformers_ids_with_one_row_calls_on_either
         assert not rows["fed"] and one_row in rows["packed"] and (1, len(prompt_ids)) in rows["packed"]
 
 
+def test_nan_logits_stop_generation_with_an_error_instead_of_picking_token_0(model):
+    from plcli.runtime.errors import PlcliError
+
+    _, bundle, cloud = model("llama")
+    edge = edge_of(bundle)
+
+    class Overflowing:
+        """An in-process cloud whose weights overflow: its last hidden state is NaN (a remote one's is refused)."""
+
+        def __init__(self):
+            self.inner = cloud.new_session()
+
+        def __getattr__(self, name):
+            return getattr(self.inner, name)
+
+        def start(self, embeds):
+            return self._last_nan(self.inner.start(embeds))
+
+        def resume(self, madx):
+            return self._last_nan(self.inner.resume(madx))
+
+        def _last_nan(self, out):
+            if out.done:
+                out.hidden = np.full_like(out.hidden, np.nan)
+            return out
+
+    with pytest.raises(PlcliError, match="NaN or infinite logits"):
+        list(generate(edge, Overflowing(), [5, 6, 7], Sampling(max_new_tokens=3, ignore_eos=True)))
+
+
 def test_a_chat_turn_continues_the_cache_exactly_like_a_fresh_prefill(model):
     _, bundle, cloud = model("llama")
     edge = edge_of(bundle)
