@@ -21,7 +21,9 @@ from pathlib import Path
 
 import torch
 
+from plcli.runtime import arch as arch_module
 from plcli.runtime import decoder
+from plcli.runtime import plan as plan_module
 from plcli.runtime.arch import Architecture, layer_weight_shapes, projection_name, projection_widths
 from plcli.runtime.bundle import cache_root
 from plcli.runtime.plan import Cut, SegmentKind, SplitPlan
@@ -36,9 +38,14 @@ def cache_dir() -> Path:
 
 
 def _code_version() -> str:
-    h = hashlib.sha256(torch.__version__.encode())
-    for mod in (decoder, __import__(__name__, fromlist=["_"])):
-        h.update(Path(mod.__file__).read_bytes())
+    """What a graph is made by besides its key: the modules that trace it and name its inputs (arch.py and plan.py
+    name and order them, and the runtime feeds them by those names), and the exporter's packages."""
+    import onnx
+    import onnxscript
+
+    h = hashlib.sha256(" ".join(m.__version__ for m in (torch, onnx, onnxscript)).encode())
+    for source in (decoder.__file__, arch_module.__file__, plan_module.__file__, __file__):
+        h.update(Path(source).read_bytes())
     return h.hexdigest()[:16]
 
 
@@ -84,13 +91,18 @@ def _export(module: torch.nn.Module, inputs: list[torch.Tensor], weights: list[t
     dynamic = tuple([_dynamic(n) for n in module.input_names] + [{} for _ in module.weight_names])
     module.eval()
     # The exporter narrates every stage and warns about unused axis names; none of it is for our user.
+    logger = logging.getLogger("torch.onnx")
+    level = logger.level
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
-        logging.getLogger("torch.onnx").setLevel(logging.ERROR)
-        program = torch.onnx.export(
-            module, tuple(inputs + weights), input_names=names, output_names=module.output_names,
-            dynamic_shapes=(dynamic,), dynamo=True, opset_version=OPSET, verbose=False,
-        )
+        logger.setLevel(logging.ERROR)
+        try:
+            program = torch.onnx.export(
+                module, tuple(inputs + weights), input_names=names, output_names=module.output_names,
+                dynamic_shapes=(dynamic,), dynamo=True, opset_version=OPSET, verbose=False,
+            )
+        finally:
+            logger.setLevel(level)
     tmp = path.with_suffix(".tmp")
     program.save(str(tmp))
     os.replace(tmp, path)

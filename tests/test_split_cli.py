@@ -346,6 +346,21 @@ def test_version_names_the_formats_it_speaks():
     assert result.stdout.strip() == f"plcli {version('plcli')} (bundle format {FORMAT_VERSION}, wire protocol {PROTOCOL_VERSION})"
 
 
+
+def test_a_change_to_any_module_that_shapes_a_graph_misses_the_graph_cache(tmp_path, monkeypatch):
+    """The runtime feeds a graph by the input names arch.py and plan.py give it: graphs cached before a change
+    there would no longer take what the runtime feeds them."""
+    from plcli.exporters import graphs
+
+    before = graphs._code_version()
+    for module in (graphs.decoder, graphs.arch_module, graphs.plan_module):
+        changed = tmp_path / Path(module.__file__).name
+        changed.write_bytes(Path(module.__file__).read_bytes() + b"\n# changed\n")
+        with monkeypatch.context() as patch:
+            patch.setattr(module, "__file__", str(changed))
+            assert graphs._code_version() != before, module.__name__
+    assert graphs._code_version() == before
+
 # -- inspect and verify on things that are not (matching) bundles ----------------------------------------------
 
 
