@@ -80,6 +80,15 @@ def seconds(flag: str, value: float, *, zero_turns_off: bool = False) -> float:
     return value
 
 
+def check_wire_dtype(value: str) -> str:
+    """--wire-dtype, checked before the command loads anything."""
+    from plcli.runtime.wire import WIRE_DTYPES
+
+    if value not in WIRE_DTYPES:
+        raise UserError(f"--wire-dtype must be {' or '.join(WIRE_DTYPES)}, not {value!r}")
+    return value
+
+
 MAX_THREADS = 1024  # far past any machine's cores, and within the C int ONNX Runtime and torch take a thread count in
 
 

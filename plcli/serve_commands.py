@@ -23,7 +23,7 @@ from plcli.runtime.cpu_latency import hold_low_latency
 from plcli.runtime.cpus import MAX_SPIN_US, format_cpus, pinned, usable_cpus
 
 from .app import (HUGE_PAGES_HELP, LOW_LATENCY_HELP, UserError, app, console, cpu_list, err_console, print_json,
-                  printable, reports_errors, seconds, shown, status, stdout, thread_count)
+                  printable, reports_errors, seconds, shown, status, stdout, thread_count, check_wire_dtype)
 
 DEFAULT_ENDPOINT = "tcp://127.0.0.1:5555"  # loopback: serving beyond this machine is a deliberate choice
 CHECKPOINT_DEFAULT = "Default: the checkpoint's when its generation config samples (do_sample), else greedy."
@@ -122,7 +122,9 @@ def serve_cloud(
     from plcli.runtime.server import CloudServer, memory_per_session
     from plcli.runtime.wire import check_endpoint
 
+    stdout()  # the log goes there: refused now rather than once the model is loaded
     thread_count(threads)
+    check_wire_dtype(wire_dtype)
     seconds("--session-timeout", session_timeout)
     if (curve_secret is None) != (authorized_keys is None):
         raise UserError("--curve-secret and --authorized-keys go together: the cloud's secret key and the directory of the "
@@ -225,8 +227,8 @@ class _Reporter:
         if e["event"] == "listening":
             e = {**e, "huge_pages_bytes": self.huge_page_bytes}
         if self.as_json:
-            sys.stdout.write(json.dumps({"time": round(time.time(), 3), **e}) + "\n")
-            sys.stdout.flush()
+            stdout().write(json.dumps({"time": round(time.time(), 3), **e}) + "\n")
+            stdout().flush()
             return
         kind = e["event"]
         if kind == "listening":
@@ -337,8 +339,7 @@ def run_edge(
     if prompt is not None:
         _check_utf8(prompt, "--prompt")
     urls = cloud_urls(connect)
-    if wire_dtype not in ("float32", "float16"):
-        raise UserError("--wire-dtype must be float32 or float16")
+    check_wire_dtype(wire_dtype)
     seconds("--timeout", timeout)
     seconds("--reconnect-timeout", reconnect_timeout, zero_turns_off=True)
     thread_count(threads)

@@ -11,7 +11,7 @@ from rich.table import Table
 from rich.text import Text
 
 from .app import (UserError, app, console, err_console, fail, print_json, print_table, printable, reports_errors, seconds,
-                  shown, thread_count)
+                  shown, thread_count, check_wire_dtype)
 from .serve_commands import (CURVE_SECRET_HELP, RECONNECT_HELP, SERVER_KEY_HELP, WIRE_DTYPE_HELP, client_keys, cloud_urls,
                              make_failover)
 
@@ -87,8 +87,7 @@ def tune(
     if (connect is None) == (cloud_dir is None):
         raise UserError("give the cloud's endpoint with --connect URL, or --cloud CLOUD_DIR to run it in this process")
     thread_count(threads)
-    if wire_dtype not in ("float32", "float16"):  # as run-edge: refused before anything loads, with --cloud too
-        raise UserError("--wire-dtype must be float32 or float16")
+    check_wire_dtype(wire_dtype)  # as run-edge: refused before anything loads, with --cloud too
     seconds("--timeout", timeout)
     seconds("--reconnect-timeout", reconnect_timeout, zero_turns_off=True)
     if connect is None and (curve_secret or server_key):

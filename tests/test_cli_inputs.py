@@ -216,6 +216,32 @@ def test_run_edge_with_a_closed_standard_stream_is_one_line(llama_bundle, closed
     assert done.returncode == 2 and len(lines) == 1 and says in lines[0], done.stderr
 
 
+
+@pytest.mark.parametrize("as_json", [False, True])
+def test_serve_cloud_with_stdout_closed_is_one_line_before_it_loads_or_binds(llama_bundle, as_json):
+    """Its log goes to stdout: started with it closed, it failed with an AttributeError once the model had loaded."""
+    import os
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "plcli.cli", "serve-cloud", str(llama_bundle / "cloud"), "--bind",
+                           "tcp://127.0.0.1:*", *(["--json"] if as_json else [])], stdin=subprocess.DEVNULL,
+                          stderr=subprocess.PIPE, text=True, timeout=120, preexec_fn=lambda: os.close(1))
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and lines == ["error: standard output is closed: there is nowhere to write the result"], \
+        done.stderr
+
+
+@pytest.mark.parametrize("command", ["serve-cloud", "run-edge", "tune"])
+def test_a_wire_dtype_of_no_known_kind_is_refused_before_anything_loads(tmp_path, command):
+    """serve-cloud refused it only once the model (and, for tuning, torch) had loaded. Given no bundle at all, a
+    command that loaded first would say so instead."""
+    rest = {"serve-cloud": ["--bind", "tcp://127.0.0.1:*"], "run-edge": ["--prompt", "hi"],
+            "tune": ["--connect", "tcp://127.0.0.1:1", "--data", tmp_path / "notes.txt", "--out", tmp_path / "adapter"]
+            }[command]
+    assert_refused(plcli(command, tmp_path / "no-bundle", "--wire-dtype", "bfloat16", *rest),
+                   says="--wire-dtype must be float32 or float16, not 'bfloat16'")
+
 def test_tune_refuses_more_rows_per_pass_than_the_wire_carries(llama_bundle, tmp_path):
     """The cloud takes at most 256 rows a pass: 300 failed at the first step with the cloud's "invalid lengths", and
     a huge --batch-size (in-process too) built an index list until memory ran out."""
