@@ -40,6 +40,7 @@ def run_demo(out: Path | None, *, as_json: bool = False) -> dict:
     bundles, tune_bundles = out / "bundles", out / "tune-bundles"
     for path in (bundles, tune_bundles):
         _only_a_demo_split(path)
+    _only_a_demo_tune(out / "tune")
 
     say(f"[bold]1. split[/] the embedded demo model ({model_dir.name}) into {shown(bundles)}")
     result = split_with_progress(model_dir, bundles, force=True)
@@ -116,6 +117,31 @@ def _only_a_demo_split(path: Path) -> None:
 
     if path.is_dir() and any(path.iterdir()) and not all((path / side / MANIFEST).is_file() for side in ("cloud", "edge")):
         raise UserError(f"{path} exists and is not a split of an earlier demo, which the demo would replace: "
+                        "choose another --out")
+
+
+def _only_a_demo_tune(path: Path) -> None:
+    """Refuse `path` unless it is missing, empty or holds only what an earlier demo's tuning wrote there (its notes,
+    and an adapter of the demo's seven targets), all of which the demo replaces."""
+    import json
+
+    from plcli.runtime.edge import ADAPTER_CONFIG
+    from plcli.runtime.plan import ALL_TARGETS
+
+    def demo_wrote(entry: Path) -> bool:
+        if entry.name.startswith((".adapter.partial-", ".adapter.old-")):  # an adapter write that was cut short
+            return True
+        if entry.name == "notes":
+            return entry.is_dir() and all(f.name in ("train.jsonl", "heldout.jsonl") for f in entry.iterdir())
+        if entry.name == "adapter":
+            try:
+                return json.loads((entry / ADAPTER_CONFIG).read_text()).get("targets") == list(ALL_TARGETS)
+            except (OSError, ValueError, AttributeError):
+                return False
+        return False
+
+    if path.exists() and not (path.is_dir() and all(demo_wrote(entry) for entry in path.iterdir())):
+        raise UserError(f"{path} exists and is not what an earlier demo tuned there, which the demo would replace: "
                         "choose another --out")
 
 

@@ -92,6 +92,11 @@ def estimate(
     for dims in models:
         if not 1 <= rank <= dims.hidden:
             raise UserError(f"--rank must be 1 to hidden ({dims.hidden}) for {dims.name}, got {rank}")
+        try:
+            for target in target_names:
+                dims.target_dims(target)
+        except ValueError as e:
+            raise UserError(f"--targets: {e}: give --intermediate") from None
         measured = est.PAPER_TABLE3[dims.name]["cloud-only"] if paper else cloud_tps
         scenarios.append(est.Scenario(dims, cloud, device, link, rank=rank, targets=target_names, activation_bits=bits,
                                       device_only_bits=device_only_bits, cloud_tps=measured))

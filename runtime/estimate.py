@@ -43,6 +43,14 @@ class ModelDims:
         norms = 2 * self.hidden
         return self.layers * (attention + mlp + norms) + 2 * self.vocab * self.hidden + self.hidden
 
+    def target_dims(self, target: str) -> tuple[int, int]:
+        """(in, out) features of an adapted projection: what its A (r x in) and B (out x r) are sized by."""
+        d, i = self.hidden, self.intermediate
+        if target in ("gate_proj", "up_proj", "down_proj") and i is None:
+            raise ValueError(f"{target} is sized by the MLP's intermediate size, which {self.name} does not give")
+        return {"q_proj": (d, d), "k_proj": (d, d), "v_proj": (d, d), "o_proj": (d, d),
+                "gate_proj": (d, i), "up_proj": (d, i), "down_proj": (i, d)}[target]
+
     @property
     def head_params(self) -> int:
         return self.vocab * self.hidden
@@ -99,8 +107,8 @@ class Scenario:
 
     @property
     def ab_params(self) -> int:
-        """Frozen A (r x d) and B (d x r) per target per layer, read by the cloud on top of the decoder."""
-        return self.model.layers * len(self.plan.targets) * 2 * self.rank * self.model.hidden
+        """Frozen A (r x in) and B (out x r) per target per layer, read by the cloud on top of the decoder."""
+        return self.model.layers * self.rank * sum(sum(self.model.target_dims(t)) for t in self.plan.targets)
 
 
 @dataclass(frozen=True)

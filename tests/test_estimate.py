@@ -8,6 +8,7 @@ import pytest
 from typer.testing import CliRunner
 
 from plcli.cli import app
+from plcli.runtime.estimate import DEFAULT_CLOUD_EFFICIENCY, PAPER_CLOUD
 
 runner = CliRunner()
 TABLE3_PRIVATELORA = {"llama2-7b": 27.1, "llama2-13b": 20.5, "llama-30b": 12.9}
@@ -102,6 +103,24 @@ def test_compute_terms_follow_their_flags():
     assert 1.9 * pl["cloud"] < slower_cloud < 2 * pl["cloud"]  # bandwidth part doubles, FLOP part does not
     assert row(run_json("--model", "llama2-7b", "--device-only-bits", "8"), "device-only")["tps_estimated"] < row(base, "device-only")["tps_estimated"]
 
+
+
+def test_the_cloud_reads_each_targets_a_and_b_at_that_projections_own_size():
+    """A is r x in and B is out x r: the MLP's projections read the intermediate size, not the hidden size, twice."""
+    layers, hidden, intermediate, rank = 32, 4096, 11008, 128
+    qkv = pl_terms("--rank", str(rank), "--cloud-tflops", "1e9")["cloud"]  # no FLOP term: bytes alone
+    for added, (d_in, d_out) in {"o_proj": (hidden, hidden), "gate_proj": (hidden, intermediate),
+                                 "down_proj": (intermediate, hidden)}.items():
+        more = pl_terms("--rank", str(rank), "--cloud-tflops", "1e9", "--targets", f"q_proj,k_proj,v_proj,{added}")
+        bytes_read = layers * rank * (d_in + d_out) * 2  # fp16
+        seconds = bytes_read / (PAPER_CLOUD.bandwidth_gbs * 1e9 * DEFAULT_CLOUD_EFFICIENCY)
+        assert more["cloud"] - qkv == pytest.approx(seconds * 1e3, abs=1.1e-4), added  # the JSON rounds to 1e-4 ms
+
+
+def test_mlp_targets_without_an_intermediate_size_are_refused():
+    result = runner.invoke(app, ["estimate", "--hidden", "4096", "--layers", "32", "--vocab", "32000", "--params",
+                                 "6738415616", "--targets", "q_proj,gate_proj"])
+    assert result.exit_code == 2 and "gate_proj is sized by the MLP's intermediate size" in result.stderr, result.output
 
 def test_custom_dimensions_match_the_preset():
     preset = run_json("--model", "llama2-13b")
