@@ -19,15 +19,21 @@ bench_app = typer.Typer(no_args_is_help=True, help="Measure speed: every method 
 app.add_typer(bench_app, name="bench")
 
 
-def _ranks(text: str, bundles: Path | None) -> list[int]:
+DEFAULT_RANK = 64
+
+
+def _ranks(text: str | None, bundles: Path | None) -> list[int]:
+    """The ranks to split at: --rank, or the default; none to give with --bundles, whose split has its own."""
+    if bundles is not None and text is not None:
+        raise UserError("--bundles fixes the rank (the split's own): drop --rank")
+    if text is None:
+        return [DEFAULT_RANK]
     try:
         ranks = [int(r) for r in text.split(",") if r.strip()]
     except ValueError:
         raise UserError(f"--rank {text!r}: give one rank or a comma-separated list, e.g. 16,32,64") from None
     if not ranks:
         raise UserError("--rank names no rank")
-    if bundles is not None and len(ranks) > 1:
-        raise UserError("--bundles fixes the rank: give one bundle and no --rank list")
     return ranks
 
 
@@ -80,7 +86,8 @@ def _max_positions(model_dir: Path, bundles: Path | None) -> int:
 def bench_decode(
     model_dir: Path = typer.Argument(..., help="A Hugging Face checkpoint (the transformers baseline, and what is split)."),
     bundles: Optional[Path] = typer.Option(None, "--bundles", help="Its split (OUT_DIR of `plcli split`), instead of splitting it here."),
-    rank: str = typer.Option("64", "--rank", help="Rank to split at; a comma-separated list measures each (tok/s against rank)."),
+    rank: Optional[str] = typer.Option(None, "--rank", help=f"Rank to split at (default {DEFAULT_RANK}; not with --bundles); "
+                                       "a comma-separated list measures each (tok/s against rank)."),
     prompt_len: int = typer.Option(32, "--prompt-len", help="Prompt tokens."),
     new_tokens: int = typer.Option(64, "--new-tokens", help="Tokens to generate, greedily."),
     rounds: int = typer.Option(3, "--rounds", help="Interleaved rounds; the median is reported."),
@@ -268,7 +275,7 @@ def _plot(results: list[dict], path: Path) -> None:
 def bench_tune(
     model_dir: Path = typer.Argument(..., help="A Hugging Face checkpoint, split here unless --bundles is given."),
     bundles: Optional[Path] = typer.Option(None, "--bundles", help="Its split (OUT_DIR of `plcli split`)."),
-    rank: int = typer.Option(64, "--rank", help="Rank to split at."),
+    rank: Optional[int] = typer.Option(None, "--rank", help=f"Rank to split at (default {DEFAULT_RANK}; not with --bundles)."),
     steps: int = typer.Option(4, "--steps", help="Optimizer steps per run."),
     batch_size: int = typer.Option(8, "--batch-size", help="Rows per step."),
     seq_len: int = typer.Option(128, "--seq-len", help="Tokens per row."),
@@ -285,6 +292,7 @@ def bench_tune(
     thread_count(threads)
     if not model_dir.is_dir():
         raise UserError(f"{model_dir}: no such checkpoint directory")
+    [rank] = _ranks(None if rank is None else str(rank), bundles)
     positions = _max_positions(model_dir, bundles)
     if seq_len > positions:
         raise UserError(f"--seq-len {seq_len} is out of range: the model holds {positions} tokens")

@@ -109,6 +109,7 @@ def test_links_parse_and_bad_input_is_one_line_exit_2(llama_checkpoint, llama_bu
         (["--rank", 8, "--link", "up=1,down=1,rtt=1e300"], "rtt 0 to 60000 ms"),
         (["--rank", "8,x"], "--rank"),
         (["--bundles", tmp_path, "--rank", "8,16"], "--bundles fixes the rank"),
+        (["--bundles", llama_bundle, "--rank", 8], "--bundles fixes the rank"),  # was silently ignored
         (["--new-tokens", 1], "at least 2"),
         (["--edges", 1], "--edges 1 is out of range"),
         (["--edges", "0,4"], "--edges 0,4 is out of range"),
@@ -127,6 +128,8 @@ def test_links_parse_and_bad_input_is_one_line_exit_2(llama_checkpoint, llama_bu
     assert code == 2 and f"--bundles {other} was not split from {llama_checkpoint}" in err, err
     code, _, err = run_cli("bench", "tune", tmp_path / "nothing")
     assert code == 2 and "no such checkpoint" in err
+    code, _, err = run_cli("bench", "tune", llama_checkpoint, "--bundles", llama_bundle, "--rank", 8)
+    assert code == 2 and "--bundles fixes the rank" in err, err
     code, _, err = run_cli("bench", "tune", llama_checkpoint, "--seq-len", 257)
     assert code == 2 and "--seq-len 257 is out of range: the model holds 256 tokens" in err, err
 
