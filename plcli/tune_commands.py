@@ -212,7 +212,7 @@ def tune_demo(bundles: Path, work: Path, link, *, config=None, say=console.print
     # The demo splits anew each run, with the same seed: the last run's adapter is of this bundle, and replaced.
     tuner = Tuner(edge, link, [train], config or TuneConfig(), work / "adapter", eval_data=[held_out], force=True)
     say(f"   {len(tuner.train.rows)} rows of {tuner.config.seq_len} tokens of one fictional person's notes, "
-        f"{tuner.total_steps} steps; text, ids and loss stay on the edge")
+        f"{tuner.total_steps} steps; text, ids and loss are never sent")
     summary = run_tuner(tuner, quiet=True)
     edge.set_adapter(tuner.adapter_matrices())
     after = complete(edge, cloud, prompt, 6)

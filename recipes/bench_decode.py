@@ -32,11 +32,12 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -174,24 +175,40 @@ def empty_round_trip_s(endpoint: str, count: int = 100) -> float:
     return statistics.median(times[1:])  # the first one also connects
 
 
+def _drain(stream) -> None:
+    for _ in stream:
+        pass
+
+
+@dataclass(frozen=True)
+class CloudProcess:
+    endpoint: str
+    pid: int
+
+
 @contextmanager
 def cloud_process(cloud_dir: Path, *, threads: int, wire_dtype: str = "float32", tune: bool = False,
-                  huge_pages: bool = True, placement: Apart | None = None) -> Iterator[str]:
-    """`plcli serve-cloud` on a free loopback port, in its own process; yields the endpoint; always stopped.
+                  huge_pages: bool = True, placement: Apart | None = None,
+                  options: Sequence[str] = ()) -> Iterator[CloudProcess]:
+    """`plcli serve-cloud` on a free loopback port, in its own process; yields its endpoint and pid; always stopped.
 
-    With `placement`, its compute runs on the cores set apart for it, and polls for its next message.
+    With `placement`, its compute runs on the cores set apart for it, and polls for its next message. `options` are
+    more `serve-cloud` options (say ["--max-group", "1"]).
     """
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     proc = subprocess.Popen([sys.executable, "-m", "plcli.cli", "serve-cloud", str(cloud_dir), "--bind", "tcp://127.0.0.1:*",
                              "--threads", str(threads), "--wire-dtype", wire_dtype, "--tune" if tune else "--no-tune",
                              "--huge-pages" if huge_pages else "--no-huge-pages", "--json",
-                             *(placement.serve_options() if placement else [])],
+                             *(placement.serve_options() if placement else []), *options],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
         line = proc.stdout.readline()
         if '"listening"' not in line:
             raise RuntimeError(f"serve-cloud did not start: {line}{proc.stderr.read() if proc.poll() is not None else ''}")
-        yield json.loads(line)["endpoint"]
+        # It logs every session it opens and closes: a pipe nobody read would fill, and stop it mid-run.
+        for stream in (proc.stdout, proc.stderr):
+            threading.Thread(target=_drain, args=(stream,), daemon=True).start()
+        yield CloudProcess(json.loads(line)["endpoint"], proc.pid)
     finally:
         proc.terminate()
         try:
@@ -243,7 +260,7 @@ def bench_decode(model_dir: Path, *, bundles: Path | None = None, rank: int = 64
         empty_trips: list[float] = []
         with ExitStack() as stack:
             endpoints = {dtype: stack.enter_context(cloud_process(bundles / "cloud", threads=threads, wire_dtype=dtype,
-                                                                  huge_pages=huge_pages, placement=placement))
+                                                                  huge_pages=huge_pages, placement=placement)).endpoint
                          for dtype in ("float32", "float16")[: 1 + float16]}
             # Only once the clouds have started: a child starts on its parent's cores, and must be free to leave them.
             stack.enter_context(pinned(placement and placement.rest))

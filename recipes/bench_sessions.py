@@ -54,14 +54,14 @@ import json
 import os
 import shutil
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 from plcli.runtime.cpu_latency import CpuLatencyError, hold_low_latency
 from plcli.runtime.cpus import Apart, apart, pinned
+
+from .bench_decode import cloud_process
 
 SHAPE = "bench-512"  # of recipes.checkpoints.BENCH_SHAPES, the shapes `plcli bench decode` is held to
 RANK = 64
@@ -168,23 +168,6 @@ def _together(models: dict, endpoint: str, prompts: dict[int, list[int]], new_to
     return [{"ids": ids[seed], "first": times[seed][0], "last": times[seed][-1]} for seed in sorted(prompts)], cpu
 
 
-def _serve(cloud_dir: Path, max_sessions: int, options: list[str]) -> tuple[subprocess.Popen, str]:
-    """`plcli serve-cloud` in a child process on a free loopback port; the child and its endpoint."""
-    cmd = [sys.executable, "-m", "plcli.cli", "serve-cloud", str(cloud_dir), "--bind", "tcp://127.0.0.1:*",
-           "--threads", "1", "--no-tune", "--max-sessions", str(max_sessions), "--json", *options]
-    server = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    line = server.stdout.readline()
-    try:
-        event = json.loads(line)
-    except ValueError:
-        event = {}
-    if event.get("event") != "listening":
-        server.kill()
-        server.wait()
-        raise RuntimeError(f"plcli serve-cloud did not start (exit {server.poll()}): {line.strip()}")
-    return server, event["endpoint"]
-
-
 def _cpu_s(pid: int) -> float | None:
     """CPU seconds (user and system) process `pid` has used, where /proc tells (Linux); else None."""
     try:
@@ -221,28 +204,24 @@ def aggregate_decode(cloud_dir, edge_dir, edges: int, new_tokens: int, prompt_le
     models = {seed: _edge_model(Path(edge_dir), seed) for seed in range(edges)}
     if huge_pages:
         back_with_huge_pages()
-    server, endpoint = _serve(Path(cloud_dir), max(edges, 16),
-                              ["--huge-pages" if huge_pages else "--no-huge-pages", *(serve_options or []),
-                               *(placement.serve_options() if placement else [])])
     alone, together, grouped_calls, edge_cpu_s = [], [], 0, 0.0
-    cloud_cpu_s = {"alone": 0.0, "together": 0.0} if _cpu_s(server.pid) is not None else None
-    with pinned(placement and placement.rest):  # the edges, on the cores the cloud's compute leaves
-        try:
-            for _ in range(rounds):
-                cpu_start = _cpu_s(server.pid)
-                alone.append([_solo(models[i], endpoint, p, new_tokens) for i, p in enumerate(prompts)])
-                before, cpu_before = cloud_status(endpoint), _cpu_s(server.pid)
-                results, cpu_s = _together(models, endpoint, dict(enumerate(prompts)), new_tokens)
-                together.append(results)
-                edge_cpu_s += cpu_s
-                after, cpu_after = cloud_status(endpoint), _cpu_s(server.pid)
-                grouped_calls += after["grouped_calls"] - before["grouped_calls"]
-                if cloud_cpu_s is not None:
-                    cloud_cpu_s["alone"] += cpu_before - cpu_start
-                    cloud_cpu_s["together"] += cpu_after - cpu_before
-        finally:
-            server.terminate()
-            server.wait()
+    with cloud_process(Path(cloud_dir), threads=1, huge_pages=huge_pages, placement=placement,
+                       options=["--max-sessions", str(max(edges, 16)), *(serve_options or [])]) as cloud, \
+            pinned(placement and placement.rest):  # the edges, on the cores the cloud's compute leaves
+        endpoint = cloud.endpoint
+        cloud_cpu_s = {"alone": 0.0, "together": 0.0} if _cpu_s(cloud.pid) is not None else None
+        for _ in range(rounds):
+            cpu_start = _cpu_s(cloud.pid)
+            alone.append([_solo(models[i], endpoint, p, new_tokens) for i, p in enumerate(prompts)])
+            before, cpu_before = cloud_status(endpoint), _cpu_s(cloud.pid)
+            results, cpu_s = _together(models, endpoint, dict(enumerate(prompts)), new_tokens)
+            together.append(results)
+            edge_cpu_s += cpu_s
+            after, cpu_after = cloud_status(endpoint), _cpu_s(cloud.pid)
+            grouped_calls += after["grouped_calls"] - before["grouped_calls"]
+            if cloud_cpu_s is not None:
+                cloud_cpu_s["alone"] += cpu_before - cpu_start
+                cloud_cpu_s["together"] += cpu_after - cpu_before
 
     def tokens(runs):
         return sum(len(r["ids"]) for results in runs for r in results)

@@ -44,9 +44,9 @@ def bench_tune(model_dir: Path, *, bundles: Path | None = None, rank: int = 64, 
         runs: dict[str, list] = {m: [] for m in METHODS}
         # Small pages on both sides: the one-process cloud is loaded afresh for every run, so nothing here could put
         # it on huge pages as serve-cloud puts its own.
-        with cloud_process(bundles / "cloud", threads=threads, tune=True, huge_pages=False) as endpoint:
+        with cloud_process(bundles / "cloud", threads=threads, tune=True, huge_pages=False) as cloud:
             links = {"one-process": lambda: local_train_link(bundles / "cloud", threads=threads),
-                     "split": lambda: RemoteTrainLink(endpoint, edge.manifest, timeout=120)}
+                     "split": lambda: RemoteTrainLink(cloud.endpoint, edge.manifest, timeout=120)}
 
             def measure(name: str, r: int):
                 link = links[name]()
