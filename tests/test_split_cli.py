@@ -16,6 +16,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from click.testing import Result
 from typer.testing import CliRunner
@@ -550,6 +551,26 @@ def test_split_inspect_verify_json(tmp_path, llama_checkpoint):
 
     table = plcli("verify", out, "--reference", llama_checkpoint, "--decode-steps", "1")
     assert table.exit_code == 0 and "parity holds" in table.stdout
+
+
+def test_verify_fails_a_split_whose_numbers_are_wrong(tmp_path, llama_bundle, llama_checkpoint):
+    """Parity can fail: one cloud weight off by 1% (shapes, manifest and fingerprints all intact) is exit 1."""
+    from safetensors.numpy import load_file, save_file
+
+    out = tmp_path / "out"
+    shutil.copytree(llama_bundle, out)
+    weights = load_file(out / "cloud" / "weights.safetensors")
+    name = next(k for k in sorted(weights) if k.startswith("layers.1.") and ".A." not in k and ".B." not in k)
+    weights[name] = weights[name] * np.float32(1.01)
+    save_file(weights, out / "cloud" / "weights.safetensors")
+
+    verify = plcli("verify", out, "--reference", llama_checkpoint, "--decode-steps", "1", "--json")
+    assert verify.exit_code == 1, verify.output
+    v = json.loads(verify.stdout)
+    assert v["ok"] is False and not all(c["ok"] for c in v["comparisons"]), (name, v)
+    assert max(c["rel_error"] for c in v["comparisons"]) > v["tolerance"]
+    table = plcli("verify", out, "--reference", llama_checkpoint, "--decode-steps", "1")
+    assert table.exit_code == 1 and "parity FAILED" in table.stdout
 
 
 @pytest.mark.parametrize("generation_config", [None, {"do_sample": False}, {"eos_token_id": [3, 4], "top_k": 7},
