@@ -139,6 +139,10 @@ def serve_cloud(
     if curve_secret is None and not insecure and not _is_local(bind):
         raise UserError(f"{bind} is reachable from other machines: give --curve-secret and --authorized-keys "
                         "(`plcli keys generate`), or --insecure to serve it unencrypted and open to anyone")
+    if curve_secret is None and not _is_local(bind):  # said at once, before the wait for the model to load
+        err_console.print(f"[yellow]warning:[/] {shown(bind)} is reachable from other machines without encryption or "
+                          "authentication (--insecure): anyone who reaches it can use this cloud and read its traffic",
+                          highlight=False, soft_wrap=True)
     compute_cpus, io = cpu_list(cpus, "--cpus"), cpu_list(io_cpus, "--io-cpus")
     if io is None and compute_cpus is not None:
         io = (usable_cpus() - compute_cpus) or None
@@ -161,10 +165,6 @@ def serve_cloud(
         except ValueError as e:
             raise UserError(str(e)) from None
         reporter.server = server
-        if curve is None and not _is_local(server.endpoint):
-            err_console.print(f"[yellow]warning:[/] {shown(server.endpoint)} is reachable from other machines without encryption or "
-                              "authentication (--insecure): anyone who reaches it can use this cloud and read its traffic",
-                              highlight=False, soft_wrap=True)
         if not as_json:
             kv = memory_per_session(model, server.max_context, max_batch)
             grouping = f"steps of up to {server.max_group} sessions per call" if server.max_group > 1 else "every step alone"

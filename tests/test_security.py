@@ -278,14 +278,11 @@ def test_serve_cloud_refuses_an_open_address_without_curve_and_warns_with_insecu
     _, err = refused.communicate(timeout=60)  # it exits by itself: nothing was bound
     assert refused.returncode == 2 and err.count("\n") == 1, err
     assert "tcp://0.0.0.0:* is reachable from other machines" in err and "--insecure" in err and "--curve-secret" in err
-    insecure = spawn_plcli("serve-cloud", cloud_dir, "--bind", "tcp://0.0.0.0:*", "--no-tune", "--insecure", "--json")
-    try:
-        event = listening(insecure)
-        assert event["endpoint"].startswith("tcp://0.0.0.0:") and event["authorized_keys"] is None
-    finally:
-        insecure.send_signal(signal.SIGTERM)
-        _, err = insecure.communicate(timeout=30)
-    assert insecure.returncode == 0
+    # With --insecure it serves, after a warning. Tests listen on loopback only, so the address here is one no machine
+    # holds (TEST-NET-1): the warning comes before the bind, which then fails.
+    insecure = spawn_plcli("serve-cloud", cloud_dir, "--bind", "tcp://192.0.2.1:*", "--no-tune", "--insecure")
+    _, err = insecure.communicate(timeout=60)
+    assert insecure.returncode == 2 and "error: cannot bind tcp://192.0.2.1:*" in err, err
     warning = [line for line in err.splitlines() if line.startswith("warning:")]
     assert len(warning) == 1 and "without encryption or authentication (--insecure)" in warning[0], err
 
