@@ -394,7 +394,7 @@ def test_tune_survives_a_cloud_killed_mid_step_and_restarted_and_applies_every_s
         server.send_signal(signal.SIGSTOP)  # the edge now waits in the middle of a step
         saved = (adapter / "training" / "state.json").read_bytes()
         server.kill()
-        time.sleep(1.0)
+        server.wait()  # its port is free once it is gone
         restarted, _ = serve_cloud(bundle, bind=url)  # the same address: one URL, retried with backoff
         procs.append(restarted)
         out, err = tune.communicate(timeout=300)

@@ -213,6 +213,20 @@ class CurveDealer:
         self.socket.close()
 
 
+def dealer_on(endpoint: str, curve: ClientKeys, routing_id: bytes) -> CurveDealer:
+    """A dealer on `routing_id` once the cloud has let go of the connection that held it last: until it notices that
+    one closed, ZeroMQ ignores a new peer of the same id, silently."""
+    deadline = time.monotonic() + TIMEOUT
+    while True:
+        dealer = CurveDealer(endpoint, curve, routing_id)
+        dealer.socket.send_multipart(wire.encode("status", {}))
+        if dealer.socket.poll(200):
+            dealer.socket.recv_multipart()
+            return dealer
+        dealer.close()
+        assert time.monotonic() < deadline, "the cloud never let go of the routing id"
+
+
 def test_a_session_answers_only_the_key_that_opened_it_even_on_its_routing_id(llama_bundle, cloud, keys):
     edge = EdgeModel(llama_bundle / "edge", threads=1)
     x = edge.embed(np.asarray([[5, 6, 7]]))
@@ -234,13 +248,11 @@ def test_a_session_answers_only_the_key_that_opened_it_even_on_its_routing_id(ll
             # The owner goes away (its session lives on until it expires) and the other edge takes over its routing id:
             # ZeroMQ lets it, so only the key stops it.
             owner.close()
-            time.sleep(0.3)
-            impostor = CurveDealer(endpoint, theirs, b"edge-1")
+            impostor = dealer_on(endpoint, theirs, b"edge-1")
             dealers.append(impostor)
             assert impostor.ask(step)["code"] == "unknown_session"
             impostor.close()
-            time.sleep(0.3)
-            back = CurveDealer(endpoint, mine, b"edge-1")  # the owner's key on that routing id: served, nothing changed
+            back = dealer_on(endpoint, mine, b"edge-1")  # the owner's key on that routing id: served, nothing changed
             dealers.append(back)
             assert back.ask(step)["op"] == "ax"
     finally:

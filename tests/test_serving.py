@@ -833,8 +833,11 @@ def test_a_group_waits_for_a_session_its_edge_owes_but_the_loop_never_sleeps_thr
             raw.socket.send_multipart(wire.encode("step", {"session": sid, "step": 0}, edge.embed(ids)))
         (ha, axa), (hb, axb) = reply(a), reply(b)
         answer(a, sids[0], ha, axa)
-        time.sleep(0.05)  # A's answer is at the cloud; B's edge is still computing its own
-        waits = [server.turn(0.01) for _ in range(3)]
+        waits, deadline = [], time.monotonic() + TIMEOUT
+        while not server._queue:  # until A's answer is at the cloud; B's edge is still computing its own
+            assert time.monotonic() < deadline, "A's answer never reached the cloud"
+            waits.append(server.turn(0.01))
+        waits += [server.turn(0.01) for _ in range(3)]
         assert not a.socket.poll(0) and len(server._queue) == 1  # A's next segment waits for B's
         assert max(waits) <= POLL_S
         grouped = server.counters.grouped_calls
