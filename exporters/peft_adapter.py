@@ -25,6 +25,7 @@ from plcli.runtime.ort import read_weights
 
 CONFIG = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
+PEFT_LAYOUT = {CONFIG: None, WEIGHTS_FILE: None}  # all that --force may replace in --out
 FAMILIES = {f.name: f for f in (llama.FAMILY, mistral.FAMILY, qwen2.FAMILY)}
 
 
@@ -82,7 +83,8 @@ def export_peft(cloud_dir: str | Path, edge_dir: str | Path, adapter_dir: str | 
     config["base_model_name_or_path"] = base_model
     edge = read_manifest(edge_dir, side="edge")
     out_dir = Path(out_dir)
-    with reported_writes(f"cannot write the peft adapter to {out_dir}"), atomic_directory(out_dir, replace=force) as tmp:
+    with reported_writes(f"cannot write the peft adapter to {out_dir}"), \
+            atomic_directory(out_dir, replace=force, layout=PEFT_LAYOUT) as tmp:
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={
             "format": "pt", "plcli_ab_fingerprint": edge.ab_fingerprint, "plcli_source_hash": edge.source_hash,
         })

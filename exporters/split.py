@@ -22,8 +22,8 @@ from safetensors.numpy import save_file
 from plcli.recipes.base import UnsupportedModel, family_for, rope_frequencies
 from plcli.runtime.arch import layer_weight_shapes
 from plcli.runtime.errors import PlcliError
-from plcli.runtime.bundle import (GRAPHS, MANIFEST, TOKENIZER, WEIGHTS, BundleError, Manifest, atomic_directory,
-                                 check_target, fingerprint, is_int, is_number, loads_json, refuse_overlap, reported_writes)
+from plcli.runtime.bundle import (GRAPHS, MANIFEST, SPLIT_LAYOUT, TOKENIZER, WEIGHTS, BundleError, Manifest,
+                                 atomic_directory, check_target, fingerprint, is_int, is_number, loads_json, refuse_overlap, reported_writes)
 from plcli.runtime.edge import load_tokenizer
 from plcli.runtime.plan import ALL_TARGETS, DEFAULT_TARGETS, SplitPlan, normalize_targets
 
@@ -79,8 +79,8 @@ def split_checkpoint(
         raise SplitError(f"--seed {seed} is out of range: must be 0 or more")
     if not 1 <= rank <= arch.hidden_size // 2:
         raise SplitError(f"--rank {rank} is out of range: use 1 to {arch.hidden_size // 2} (half the hidden size {arch.hidden_size})")
-    check_target(out_dir, replace=force)
     refuse_overlap(out_dir, [("the checkpoint", model_dir)])  # with --force, replacing OUT_DIR would delete it
+    check_target(out_dir, replace=force, layout=SPLIT_LAYOUT)
     tok_files = tokenizer_files(model_dir)
     if not tok_files:
         raise SplitError(f"{model_dir}: no tokenizer files (the edge bundle needs the tokenizer)")
@@ -96,7 +96,7 @@ def split_checkpoint(
     inv_freq, _ = rope_frequencies(config)
     notify = progress or (lambda *_: None)
 
-    with atomic_directory(out_dir, replace=force) as tmp:
+    with atomic_directory(out_dir, replace=force, layout=SPLIT_LAYOUT) as tmp:
         cloud_dir, edge_dir = tmp / "cloud", tmp / "edge"
         cloud_dir.mkdir()
         edge_dir.mkdir()

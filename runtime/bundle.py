@@ -33,6 +33,9 @@ MANIFEST = "manifest.json"
 WEIGHTS = "weights.safetensors"
 GRAPHS = "graphs"
 TOKENIZER = "tokenizer"  # edge: the checkpoint's tokenizer files
+# What `plcli split` writes into OUT_DIR, and all it may replace there (an adapter tuned into EDGE_DIR/adapter is not).
+SPLIT_LAYOUT = {"cloud": {MANIFEST: None, WEIGHTS: None, GRAPHS: None},
+                "edge": {MANIFEST: None, WEIGHTS: None, GRAPHS: None, TOKENIZER: None}}
 
 
 def cache_root() -> Path:
@@ -333,7 +336,7 @@ def _remove(path: Path) -> None:
 
 
 @contextmanager
-def atomic_directory(final: Path, *, replace: bool):
+def atomic_directory(final: Path, *, replace: bool, layout: dict | None = None):
     """Yield a temporary directory beside `final`; move it into place only if the block succeeds.
 
     A half-written result never replaces a good one: on any error the temporary
@@ -341,7 +344,8 @@ def atomic_directory(final: Path, *, replace: bool):
     `final` aside, the new one into place, then deletes the old; an error or
     Ctrl-C between the two renames puts the old one back. What a process
     killed there leaves is put back by the next call (`restore_interrupted`).
-    Only directories are replaced: a file at `final` is refused, never deleted.
+    Only directories are replaced: a file at `final` is refused, never deleted, and so is a directory that holds
+    anything `layout` does not name (see `foreign_entry`), where one is given.
     """
     final = Path(final)
     check_parent(final)
@@ -349,14 +353,14 @@ def atomic_directory(final: Path, *, replace: bool):
         final.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise BundleError(f"cannot write {final}: {e.strerror or e}") from None
-    check_target(final, replace=replace)
+    check_target(final, replace=replace, layout=layout)
     try:
         tmp = _fresh_directory(final.parent, _partial_prefix(final, os.getpid()))
     except OSError as e:  # named after `final`, not the temporary name the user never gave
         raise BundleError(f"cannot write {final}: {e.strerror or e}") from None
     try:
         yield tmp
-        _refuse(final, replace)  # something may have appeared there while the block ran
+        _refuse(final, replace, layout)  # something may have appeared there while the block ran
         if final.exists():
             old = final.with_name(f".{final.name}.old-{os.getpid()}")
             try:
@@ -398,14 +402,14 @@ def refuse_overlap(out: str | Path, inputs) -> None:
             raise BundleError(f"{out} {held} {what} {path}: writing it would delete that; choose another output directory")
 
 
-def check_target(final: Path, *, replace: bool) -> None:
+def check_target(final: Path, *, replace: bool, layout: dict | None = None) -> None:
     """Refuse `final` unless it is missing, or a directory and `replace`; after `restore_interrupted`.
 
     `atomic_directory` checks on entry; callers with long work before it call this first, to refuse before the work.
     """
     check_parent(final)
     restore_interrupted(final)
-    _refuse(final, replace)
+    _refuse(final, replace, layout)
 
 
 def nearest_existing(path: Path) -> Path:
@@ -435,9 +439,32 @@ def check_writable(final: Path, what: str) -> None:
         raise BundleError(f"cannot write {what} to {final}: {e.strerror or e}") from None
 
 
-def _refuse(final: Path, replace: bool) -> None:
+def _refuse(final: Path, replace: bool, layout: dict | None) -> None:
     check_parent(final)
+    if final.is_symlink():  # replacing would swap the link for a directory, and leave what it points to as it was
+        raise BundleError(f"{final} is a symbolic link: give the directory it points to, or another name")
     if final.exists() and not final.is_dir():
         raise BundleError(f"{final} exists and is not a directory")
     if final.exists() and not replace:
         raise BundleError(f"{final} exists (use --force to replace it)")
+    foreign = final.is_dir() and layout is not None and foreign_entry(final, layout)
+    if foreign:
+        raise BundleError(f"{final} holds {foreign}, which replacing it would delete and which this command does not "
+                          "write: move it elsewhere first, or choose another directory")
+
+
+def foreign_entry(directory: Path, layout: dict) -> Path | None:
+    """The first entry below `directory` that `layout` does not name, or None.
+
+    `layout` maps each name a writer puts in a directory to None (a file, or a folder it owns whole) or to the
+    layout of that folder. A replace deletes the directory whole: what else is in it is someone else's.
+    """
+    for entry in sorted(directory.iterdir()):
+        if entry.name not in layout:
+            return entry
+        inner = layout[entry.name]
+        if inner is not None:
+            found = entry.is_dir() and not entry.is_symlink() and foreign_entry(entry, inner)
+            if found or not entry.is_dir():
+                return found or entry
+    return None

@@ -64,6 +64,34 @@ def test_export_peft_never_replaces_what_it_reads(bundle_with_adapter, where):
     assert snapshot(split) == before
 
 
+
+def test_split_force_never_deletes_what_split_did_not_write(bundle_with_adapter, llama_checkpoint, tmp_path):
+    """--force replaced OUT_DIR whole: the adapter `tune` had saved in EDGE_DIR/adapter (its default place) went with
+    it, and so did any directory given by mistake, exit 0 and no word."""
+    split = bundle_with_adapter
+    before = snapshot(split)
+    assert_refused(plcli("split", llama_checkpoint, split, "--rank", 8, "--force"),
+                   says=f"{split} holds {split / 'edge' / 'adapter'}, which replacing it would delete")
+    assert snapshot(split) == before
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text(TEXT)
+    assert_refused(plcli("split", llama_checkpoint, mine, "--rank", 8, "--force"), says=f"holds {mine / 'notes.txt'}")
+    assert_refused(plcli("export-peft", "--cloud", split / "cloud", "--edge", split / "edge", "--out", mine, "--force"),
+                   says=f"holds {mine / 'notes.txt'}")
+    assert (mine / "notes.txt").read_text() == TEXT
+
+
+@pytest.mark.parametrize("target", ["a directory", "nothing"])
+def test_outputs_that_are_symbolic_links_are_refused(llama_bundle, llama_checkpoint, tmp_path, target):
+    """Replacing swapped the link for a directory (what it pointed to kept the old bundle) and left a stray link; a
+    dangling one failed only after the whole split, naming a temporary directory."""
+    link = tmp_path / "link"
+    link.symlink_to(llama_bundle if target == "a directory" else tmp_path / "gone")
+    assert_refused(plcli("split", llama_checkpoint, link, "--rank", 8, "--force"),
+                   says=f"{link} is a symbolic link: give the directory it points to")
+    assert link.is_symlink() and sorted(p.name for p in tmp_path.iterdir()) == ["link"]
+
 def test_tune_never_replaces_its_own_data(llama_bundle, bundle_with_adapter, tmp_path):
     """A checkpoint replaces --out whole: a data file kept in it would be deleted by the first save."""
     out = bundle_with_adapter / "edge" / "adapter"
