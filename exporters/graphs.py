@@ -25,7 +25,7 @@ from plcli.runtime import arch as arch_module
 from plcli.runtime import decoder
 from plcli.runtime import plan as plan_module
 from plcli.runtime.arch import Architecture, layer_weight_shapes, projection_name, projection_widths
-from plcli.runtime.bundle import cache_root
+from plcli.runtime.bundle import cache_root, reported_writes
 from plcli.runtime.plan import Cut, SegmentKind, SplitPlan
 
 OPSET = 18
@@ -112,8 +112,10 @@ def _cached_export(key: dict, build, path: Path) -> None:
     digest = hashlib.sha256(json.dumps({**key, "code": _code_version()}, sort_keys=True).encode()).hexdigest()[:32]
     cached = cache_dir() / f"{digest}.onnx"
     if not cached.is_file():
-        cached.parent.mkdir(parents=True, exist_ok=True)
-        build(cached)
+        # Named as the cache: a full disk there is no fault of the output's (a copy's error names its source).
+        with reported_writes(f"cannot write to plcli's graph cache {cache_dir()} (set PLCLI_CACHE to move it)"):
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            build(cached)
     shutil.copyfile(cached, path)
 
 

@@ -132,10 +132,11 @@ def split_checkpoint(
         # Bound to the checkpoint too: another checkpoint of this shape, split with this seed, draws these A and B,
         # and its edge (embedding, head, M) must not run on this cloud's layers.
         ab_fp = fingerprint(ab, source=source_hash)
-        cloud_graphs, edge_graphs = export_all(
-            arch, plan, rank, inv_freq, cloud_dir / GRAPHS, edge_dir / GRAPHS,
-            progress=lambda done: notify("graphs", done, graph_count(plan)),
-        )
+        with reported_writes(f"cannot write {out_dir}", SplitError):
+            cloud_graphs, edge_graphs = export_all(
+                arch, plan, rank, inv_freq, cloud_dir / GRAPHS, edge_dir / GRAPHS,
+                progress=lambda done: notify("graphs", done, graph_count(plan)),
+            )
         common = dict(architecture=arch, rank=rank, targets=targets, dtype="float32", ab_fingerprint=ab_fp,
                       source_hash=source_hash, seed=seed)
         cloud = Manifest(side="cloud", graphs=cloud_graphs, **common)
@@ -156,8 +157,9 @@ def _check_tokenizer(model_dir: Path, files: list[Path]) -> None:
     """Refuse a tokenizer the edge could not load, trying exactly the files the edge bundle would get, alone in a
     folder: beside config.json, transformers can load some tokenizers that it cannot load without it."""
     with tempfile.TemporaryDirectory(prefix="plcli-tokenizer-") as tmp:
-        for f in files:
-            shutil.copyfile(f, Path(tmp) / f.name)
+        with reported_writes(f"cannot copy the tokenizer to the temporary directory {tmp} to check it", SplitError):
+            for f in files:
+                shutil.copyfile(f, Path(tmp) / f.name)
         try:
             load_tokenizer(Path(tmp), named=model_dir)
         except BundleError as e:

@@ -302,16 +302,23 @@ def test_failed_forced_split_keeps_the_old_bundle(good_bundle, llama_checkpoint,
     assert snapshot(good_bundle) == before and leftovers(good_bundle.parent) == []
 
 
-def test_disk_error_mid_write_in_a_real_process(good_bundle, llama_checkpoint):
-    """A file size limit makes the kernel fail the weights write part way (EFBIG), as a full disk would.
+@pytest.mark.parametrize("fails", ["graphs", "weights"])
+def test_disk_error_mid_write_in_a_real_process(good_bundle, llama_checkpoint, fails):
+    """A file size limit makes the kernel fail a write part way (EFBIG), as a full disk would: the weights, or a
+    graph copied from the cache (whose error named the cache file, as if the source were at fault).
 
     Run as a real process, so this also shows what reaches a terminal: one line, no traceback.
     """
     before = snapshot(good_bundle)
     biggest_graph = max(p.stat().st_size for p in good_bundle.rglob("*.onnx"))
+    biggest_tokenizer_file = max(p.stat().st_size for p in (good_bundle / "edge" / "tokenizer").iterdir())
     cloud_weights = (good_bundle / "cloud" / "weights.safetensors").stat().st_size
-    limit = (biggest_graph + cloud_weights) // 2
-    assert biggest_graph < limit < cloud_weights  # graphs fit, the cloud weights stop half way
+    if fails == "graphs":  # the tokenizer, checked first, fits
+        limit = (biggest_tokenizer_file + biggest_graph) // 2
+        assert biggest_tokenizer_file < limit < biggest_graph
+    else:  # graphs fit, the cloud weights stop half way
+        limit = (max(biggest_graph, biggest_tokenizer_file) + cloud_weights) // 2
+        assert max(biggest_graph, biggest_tokenizer_file) < limit < cloud_weights
 
     def limit_file_size():
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
