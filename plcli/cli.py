@@ -5,6 +5,7 @@ while they load (typer, rich: a few tenths of a second) is one line like any oth
 imported on first use (`from plcli.cli import app`).
 """
 
+import signal
 import sys
 
 
@@ -31,8 +32,18 @@ def _interrupted() -> None:
     sys.exit(130)
 
 
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 def main():
     """Run the app; usage errors too become one line and exit code 2."""
+    # A `kill` (SIGTERM) or a closed terminal (SIGHUP) ends a command as Ctrl-C does, so that it does what it does
+    # then: tune saves its last step, a half-written output is removed. Python's default was to die on the spot.
+    # (serve-cloud sets its own: it stops serving and frees its sessions.)
+    for name in ("SIGTERM", "SIGHUP"):
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), _raise_interrupt)
     try:
         app = _register()
         import typer

@@ -405,6 +405,35 @@ def interrupted_run(bundle, files, out, stop_after: int, **config):
         tuner.run(on_step=ctrl_c)
 
 
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGHUP"])
+def test_a_kill_or_a_closed_terminal_saves_the_last_step_as_ctrl_c_does(llama_bundle, data, tmp_path, sig):
+    """SIGTERM (a `kill`) and SIGHUP (the terminal closed) ended the run on the spot, every step since the last
+    checkpoint lost, and nothing said."""
+    import signal
+
+    from processes import spawn_plcli
+
+    out = tmp_path / "adapter"
+    state = out / "training" / "state.json"
+    tune = spawn_plcli("tune", llama_bundle / "edge", "--cloud", llama_bundle / "cloud", "--data", data / "train.txt",
+                       "--seq-len", 16, "--batch-size", 1, "--steps", 100_000, "--save-every", 3, "--out", out)
+    try:
+        deadline = time.monotonic() + 120
+        while not state.is_file():  # the first checkpoint: it is training
+            assert tune.poll() is None and time.monotonic() < deadline, tune.stderr.read() if tune.poll() is not None else ""
+            time.sleep(0.01)
+        tune.send_signal(getattr(signal, sig))
+        _, err = tune.communicate(timeout=60)
+    finally:
+        if tune.poll() is None:
+            tune.kill()
+            tune.wait()
+    step = json.loads(state.read_text())["step"]
+    assert tune.returncode == 130, err
+    assert err.strip().splitlines()[-1].startswith("error: interrupted during step ") and \
+        f"{out} holds step {step}: rerun with --resume" in err, err
+
 def test_an_adapter_in_out_is_kept_unless_force_and_an_unfinished_run_points_at_resume(llama_bundle, data, tmp_path):
     edge, cloud = llama_bundle / "edge", llama_bundle / "cloud"
     common = ("tune", edge, "--cloud", cloud, "--data", data / "train.txt", "--seq-len", 16, "--batch-size", 3,
