@@ -5,6 +5,7 @@ while they load (typer, rich: a few tenths of a second) is one line like any oth
 imported on first use (`from plcli.cli import app`).
 """
 
+import os
 import signal
 import sys
 
@@ -30,6 +31,13 @@ def __getattr__(name: str):
 def _interrupted() -> None:
     sys.stderr.write("error: interrupted\n")
     sys.exit(130)
+
+
+def _stdout_failed(error: OSError) -> None:
+    # What is left in the buffer would fail again as Python exits, with a traceback of its own.
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    sys.stderr.write(f"error: cannot write to standard output: {error.strerror or error}\n")
+    sys.exit(2)
 
 
 def _raise_interrupt(signum, frame):
@@ -70,6 +78,8 @@ def main():
         _interrupted()  # before a command's own handling (reports_errors) began, or after it ended
     except typer.Exit as e:
         code = e.exit_code
+    except OSError as e:  # help or --version that standard output cannot take (a full disk, a closed pipe)
+        _stdout_failed(e)
     if code == 130 and not reported:
         _interrupted()  # typer's exit code for a Ctrl-C outside the command's own handling, which said nothing
     sys.exit(code or 0)

@@ -254,6 +254,19 @@ def test_run_edge_with_a_closed_standard_stream_is_one_line(llama_bundle, closed
 
 
 
+
+@pytest.mark.parametrize("args", [["--version"], ["split", "--help"], []])
+def test_help_and_version_that_stdout_cannot_take_are_one_line(args):
+    """A full disk (/dev/full) or a closed pipe under --help or --version ended in a traceback."""
+    import subprocess
+    import sys
+
+    with open("/dev/full", "w") as full:
+        done = subprocess.run([sys.executable, "-m", "plcli.cli", *args], stdout=full, stderr=subprocess.PIPE,
+                              text=True, timeout=120)
+    assert done.returncode == 2 and done.stderr.splitlines() == [
+        "error: cannot write to standard output: No space left on device"], done.stderr
+
 @pytest.mark.parametrize("as_json", [False, True])
 def test_serve_cloud_with_stdout_closed_is_one_line_before_it_loads_or_binds(llama_bundle, as_json):
     """Its log goes to stdout: started with it closed, it failed with an AttributeError once the model had loaded."""
