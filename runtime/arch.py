@@ -93,7 +93,7 @@ def kind_weight_names(arch: Architecture, kind: SegmentKind) -> list[str]:
     return names
 
 
-def kind_io(arch: Architecture, kind: SegmentKind) -> tuple[list[str], list[str]]:
+def kind_io(kind: SegmentKind) -> tuple[list[str], list[str]]:
     """(non-weight input names, output names) of a kind's graph, in call order.
 
     Attention inputs: `position_ids` [B, S] of the new tokens; `attention_mask` [B, S], 0 on padding among them;

@@ -139,7 +139,7 @@ class CloudModel:
                                    feed(seg, projection_weight_names(self.arch, seg.kind.in_cut.stage))
                                    for seg in self.plan.segments]
         self.windows = [NO_WINDOW if w is None else np.array(w, np.int64) for w in self.arch.sliding_windows]
-        self._outputs = [kind_io(self.arch, seg.kind)[1] for seg in self.plan.segments]  # looked up per call, built once
+        self._outputs = [kind_io(seg.kind)[1] for seg in self.plan.segments]  # looked up per call, built once
         if stream_one_row is None:
             layer_bytes = sum(v.nbytes for k, v in weights.items() if k.startswith("layers."))
             stream_one_row = layer_bytes > (last_level_cache_bytes() or 32 << 20)
@@ -152,14 +152,25 @@ class CloudModel:
 
         if threads != 1:
             share_threads(threads)
+        # What each graph takes besides its weights: a graph of another split is refused as it loads.
+        inputs = {kind: kind_io(seg.kind)[0] for seg, (kind, _) in zip(self.plan.segments, names)}
+        inputs.update({proj: ["x"] for _, proj in names if proj})
         # Per segment: (its session, its projection's session or None), fed their weights (shared by kind) or bound.
         self._fed = self._packed = None
         if not prepack or stream_one_row:
-            shared = {name: make_session(graph(name), threads=threads) for pair in names for name in pair if name}
+            weights_of = {}  # a graph's weight shapes are those of any segment it runs
+            for i, (kind, proj) in enumerate(names):
+                weights_of[kind] = self.segment_weights[i]
+                if proj:
+                    weights_of[proj] = self.projection_weights[i]
+            shared = {name: make_session(graph(name), threads=threads, feeds={
+                **dict.fromkeys(inputs[name]), **{n: w.shape for n, w in weights_of[name].items()}})
+                for name in weights_of}
             self._fed = [(shared[kind], proj and shared[proj]) for kind, proj in names]
         if prepack:
-            self._packed = [(BoundSession(graph(kind), self.segment_weights[i], threads=threads),
-                             proj and BoundSession(graph(proj), self.projection_weights[i], threads=threads))
+            self._packed = [(BoundSession(graph(kind), self.segment_weights[i], inputs=inputs[kind], threads=threads),
+                             proj and BoundSession(graph(proj), self.projection_weights[i], inputs=inputs[proj],
+                                                   threads=threads))
                             for i, (kind, proj) in enumerate(names)]
 
     def _check_weights(self, weights: dict[str, np.ndarray]) -> None:

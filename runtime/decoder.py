@@ -49,7 +49,7 @@ class SegmentModule(torch.nn.Module):
     def __init__(self, arch: Architecture, kind: SegmentKind, rank: int, inv_freq: torch.Tensor):
         super().__init__()
         self.arch, self.kind, self.rank = arch, kind, rank
-        self.input_names, self.output_names = kind_io(arch, kind)
+        self.input_names, self.output_names = kind_io(kind)
         self.weight_names = kind_weight_names(arch, kind)
         self.register_buffer("inv_freq", inv_freq.to(torch.float32), persistent=False)
         self.act = ACTIVATIONS[arch.hidden_act]

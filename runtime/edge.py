@@ -26,16 +26,19 @@ class EdgeModel:
         self.arch = self.manifest.architecture
         self.plan = self.manifest.plan
         weights = read_weights(self.dir / WEIGHTS)
-        for name, shape in edge_weight_shapes(self.arch).items():
-            if name not in weights or tuple(weights[name].shape) != shape:
-                raise BundleError(f"{self.dir}: weight {name} missing or not of shape {shape}")
+        r = self.manifest.rank
+        m_shapes = {f"layers.{layer}.{t}.M": (r, r) for layer in range(self.arch.num_layers) for t in self.manifest.targets}
+        for name, shape in {**edge_weight_shapes(self.arch), **m_shapes}.items():
+            if name not in weights or tuple(weights[name].shape) != shape or weights[name].dtype != np.float32:
+                raise BundleError(f"{self.dir}: weight {name} missing or not float32 of shape {shape}")
         self.norm = weights["norm"]
         self.lm_head = weights["lm_head.w"]  # [hidden, vocab]
         self.embed_tokens = weights.get("embed_tokens")  # [vocab, hidden]; None when tied to the head
         # One call per token, between waits for the cloud: threads spinning through those waits would only take the
         # cores of whatever else runs here (a cloud on the same machine decoded a third slower). Asleep, they still
         # share the head's work.
-        self.head = make_session(self.dir / GRAPHS / self.manifest.graphs["head"], threads=threads, spin=False)
+        self.head = make_session(self.dir / GRAPHS / self.manifest.graphs["head"], threads=threads, spin=False,
+                                 feeds={"hidden": None, "norm": self.norm.shape, "lm_head.w": self.lm_head.shape})
         self.set_adapter(self._bundle_m(weights) if adapter is None else load_adapter(adapter, self.manifest))
         self._tokenizer = None
 

@@ -70,12 +70,34 @@ def _load_graph(path: Path):
         raise _graph_error(path, e) from None
 
 
-def make_session(path: Path, *, threads: int | None = None, spin: bool = True) -> ort.InferenceSession:
-    """An ORT session on the CPU; with `spin` false, its pool's threads sleep as soon as a call is done."""
+Feeds = dict[str, tuple[int, ...] | None]  # what a graph will be fed: each input's name, and its shape where fixed
+
+
+def check_inputs(path: Path, declared: dict[str, list], feeds: Feeds) -> None:
+    """Refuse a graph that does not take what it will be fed (`declared`: its inputs' names and dimensions, None or a
+    name where free). A graph of another split (another rank, files swapped) would fail only at its first call."""
+    if set(declared) != set(feeds):
+        differ = sorted(set(declared) ^ set(feeds))[:3]
+        raise BundleError(f"{path}: the graph's inputs are not those its bundle feeds it ({', '.join(differ)} differ); "
+                          "split the checkpoint again")
+    for name, shape in feeds.items():
+        dims = declared[name]
+        if shape is not None and (len(dims) != len(shape) or any(isinstance(d, int) and d != n for d, n in zip(dims, shape))):
+            raise BundleError(f"{path}: the graph takes {name} of shape {list(dims)}, its bundle's is {list(shape)}; "
+                              "split the checkpoint again")
+
+
+def make_session(path: Path, *, threads: int | None = None, spin: bool = True,
+                 feeds: Feeds | None = None) -> ort.InferenceSession:
+    """An ORT session on the CPU; with `spin` false, its pool's threads sleep as soon as a call is done. With
+    `feeds`, refused unless the graph takes exactly those (check_inputs)."""
     try:
-        return ort.InferenceSession(str(path), _options(threads, spin), providers=["CPUExecutionProvider"])
+        session = ort.InferenceSession(str(path), _options(threads, spin), providers=["CPUExecutionProvider"])
     except Exception as e:  # ORT raises its own exception types (InvalidProtobuf, Fail, NoSuchFile, ...)
         raise _graph_error(path, e) from None
+    if feeds is not None:
+        check_inputs(path, {i.name: i.shape for i in session.get_inputs()}, feeds)
+    return session
 
 
 class BoundSession:
@@ -89,11 +111,15 @@ class BoundSession:
     much memory as the weights themselves.
     """
 
-    def __init__(self, path: Path, weights: dict[str, np.ndarray], *, threads: int | None = None):
+    def __init__(self, path: Path, weights: dict[str, np.ndarray], *, inputs: list[str], threads: int | None = None):
+        """`inputs` are the graph's other inputs, by name: it is refused unless it takes those and `weights`."""
         from onnx import TensorProto, helper
 
         model = _load_graph(path)
         graph = model.graph
+        declared = {i.name: [d.dim_value if d.HasField("dim_value") else None for d in i.type.tensor_type.shape.dim]
+                    for i in graph.input}
+        check_inputs(path, declared, {**dict.fromkeys(inputs), **{n: w.shape for n, w in weights.items()}})
         inputs = [i for i in graph.input if i.name not in weights]
         del graph.input[:]
         graph.input.extend(inputs)

@@ -430,6 +430,56 @@ def test_commands_that_load_a_bundle_refuse_a_damaged_or_wrong_side_one(llama_bu
     assert_refused(plcli("tune", damaged / "edge", "--connect", nowhere, "--data", data), says="unreadable weights")
 
 
+def test_a_bundle_whose_graphs_or_weights_are_not_its_own_is_one_line(llama_bundle, bundle_factory, llama_checkpoint,
+                                                                        tmp_path):
+    """Graphs swapped or from a split of another rank, edge weights of another dtype, an edge M of another rank:
+    each loaded, and failed as an internal error at the first call or blamed an adapter nobody gave."""
+    from safetensors.numpy import load_file, save_file
+
+    other_rank = bundle_factory(llama_checkpoint, rank=4)
+
+    def damaged(name: str, damage) -> Path:
+        bundle = shutil.copytree(llama_bundle, tmp_path / name)
+        damage(bundle)
+        return bundle
+
+    def swap(a: Path, b: Path) -> None:
+        a_bytes = a.read_bytes()
+        a.write_bytes(b.read_bytes())
+        b.write_bytes(a_bytes)
+
+    def edit_edge_weights(edit) -> callable:
+        def damage(bundle: Path) -> None:
+            path = bundle / "edge" / "weights.safetensors"
+            weights = load_file(path)
+            edit(weights)
+            save_file(weights, path)
+        return damage
+
+    graphs = lambda b: b / "cloud" / "graphs"  # noqa: E731
+    cases = {
+        "swapped": ("cloud", lambda b: swap(graphs(b) / "first.onnx", graphs(b) / "last.onnx"),
+                    "the graph's inputs are not those its bundle feeds it"),
+        "other rank": ("cloud", lambda b: [shutil.copy(g, graphs(b) / g.name) for g in graphs(other_rank).iterdir()],
+                       "takes l0.A.attn_in of shape [64, 12], its bundle's is [64, 24]"),
+        "float64 norm": ("edge", edit_edge_weights(lambda w: w.update(norm=w["norm"].astype("float64"))),
+                         "weight norm missing or not float32"),
+        "M of rank 4": ("edge", edit_edge_weights(lambda w: w.update({"layers.0.q_proj.M": w["layers.0.q_proj.M"][:4, :4]})),
+                        "weight layers.0.q_proj.M missing or not float32 of shape (8, 8)"),
+    }
+    for name, (side, damage, says) in cases.items():
+        bundle = damaged(name, damage)
+        if side == "cloud":
+            for grouped in ("1", "4"):  # graphs fed their weights, and bound to them
+                done = subprocess.run([sys.executable, "-m", "plcli.cli", "serve-cloud", str(bundle / "cloud"), "--bind",
+                                       "tcp://127.0.0.1:*", "--no-tune", "--max-group", grouped],
+                                      capture_output=True, text=True, timeout=120)
+                lines = done.stderr.strip().splitlines()
+                assert done.returncode == 2 and len(lines) == 1 and says in lines[0], (name, grouped, done.stderr)
+        else:
+            assert_refused(plcli("run-edge", bundle / "edge", "--connect", "tcp://127.0.0.1:1", "--prompt", "hi"),
+                           says=says)
+
 def _set(path: str, value):
     """Set the manifest field at `path` ("architecture.hidden_size"); `...` deletes it."""
     def edit(manifest: dict) -> None:
