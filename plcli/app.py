@@ -89,6 +89,15 @@ def check_wire_dtype(value: str) -> str:
     return value
 
 
+def check_utf8(text: str, what: str) -> None:
+    """Python carries bytes of argv and stdin that are not UTF-8 as lone surrogates, which no tokenizer takes and no
+    JSON file should hold."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise UserError(f"{what} is not UTF-8 text (an invalid byte at character {e.start})") from None
+
+
 MAX_THREADS = 1024  # far past any machine's cores, and within the C int ONNX Runtime and torch take a thread count in
 
 

@@ -112,6 +112,9 @@ def estimate(
         _print_report(report, scenarios, paper)
 
 
+MAX_LAYERS = 10_000  # far past any model's
+
+
 def _model(preset: str | None, hidden, layers, vocab, intermediate, params) -> est.ModelDims:
     if preset is not None:
         if preset not in est.PRESETS:
@@ -130,6 +133,8 @@ def _model(preset: str | None, hidden, layers, vocab, intermediate, params) -> e
                     ("--intermediate", dims.intermediate), ("--params", dims.params)):
         if v is not None and v <= 0:
             raise UserError(f"{flag} must be positive, got {v}")
+    if dims.layers > MAX_LAYERS:  # the split plan is built layer by layer: 10**20 of them never finished
+        raise UserError(f"--layers {dims.layers} is out of range: 1 to {MAX_LAYERS:,}")
     if dims.decoder_params <= 0:
         raise UserError(f"--params {dims.total_params:,} does not cover the embedding and head (2 x vocab x hidden = {2 * dims.head_params:,})")
     return dims

@@ -23,7 +23,8 @@ from plcli.runtime.cpu_latency import hold_low_latency
 from plcli.runtime.cpus import MAX_SPIN_US, format_cpus, pinned, usable_cpus
 
 from .app import (HUGE_PAGES_HELP, LOW_LATENCY_HELP, UserError, app, console, cpu_list, err_console, print_json,
-                  printable, reports_errors, seconds, shown, status, stdout, thread_count, check_wire_dtype)
+                  printable, reports_errors, seconds, shown, status, stdout, thread_count, check_utf8,
+                  check_wire_dtype)
 
 DEFAULT_ENDPOINT = "tcp://127.0.0.1:5555"  # loopback: serving beyond this machine is a deliberate choice
 CHECKPOINT_DEFAULT = "Default: the checkpoint's when its generation config samples (do_sample), else greedy."
@@ -120,7 +121,7 @@ def serve_cloud(
     from plcli.runtime.huge_pages import back_with_huge_pages, huge_page_bytes
     from plcli.runtime.secure import ServerKeys
     from plcli.runtime.server import CloudServer, memory_per_session
-    from plcli.runtime.wire import check_endpoint
+    from plcli.runtime.wire import MAX_TIMEOUT_S, check_endpoint
 
     stdout()  # the log goes there: refused now rather than once the model is loaded
     thread_count(threads)
@@ -148,6 +149,8 @@ def serve_cloud(
         io = (usable_cpus() - compute_cpus) or None
     if not 0 <= spin_us <= MAX_SPIN_US:
         raise UserError(f"--spin-us {spin_us} is out of range: 0 to {MAX_SPIN_US}")
+    if not 0 <= batch_wait_us <= MAX_TIMEOUT_S * 10**6:  # as every other wait: at most a day
+        raise UserError(f"--batch-wait-us {batch_wait_us} is out of range: 0 to {MAX_TIMEOUT_S * 10**6} (24 hours)")
     curve = ServerKeys.load(curve_secret, authorized_keys) if curve_secret is not None else None
     # Pinned before the model loads: ONNX Runtime's pool threads start on the cores of the thread that makes them.
     with hold_low_latency(low_latency), pinned(compute_cpus):
@@ -337,7 +340,7 @@ def run_edge(
         raise UserError("standard input is closed: give --prompt TEXT, or chat on standard input")
     stdout()  # generated text goes there: refused now if it is closed, not after the generation
     if prompt is not None:
-        _check_utf8(prompt, "--prompt")
+        check_utf8(prompt, "--prompt")
     urls = cloud_urls(connect)
     check_wire_dtype(wire_dtype)
     seconds("--timeout", timeout)
@@ -385,14 +388,6 @@ def _sampling(settings: dict, **fixed):
     return sampling
 
 
-def _check_utf8(text: str, what: str) -> None:
-    """Python carries bytes of argv and stdin that are not UTF-8 as lone surrogates, which no tokenizer takes."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as e:
-        raise UserError(f"{what} is not UTF-8 text (an invalid byte at character {e.start})") from None
-
-
 def _write(text: str) -> None:
     # The cloud can steer what the model writes (the threat model says so): on a terminal, an escape sequence in it
     # is shown, never acted on. Piped, the text goes out exactly as generated.
@@ -432,7 +427,7 @@ def _chat(conversation, sampling) -> None:
             break
         if line.strip() == "/exit":
             break
-        _check_utf8(line, f"line {number} of the chat")
+        check_utf8(line, f"line {number} of the chat")
         ids = tokenizer(line + "\n", add_special_tokens=first)["input_ids"]
         first = False
         session = conversation.session

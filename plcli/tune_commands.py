@@ -11,7 +11,7 @@ from rich.table import Table
 from rich.text import Text
 
 from .app import (UserError, app, console, err_console, fail, print_json, print_table, printable, reports_errors, seconds,
-                  shown, thread_count, check_wire_dtype)
+                  shown, thread_count, check_utf8, check_wire_dtype)
 from .serve_commands import (CURVE_SECRET_HELP, RECONNECT_HELP, SERVER_KEY_HELP, WIRE_DTYPE_HELP, client_keys, cloud_urls,
                              make_failover)
 
@@ -87,6 +87,9 @@ def tune(
     if (connect is None) == (cloud_dir is None):
         raise UserError("give the cloud's endpoint with --connect URL, or --cloud CLOUD_DIR to run it in this process")
     thread_count(threads)
+    if threads is not None and connect is not None:
+        raise UserError("--threads sets the threads of an in-process --cloud; a cloud at --connect has its own "
+                        "(serve-cloud --threads)")
     check_wire_dtype(wire_dtype)  # as run-edge: refused before anything loads, with --cloud too
     seconds("--timeout", timeout)
     seconds("--reconnect-timeout", reconnect_timeout, zero_turns_off=True)
@@ -184,6 +187,8 @@ def export_peft(
     adapter = adapter or default_adapter_dir(edge_dir)
     if not adapter.is_dir():
         raise UserError(f"{adapter}: no adapter there (tune first, or give --adapter)")
+    if base_model is not None:
+        check_utf8(base_model, "--base-model")
     written = write(cloud_dir, edge_dir, adapter, out, base_model=base_model, force=force)
     files = [str(written / CONFIG), str(written / WEIGHTS_FILE)]
     if as_json:

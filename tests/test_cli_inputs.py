@@ -255,6 +255,17 @@ def test_run_edge_with_a_closed_standard_stream_is_one_line(llama_bundle, closed
 
 
 
+
+def test_flags_that_would_be_dropped_or_written_as_given_are_refused(bundle_with_adapter, tmp_path):
+    """tune --threads with --connect was silently ignored; export-peft wrote a --base-model that is not UTF-8 into
+    adapter_config.json as an escaped lone surrogate."""
+    split = bundle_with_adapter
+    assert_refused(plcli("tune", split / "edge", "--connect", "tcp://127.0.0.1:1", "--threads", 2, "--data",
+                         tmp_path / "never-read.txt"), says="--threads sets the threads of an in-process --cloud")
+    assert_refused(plcli("export-peft", "--cloud", split / "cloud", "--edge", split / "edge", "--out", tmp_path / "peft",
+                         "--base-model", "caf\udcff"), says="--base-model is not UTF-8 text")
+    assert not (tmp_path / "peft").exists()
+
 @pytest.mark.parametrize("args", [["--version"], ["split", "--help"], []])
 def test_help_and_version_that_stdout_cannot_take_are_one_line(args):
     """A full disk (/dev/full) or a closed pipe under --help or --version ended in a traceback."""

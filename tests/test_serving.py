@@ -890,7 +890,8 @@ def test_serve_cloud_refuses_limits_out_of_range_in_one_line(model):
     _, bundle, cloud = model("llama")
     positions = cloud.arch.max_position_embeddings
     for options, message in [(["--max-group", "0"], "--max-group must be at least 1"),
-                             (["--batch-wait-us", "-1"], "--batch-wait-us must be >= 0"),
+                             (["--batch-wait-us", "-1"], "--batch-wait-us -1 is out of range: 0 to 86400000000"),
+                             (["--batch-wait-us", str(10**11)], "--batch-wait-us 100000000000 is out of range"),
                              (["--threads", "0"], "--threads 0 is out of range"),
                              (["--threads", str(10**11)], "--threads 100000000000 is out of range: 1 to 1024"),
                              # Beyond these, the message limit overflowed ZeroMQ's option: an internal error.
