@@ -265,9 +265,12 @@ def _plot(results: list[dict], path: Path) -> None:
     fig.tight_layout()
     tmp = path.with_name(path.name + ".part.png")
     path.parent.mkdir(parents=True, exist_ok=True)  # as every other output of plcli's; _check_plot made sure it can be
-    fig.savefig(tmp)
-    plt.close(fig)
-    tmp.replace(path)
+    try:
+        fig.savefig(tmp)
+        tmp.replace(path)
+    finally:
+        plt.close(fig)
+        tmp.unlink(missing_ok=True)
 
 
 @bench_app.command("tune")

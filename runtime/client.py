@@ -89,13 +89,16 @@ class WireConnection:
         itemsize = wire.WIRE_DTYPES[wire_dtype].itemsize
         tokens = max_tokens or batch * manifest.architecture.max_position_embeddings
         _bound_replies(self._socket, wire.MAX_HEADER_BYTES + tokens * widest * itemsize)
-        if curve is not None:
-            secure_client(self._socket, curve)
         try:
+            if curve is not None:
+                secure_client(self._socket, curve)
             self._socket.connect(url)
         except zmq.ZMQError as e:
             self._socket.close()
             raise CloudError(f"cannot connect to {url!r}: {e}", "connect") from None
+        except BaseException:
+            self._socket.close()
+            raise
         self.max_message_bytes = wire.MAX_HEADER_BYTES
         try:
             reply, _ = self._request(

@@ -213,12 +213,17 @@ class CloudServer:
         self.socket.setsockopt(zmq.RCVHWM, MESSAGES_QUEUED_PER_PEER)
         # libzmq drops a connection that sends a frame over this; smaller excesses get an `error` reply.
         self.socket.setsockopt(zmq.MAXMSGSIZE, self.max_message_bytes)
-        self._auth = secure_server(self.socket, curve) if curve is not None else None
-        try:
-            self.socket.bind(bind)
-        except zmq.ZMQError as e:
+        self._auth = None
+        try:  # whatever fails, the socket (and its context, and the ZAP handler once started) goes with it
+            if curve is not None:
+                self._auth = secure_server(self.socket, curve)
+            try:
+                self.socket.bind(bind)
+            except zmq.ZMQError as e:
+                raise OSError(f"cannot bind {bind}: {e}") from None
+        except BaseException:
             self.close()
-            raise OSError(f"cannot bind {bind}: {e}") from None
+            raise
         self.endpoint = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
         self._poller = zmq.Poller()  # one for the loop's life: `socket.poll` would build one per wait
         self._poller.register(self.socket, zmq.POLLIN)
