@@ -29,7 +29,8 @@ PEFT_LAYOUT = {CONFIG: None, WEIGHTS_FILE: None}  # all that --force may replace
 FAMILIES = {f.name: f for f in (llama.FAMILY, mistral.FAMILY, qwen2.FAMILY)}
 
 
-def peft_lora(cloud_dir: str | Path, edge_dir: str | Path, adapter_dir: str | Path) -> tuple[dict, dict[str, np.ndarray]]:
+def peft_lora(cloud_dir: str | Path, edge_dir: str | Path, adapter_dir: str | Path,
+              base_model: str | None = None) -> tuple[dict, dict[str, np.ndarray]]:
     """(adapter_config, tensors) of the peft LoRA adapter equal to the split with this adapter's M."""
     cloud = read_manifest(cloud_dir, side="cloud")
     edge = read_manifest(edge_dir, side="edge")
@@ -57,7 +58,7 @@ def peft_lora(cloud_dir: str | Path, edge_dir: str | Path, adapter_dir: str | Pa
     config = {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
-        "base_model_name_or_path": None,
+        "base_model_name_or_path": base_model,
         "r": r,
         "lora_alpha": r,  # scaling = lora_alpha / r = 1: the split adds B M A x unscaled
         "lora_dropout": 0.0,
@@ -79,8 +80,7 @@ def export_peft(cloud_dir: str | Path, edge_dir: str | Path, adapter_dir: str | 
 
     # --force replaces --out whole: an --out that is, or holds, what is read here would be deleted by it.
     refuse_overlap(out_dir, [("the cloud bundle", cloud_dir), ("the edge bundle", edge_dir), ("the adapter", adapter_dir)])
-    config, tensors = peft_lora(cloud_dir, edge_dir, adapter_dir)
-    config["base_model_name_or_path"] = base_model
+    config, tensors = peft_lora(cloud_dir, edge_dir, adapter_dir, base_model)
     edge = read_manifest(edge_dir, side="edge")
     out_dir = Path(out_dir)
     with reported_writes(f"cannot write the peft adapter to {out_dir}"), \

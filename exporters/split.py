@@ -39,7 +39,6 @@ class SplitError(PlcliError):
 
 @dataclass
 class SplitResult:
-    out_dir: Path
     cloud: Manifest
     edge: Manifest
     seconds: float
@@ -150,7 +149,7 @@ def split_checkpoint(
             (edge_dir / TOKENIZER).mkdir()
             for f in tok_files:
                 shutil.copyfile(f, edge_dir / TOKENIZER / f.name)
-    return SplitResult(out_dir, cloud, edge, time.perf_counter() - started)
+    return SplitResult(cloud, edge, time.perf_counter() - started)
 
 
 def _check_tokenizer(model_dir: Path, files: list[Path]) -> None:

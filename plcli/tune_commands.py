@@ -19,21 +19,25 @@ from .serve_commands import (CURVE_SECRET_HELP, RECONNECT_HELP, SERVER_KEY_HELP,
 def tune_progress() -> Progress:
     return Progress(
         TextColumn("tuning"), BarColumn(), MofNCompleteColumn(),
-        TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[speed]} tok/s"), TextColumn("lr {task.fields[lr]}"),
+        TextColumn("loss {task.fields[loss]}"), TextColumn("grad norm {task.fields[grad_norm]}"),
+        TextColumn("{task.fields[speed]} tok/s"), TextColumn("lr {task.fields[lr]}"),
         TimeElapsedColumn(), TimeRemainingColumn(),
         console=err_console, disable=not err_console.is_terminal,
     )
 
 
 def run_tuner(tuner, *, quiet: bool = False):
-    """Run with a progress bar (steps, loss, tokens/s, learning rate) and eval lines; returns the summary."""
+    """Run with a progress bar (steps, loss, gradient norm before clipping, tokens/s, learning rate) and eval lines;
+    returns the summary."""
     from plcli.runtime.tune import TuneInterrupted
 
     with tune_progress() as progress:
-        task = progress.add_task("tuning", total=tuner.total_steps, completed=tuner.step_count, loss="-", speed="-", lr="-")
+        task = progress.add_task("tuning", total=tuner.total_steps, completed=tuner.step_count, loss="-", grad_norm="-",
+                                 speed="-", lr="-")
 
         def on_step(r):
-            progress.update(task, completed=r.step, loss=f"{r.loss:.3f}", speed=f"{r.tokens_per_s:,.0f}", lr=f"{r.lr:.1e}")
+            progress.update(task, completed=r.step, loss=f"{r.loss:.3f}", grad_norm=f"{r.grad_norm:.2g}",
+                            speed=f"{r.tokens_per_s:,.0f}", lr=f"{r.lr:.1e}")
 
         def on_eval(step: int, loss: float):
             if not quiet:

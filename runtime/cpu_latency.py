@@ -37,7 +37,6 @@ class CpuLatencyRequest:
         if max_us < 0:
             raise ValueError("a wake-up latency is at least 0 us")
         device = device or DEVICE
-        self.max_us, self.device = max_us, device
         try:
             self._fd: int | None = os.open(device, os.O_WRONLY)
         except FileNotFoundError:

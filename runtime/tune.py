@@ -204,10 +204,9 @@ class AdamW:
 @dataclass
 class StepReport:
     step: int  # 1-based, after the update
-    total: int
     loss: float
     lr: float
-    grad_norm: float
+    grad_norm: float  # of M's gradient, before clipping to --max-grad-norm
     tokens_per_s: float
 
 
@@ -349,7 +348,7 @@ class Tuner:
         self.step_count += 1
         self.losses.append(loss)
         self.tokens += tokens
-        return StepReport(self.step_count, self.total_steps, loss, lr, norm, tokens / (time.perf_counter() - started))
+        return StepReport(self.step_count, loss, lr, norm, tokens / (time.perf_counter() - started))
 
     def evaluate(self) -> float | None:
         """Token-mean loss on the evaluation data with the current M (no gradients, the cloud keeps nothing)."""

@@ -60,7 +60,6 @@ class Batch:
 @dataclass
 class Dataset:
     rows: list[Row]
-    documents: int
     pairs: int
     truncated: int  # prompt/response pairs cut at seq_len + 1 tokens
     dropped: int  # of those, pairs left out because the cut left no response
@@ -177,7 +176,7 @@ def load_dataset(paths: list[Path], tokenizer, *, seq_len: int, bos: int, eos: i
             rows.append(Row(np.asarray(ids, np.int64), loss))
         else:
             dropped += 1
-    dataset = Dataset(rows, len(docs), len(pairs), truncated, dropped)
+    dataset = Dataset(rows, len(pairs), truncated, dropped)
     if not rows or dataset.target_count == 0:
         raise DataError("the data has no tokens to train on (every response is cut off by --seq-len?)")
     return dataset
