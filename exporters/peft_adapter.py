@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from plcli.recipes import llama, mistral, qwen2
-from plcli.runtime.bundle import (WEIGHTS, BundleError, atomic_directory, read_manifest, refuse_overlap,
+from plcli.runtime.bundle import (WEIGHTS, BundleError, atomic_directory, read_manifest, read_pair, refuse_overlap,
                                   reported_writes)
 from plcli.runtime.edge import load_adapter
 from plcli.runtime.ort import read_weights
@@ -32,10 +32,7 @@ FAMILIES = {f.name: f for f in (llama.FAMILY, mistral.FAMILY, qwen2.FAMILY)}
 def peft_lora(cloud_dir: str | Path, edge_dir: str | Path, adapter_dir: str | Path,
               base_model: str | None = None) -> tuple[dict, dict[str, np.ndarray]]:
     """(adapter_config, tensors) of the peft LoRA adapter equal to the split with this adapter's M."""
-    cloud = read_manifest(cloud_dir, side="cloud")
-    edge = read_manifest(edge_dir, side="edge")
-    if cloud.ab_fingerprint != edge.ab_fingerprint:
-        raise BundleError(f"{cloud_dir} and {edge_dir} were not split together (A/B fingerprints differ)")
+    cloud, edge = read_pair(cloud_dir, edge_dir)
     family = FAMILIES.get(cloud.architecture.family)
     if family is None:  # its module names in transformers are what the adapter must use
         raise BundleError(f"{cloud_dir}: family {cloud.architecture.family!r} is none that plcli splits "

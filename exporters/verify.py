@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from plcli.recipes.base import UnsupportedModel, family_for
-from plcli.runtime.bundle import BundleError
+from plcli.runtime.bundle import read_pair
 from plcli.runtime.cloud import CloudModel
 from plcli.runtime.edge import EdgeModel, forward
 from plcli.runtime.errors import PlcliError
@@ -87,10 +87,9 @@ def verify(bundle_dir: str | Path, model_dir: str | Path, *, decode_steps: int =
     if seed < 0:  # numpy seeds its generators with integers of 0 or more
         raise VerifyError(f"--seed {seed} is out of range: must be 0 or more")
     bundle_dir = Path(bundle_dir)
+    read_pair(bundle_dir / "cloud", bundle_dir / "edge")
     cloud = CloudModel(bundle_dir / "cloud")
     edge = EdgeModel(bundle_dir / "edge")
-    if edge.manifest.ab_fingerprint != cloud.manifest.ab_fingerprint:
-        raise BundleError(f"{bundle_dir}: the edge and cloud bundles were not split together (A/B fingerprints differ)")
     config = load_config(model_dir)
     try:
         family = family_for(config)

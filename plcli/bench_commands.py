@@ -64,11 +64,9 @@ def _max_positions(model_dir: Path, bundles: Path | None) -> int:
     """
     if bundles is not None:
         from plcli.exporters.checkpoint import CheckpointTensors
-        from plcli.runtime.bundle import read_manifest
+        from plcli.runtime.bundle import read_pair
 
-        edge = read_manifest(bundles / "edge", side="edge")
-        if read_manifest(bundles / "cloud", side="cloud").ab_fingerprint != edge.ab_fingerprint:
-            raise UserError(f"{bundles}: the edge and cloud bundles were not split together (A/B fingerprints differ)")
+        _, edge = read_pair(bundles / "cloud", bundles / "edge")
         # Every method is checked against transformers on MODEL_DIR: a split of another checkpoint differs from it all.
         if CheckpointTensors(model_dir).source_hash() != edge.source_hash:
             raise UserError(f"--bundles {bundles} was not split from {model_dir} (its source hash differs): give its "

@@ -152,11 +152,10 @@ def tune(
 
 
 def _local_link(cloud_dir: Path, edge, threads: int | None):
-    from plcli.runtime.bundle import read_manifest
+    from plcli.runtime.bundle import read_pair
     from plcli.runtime.cloud_tune import local_train_link
 
-    if read_manifest(cloud_dir, side="cloud").ab_fingerprint != edge.manifest.ab_fingerprint:
-        raise UserError(f"{cloud_dir} and {edge.dir} were not split together (A/B fingerprints differ)")
+    read_pair(cloud_dir, edge.dir)
     return local_train_link(cloud_dir, threads=threads)
 
 

@@ -182,6 +182,15 @@ def _is_file_name(name: str) -> bool:
     return name not in ("", ".", "..") and Path(name).name == name
 
 
+def read_pair(cloud_dir: str | Path, edge_dir: str | Path) -> tuple[Manifest, Manifest]:
+    """The manifests of a cloud and an edge bundle, refused unless they were split together: an M is of no use with
+    other A and B, and an edge's embedding and head with another checkpoint's layers."""
+    cloud, edge = read_manifest(cloud_dir, side="cloud"), read_manifest(edge_dir, side="edge")
+    if cloud.ab_fingerprint != edge.ab_fingerprint:
+        raise BundleError(f"{cloud_dir} and {edge_dir} were not split together (A/B fingerprints differ)")
+    return cloud, edge
+
+
 def read_manifest(bundle_dir: str | Path, side: str | None = None) -> Manifest:
     path = Path(bundle_dir) / MANIFEST
     if not Path(bundle_dir).is_dir():
