@@ -6,6 +6,7 @@ are rich tables for people and `--json` for scripts.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import math
@@ -218,16 +219,6 @@ def print_json(obj) -> None:
     stdout().write(json.dumps(finite_json(obj), indent=2, default=str, allow_nan=False) + "\n")
 
 
-class nullcontext_status:
-    """Stands in for console.status when the output is not a terminal."""
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
 HUGE_PAGES_HELP = ("Once the model is loaded, move its memory onto 2 MiB pages (Linux transparent huge pages, mode "
                    "madvise or always): fewer TLB misses while every token reads the weights.")
 LOW_LATENCY_HELP = ("Keep this machine's idle cores polling instead of sleeping while this runs (Linux PM QoS, "
@@ -235,4 +226,5 @@ LOW_LATENCY_HELP = ("Keep this machine's idle cores polling instead of sleeping 
 
 
 def status(message: str):
-    return console.status(message, spinner="dots") if console.is_terminal else nullcontext_status()
+    """A spinner with `message` on a terminal; nothing where the output is not one."""
+    return console.status(message, spinner="dots") if console.is_terminal else contextlib.nullcontext()

@@ -1,7 +1,9 @@
 """`plcli demo`: the whole story on the embedded demo model, in one command.
 
 Split, verify against transformers, generate in one process, then serve the
-cloud on loopback and generate through the network the way two terminals would.
+cloud on loopback and generate through the network the way two terminals would;
+last, split again with all seven projections adapted and tune M on synthetic
+private notes through a loopback cloud, as `plcli tune --connect` does.
 """
 
 from __future__ import annotations

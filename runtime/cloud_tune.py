@@ -105,6 +105,10 @@ class CloudTrainSession:
         """Shape of the next array the edge must send (`M A x`, or a gradient)."""
         return self._expect
 
+    def close(self) -> None:
+        """In this process there is no session to give back, only the open step's activations."""
+        self.abort()
+
     def abort(self) -> None:
         self._phase = "idle"
         self._train = False

@@ -175,12 +175,12 @@ class CloudServer:
         self.batch_wait_s = batch_wait_s
         self.spin_s = spin_s
         self._queue: list[QueuedCall] = []
-        self.segments = None  # torch segments shared by tune sessions
+        self.torch_segments = None  # shared by tune sessions: the same segments in torch, for the backward
         if tune:
             from .cloud_tune import TorchSegments, set_threads
 
             set_threads(threads)
-            self.segments = TorchSegments(model)
+            self.torch_segments = TorchSegments(model)
         self.on_event = on_event or (lambda event: None)
         arch, plan = model.arch, model.plan
         widest = max([arch.hidden_size] + [len(s.kind.out_cut.targets) * model.manifest.rank
@@ -388,10 +388,10 @@ class CloudServer:
         sid = secrets.token_hex(16)
         if header["mode"] == "generate":
             cloud, trainer = self.model.new_session(max_context=self.max_context), None
-        elif self.segments is None:
+        elif self.torch_segments is None:
             raise wire.ProtocolError("wrong_mode", "this cloud does not serve tuning (it was started with --no-tune)")
         else:
-            cloud, trainer = None, self.segments.new_session(max_context=self.max_context)
+            cloud, trainer = None, self.torch_segments.new_session(max_context=self.max_context)
         self.sessions[sid] = Session(sid, peer, key, header["mode"], header["batch"], cloud, trainer, last_seen=time.monotonic())
         self._send(peer, wire.encode("opened", {"session": sid, "max_context": self.max_context,
                                                 "max_message_bytes": self.max_message_bytes, "wire_dtype": self.wire_dtype}))

@@ -60,3 +60,6 @@ class TrainLink(Protocol):
 
     def abort(self) -> None:
         """Drop the open step, if any, and whatever the cloud kept for it."""
+
+    def close(self) -> None:
+        """Let go of the cloud: a remote link closes its session (a failover replaces a lost link by a new one)."""
