@@ -201,7 +201,9 @@ def read_manifest(bundle_dir: str | Path, side: str | None = None) -> Manifest:
         raise BundleError(f"{bundle_dir}: not a plcli bundle (no {MANIFEST})") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise BundleError(f"{path}: unreadable manifest ({e})") from None
-    version = raw.get("format_version") if isinstance(raw, dict) else None
+    if not isinstance(raw, dict):
+        raise BundleError(f"{path}: malformed manifest (not a JSON object)")
+    version = raw.get("format_version")
     if version != FORMAT_VERSION:
         raise BundleError(f"{path}: bundle format version {version!r}, this plcli reads version {FORMAT_VERSION}: "
                           f"split the checkpoint again with this plcli")

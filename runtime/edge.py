@@ -113,6 +113,8 @@ def load_tokenizer(directory: Path, *, named: Path | None = None):
     directory). `plcli split` loads the checkpoint's the same way, so that it never writes a bundle the edge cannot use."""
     from transformers import AutoTokenizer
 
+    if not Path(directory).is_dir():  # transformers would take the path for a Hub repo id, and say so
+        raise BundleError(f"{named or directory}: the tokenizer directory is missing")
     try:
         return AutoTokenizer.from_pretrained(directory, local_files_only=True)
     except Exception as e:  # transformers and tokenizers raise whatever the files trip (KeyError, ValueError, ...)

@@ -86,10 +86,10 @@ class Dataset:
 def read_records(path: Path) -> list[str | tuple[str, str]]:
     """Documents (str) and prompt/response pairs (tuple) of one file, validated."""
     path = Path(path)
-    if path.suffix not in SUFFIXES:
-        raise DataError(f"{path}: unsupported data file (use .txt or .jsonl)")
     if path.is_dir():
         raise DataError(f"{path}: is a directory, expected a .txt or .jsonl file")
+    if path.suffix not in SUFFIXES:
+        raise DataError(f"{path}: unsupported data file (use .txt or .jsonl)")
     try:
         raw = path.read_bytes()
     except FileNotFoundError:
@@ -99,7 +99,7 @@ def read_records(path: Path) -> list[str | tuple[str, str]]:
     if b"\x00" in raw:
         raise DataError(f"{path}: binary file (contains NUL bytes), expected UTF-8 text")
     try:
-        text = raw.decode("utf-8")
+        text = raw.decode("utf-8-sig")  # a byte-order mark some editors write is no text to learn, nor JSON
     except UnicodeDecodeError as e:
         raise DataError(f"{path}: not UTF-8 text (invalid byte at offset {e.start})") from None
     if not text.strip():

@@ -408,8 +408,10 @@ def check_endpoint(endpoint: str, *, bind: bool) -> None:
     if transport != "tcp":
         return
     host, colon, port = address.rpartition(":")
-    if not (colon and host):
+    if not colon:
         raise ValueError(f"{endpoint}: no port (tcp://HOST:PORT)")
+    if not host:
+        raise ValueError(f"{endpoint}: no host (tcp://HOST:PORT)")
     if bind and port == "*":
         return
     lowest = 0 if bind else 1

@@ -942,6 +942,8 @@ def test_endpoints_whose_port_zeromq_would_misread_are_refused_before_anything_l
         server.close()
     with pytest.raises(CloudError, match="no port"):
         RemoteCloudSession("tcp://127.0.0.1", cloud.manifest, timeout=1)
+    with pytest.raises(CloudError, match="no host"):  # was "no port"
+        RemoteCloudSession("tcp://:5555", cloud.manifest, timeout=1)
 
 
 def test_waits_that_are_not_finite_or_over_a_day_are_refused_in_one_line(model, tmp_path):

@@ -378,6 +378,10 @@ def _corrupt_manifest(bundle: Path) -> None:
     (bundle / "edge" / "manifest.json").write_text(json.dumps(m))
 
 
+def _manifest_a_list(bundle: Path) -> None:
+    (bundle / "edge" / "manifest.json").write_text("[]")
+
+
 def _truncate_weights(bundle: Path) -> None:
     w = bundle / "cloud" / "weights.safetensors"
     w.write_bytes(w.read_bytes()[:64])
@@ -387,6 +391,7 @@ def _truncate_weights(bundle: Path) -> None:
     (None, lambda b: b.parent / "nowhere", "no such directory"),
     (None, lambda b: b / "cloud" / "graphs", "not a plcli bundle"),
     (_corrupt_manifest, lambda b: b, "bundle format version 99"),
+    (_manifest_a_list, lambda b: b, "malformed manifest (not a JSON object)"),  # was "format version None"
     (_truncate_weights, lambda b: b, "unreadable weights"),
 ])
 def test_inspect_refuses_non_bundles(good_bundle, damage, target, says):
@@ -546,6 +551,9 @@ def test_a_bundle_whose_tokenizer_the_edge_cannot_load_is_one_line(llama_bundle,
     (damaged / "edge" / "tokenizer" / "tokenizer.json").write_text("{}")
     assert_refused(plcli("verify", damaged, "--reference", llama_checkpoint),
                    says=f"{damaged / 'edge' / 'tokenizer'}: cannot load the tokenizer (KeyError")
+    shutil.rmtree(damaged / "edge" / "tokenizer")  # transformers took the path for a Hub repo id, and said so
+    assert_refused(plcli("verify", damaged, "--reference", llama_checkpoint),
+                   says=f"{damaged / 'edge' / 'tokenizer'}: the tokenizer directory is missing")
 
 
 def test_verify_refuses_missing_or_mismatched_inputs(good_bundle, llama_checkpoint, checkpoint_factory,

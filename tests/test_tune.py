@@ -212,6 +212,18 @@ BAD_FILES = {
 }
 
 
+def test_a_byte_order_mark_is_no_text_and_a_directory_is_named_as_one(tmp_path):
+    """Some editors begin UTF-8 files with U+FEFF: a .jsonl was refused ("decode using utf-8-sig") and a .txt trained
+    on the mark as text. A directory without a suffix was an "unsupported data file"."""
+    from plcli.runtime.tune_data import DataError, read_records
+
+    for name, body in (("notes.txt", "Private notes."), ("notes.jsonl", '{"text": "Private notes."}\n')):
+        (tmp_path / name).write_bytes(b"\xef\xbb\xbf" + body.encode())
+        assert read_records(tmp_path / name) == [body if name.endswith(".txt") else "Private notes."]
+    (tmp_path / "notes").mkdir()
+    with pytest.raises(DataError, match="notes: is a directory"):
+        read_records(tmp_path / "notes")
+
 def run_cli(*args):
     result = CliRunner().invoke(app, [str(a) for a in args])
     return result.exit_code, result.stdout, result.stderr
