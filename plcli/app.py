@@ -127,6 +127,7 @@ def reports_errors(fn):
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
+            stdout()  # every command writes its results there: refused before it works, if there is nowhere to
             return fn(*args, **kwargs)
         except typer.Exit:
             raise

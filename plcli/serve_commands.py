@@ -123,7 +123,6 @@ def serve_cloud(
     from plcli.runtime.server import CloudServer, memory_per_session
     from plcli.runtime.wire import MAX_TIMEOUT_S, check_endpoint
 
-    stdout()  # the log goes there: refused now rather than once the model is loaded
     thread_count(threads)
     check_wire_dtype(wire_dtype)
     seconds("--session-timeout", session_timeout)
@@ -338,7 +337,6 @@ def run_edge(
         raise UserError("--json needs --prompt (chat mode streams text)")
     if prompt is None and sys.stdin is None:  # started with it closed (`<&-`): Python has None there
         raise UserError("standard input is closed: give --prompt TEXT, or chat on standard input")
-    stdout()  # generated text goes there: refused now if it is closed, not after the generation
     if prompt is not None:
         check_utf8(prompt, "--prompt")
     urls = cloud_urls(connect)

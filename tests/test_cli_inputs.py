@@ -293,6 +293,21 @@ def test_serve_cloud_with_stdout_closed_is_one_line_before_it_loads_or_binds(lla
         done.stderr
 
 
+
+@pytest.mark.parametrize("command", [["inspect", "{bundle}"], ["estimate", "--paper"], ["keys", "generate", "{tmp}/k"]])
+def test_any_command_with_stdout_closed_is_one_line_and_does_nothing(llama_bundle, tmp_path, command):
+    """inspect printed its table into nothing and exited 0; keys wrote a key pair no one was told of."""
+    import os
+    import subprocess
+    import sys
+
+    args = [a.format(bundle=llama_bundle, tmp=tmp_path) for a in command]
+    done = subprocess.run([sys.executable, "-m", "plcli.cli", *args], stdin=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                          text=True, timeout=120, preexec_fn=lambda: os.close(1))
+    assert done.returncode == 2 and done.stderr.splitlines() == [
+        "error: standard output is closed: there is nowhere to write the result"], done.stderr
+    assert list(tmp_path.iterdir()) == []
+
 @pytest.mark.parametrize("command", ["serve-cloud", "run-edge", "tune"])
 def test_a_wire_dtype_of_no_known_kind_is_refused_before_anything_loads(tmp_path, command):
     """serve-cloud refused it only once the model (and, for tuning, torch) had loaded. Given no bundle at all, a
