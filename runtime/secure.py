@@ -173,7 +173,10 @@ def generate_key_pair(path: Path, *, force: bool = False) -> tuple[Path, Path, s
     except OSError as e:  # named after the pair, not the temporary directory the user never gave
         raise KeyFileError(f"cannot write {path}: {e.strerror or e}") from None
     try:
-        written = [Path(p) for p in zmq.auth.create_certificates(staging, name)]
+        try:
+            written = [Path(p) for p in zmq.auth.create_certificates(staging, name)]
+        except OSError as e:  # a full disk: named after the pair, as above
+            raise KeyFileError(f"cannot write {path}: {e.strerror or e}") from None
         if [p.name for p in written] != [public_file.name, secret_file.name]:
             raise RuntimeError(f"pyzmq wrote {[p.name for p in written]}, not {public_file.name} and {secret_file.name}")
         os.chmod(written[0], 0o644)

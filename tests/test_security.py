@@ -107,6 +107,21 @@ def test_generated_pair_is_what_zmq_auth_reads_with_a_0600_secret_and_is_never_o
     assert sorted(os.listdir(tmp_path)) == ["keys"] and sorted(os.listdir(tmp_path / "keys")) == ["edge.key", "edge.key_secret"]
 
 
+def test_a_full_disk_while_keys_are_written_names_the_pair_and_keeps_the_old_one(tmp_path, monkeypatch):
+    """The error named the temporary directory's file, or nothing."""
+    import errno
+
+    generate_key_pair(tmp_path / "edge")
+    before = sorted((f.name, f.read_bytes()) for f in tmp_path.iterdir())
+
+    def full(directory, name):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(Path(directory) / f"{name}.key"))
+
+    monkeypatch.setattr("plcli.runtime.secure.zmq.auth.create_certificates", full)
+    result = _invoke("keys", "generate", tmp_path / "edge", "--force")
+    assert _one_line_error(result).strip() == f"error: cannot write {tmp_path / 'edge'}: No space left on device"
+    assert sorted((f.name, f.read_bytes()) for f in tmp_path.iterdir()) == before
+
 def test_a_replacement_cut_short_between_its_two_renames_keeps_the_old_pair(tmp_path, monkeypatch):
     generate_key_pair(tmp_path / "edge")
     files = [tmp_path / "edge.key", tmp_path / "edge.key_secret"]
