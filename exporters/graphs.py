@@ -111,12 +111,24 @@ def _export(module: torch.nn.Module, inputs: list[torch.Tensor], weights: list[t
 def _cached_export(key: dict, build, path: Path) -> None:
     digest = hashlib.sha256(json.dumps({**key, "code": _code_version()}, sort_keys=True).encode()).hexdigest()[:32]
     cached = cache_dir() / f"{digest}.onnx"
-    if not cached.is_file():
+    recorded = cached.with_suffix(".sha256")  # the graph's own hash, written after it: a damaged copy is made again
+    if not (cached.is_file() and recorded.is_file() and recorded.read_text() == _file_hash(cached)):
         # Named as the cache: a full disk there is no fault of the output's (a copy's error names its source).
         with reported_writes(f"cannot write to plcli's graph cache {cache_dir()} (set PLCLI_CACHE to move it)"):
             cached.parent.mkdir(parents=True, exist_ok=True)
             build(cached)
+            tmp = recorded.with_suffix(".sha256.tmp")
+            tmp.write_text(_file_hash(cached))
+            os.replace(tmp, recorded)
     shutil.copyfile(cached, path)
+
+
+def _file_hash(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def export_segment_kind(arch: Architecture, kind: SegmentKind, rank: int, inv_freq: torch.Tensor, path: Path) -> None:

@@ -369,6 +369,19 @@ def test_a_change_to_any_module_that_shapes_a_graph_misses_the_graph_cache(tmp_p
             assert graphs._code_version() != before, module.__name__
     assert graphs._code_version() == before
 
+
+def test_a_damaged_graph_in_the_cache_is_exported_again_not_copied(tmp_path, llama_checkpoint, monkeypatch):
+    """A truncated cached graph went into every later split, and `verify`'s advice, split again, copied it again."""
+    monkeypatch.setenv("PLCLI_CACHE", str(tmp_path / "cache"))  # a cache of its own, to damage
+    assert plcli("split", llama_checkpoint, tmp_path / "first", "--rank", 8).exit_code == 0
+    cached = sorted((tmp_path / "cache" / "graphs").glob("*.onnx"))
+    assert cached
+    for graph in cached:
+        graph.write_bytes(graph.read_bytes()[:100])
+    assert plcli("split", llama_checkpoint, tmp_path / "second", "--rank", 8).exit_code == 0
+    verify = plcli("verify", tmp_path / "second", "--reference", llama_checkpoint, "--decode-steps", 1)
+    assert verify.exit_code == 0, verify.output
+
 # -- inspect and verify on things that are not (matching) bundles ----------------------------------------------
 
 
