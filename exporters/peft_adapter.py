@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from plcli.recipes import llama, mistral, qwen2
+from plcli.recipes.base import families
 from plcli.runtime.bundle import (WEIGHTS, BundleError, atomic_directory, read_manifest, read_pair, refuse_overlap,
                                   reported_writes)
 from plcli.runtime.edge import load_adapter
@@ -26,17 +26,16 @@ from plcli.runtime.ort import read_weights
 CONFIG = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 PEFT_LAYOUT = {CONFIG: None, WEIGHTS_FILE: None}  # all that --force may replace in --out
-FAMILIES = {f.name: f for f in (llama.FAMILY, mistral.FAMILY, qwen2.FAMILY)}
 
 
 def peft_lora(cloud_dir: str | Path, edge_dir: str | Path, adapter_dir: str | Path,
               base_model: str | None = None) -> tuple[dict, dict[str, np.ndarray]]:
     """(adapter_config, tensors) of the peft LoRA adapter equal to the split with this adapter's M."""
     cloud, edge = read_pair(cloud_dir, edge_dir)
-    family = FAMILIES.get(cloud.architecture.family)
+    family = next((f for f in families() if f.name == cloud.architecture.family), None)
     if family is None:  # its module names in transformers are what the adapter must use
         raise BundleError(f"{cloud_dir}: family {cloud.architecture.family!r} is none that plcli splits "
-                          f"({', '.join(FAMILIES)})")
+                          f"({', '.join(f.name for f in families())})")
     m = load_adapter(adapter_dir, edge)
     weights = read_weights(Path(cloud_dir) / WEIGHTS)
     r = cloud.rank

@@ -64,7 +64,7 @@ class Family:
             raise UnsupportedModel(
                 f"rope type {rope_type!r} is not supported (supported: {', '.join(STATIC_ROPE_TYPES)})"
             )
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        head_dim = _head_dim(config)
         kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
         if config.num_attention_heads % kv_heads:
             raise UnsupportedModel(f"num_attention_heads {config.num_attention_heads} is not a multiple of "
@@ -101,6 +101,11 @@ class Family:
         )
 
 
+def _head_dim(config) -> int:
+    """As transformers reads it: the config's own, else hidden size over heads."""
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
 def rope_frequencies(config):
     """(inv_freq, attention_scaling) exactly as transformers computes them for this config."""
     import torch
@@ -109,21 +114,25 @@ def rope_frequencies(config):
     rope = dict(getattr(config, "rope_parameters", None) or {})
     rope_type = rope.get("rope_type", "default")
     if rope_type == "default":
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        head_dim = _head_dim(config)
         inv_freq = 1.0 / (rope["rope_theta"] ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
         return inv_freq, 1.0
     return ROPE_INIT_FUNCTIONS[rope_type](config, "cpu")
 
 
-def family_for(config) -> Family:
+def families() -> tuple[Family, ...]:
+    """Every family plcli splits, one file of recipes/ each (imported here: each of them imports this module)."""
     from . import llama, mistral, qwen2
 
-    families = (llama.FAMILY, mistral.FAMILY, qwen2.FAMILY)
+    return llama.FAMILY, mistral.FAMILY, qwen2.FAMILY
+
+
+def family_for(config) -> Family:
     model_type = getattr(config, "model_type", None)
-    for family in families:
+    for family in families():
         if model_type in family.model_types:
             return family
-    supported = ", ".join(t for f in families for t in f.model_types)
+    supported = ", ".join(t for f in families() for t in f.model_types)
     architectures = getattr(config, "architectures", None) or []
     # GPT-2 style checkpoints name their causal head `...LMHeadModel`.
     if architectures and not any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures):
