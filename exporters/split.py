@@ -23,7 +23,8 @@ from plcli.recipes.base import UnsupportedModel, family_for, rope_frequencies
 from plcli.runtime.arch import layer_weight_shapes
 from plcli.runtime.errors import PlcliError
 from plcli.runtime.bundle import (GRAPHS, MANIFEST, SPLIT_LAYOUT, TOKENIZER, WEIGHTS, BundleError, Manifest,
-                                 atomic_directory, check_target, fingerprint, is_int, is_number, loads_json, refuse_overlap, reported_writes)
+                                 atomic_directory, check_target, fingerprint, is_int, is_number, loads_json,
+                                 refuse_overlap, reported_writes)
 from plcli.runtime.edge import load_tokenizer
 from plcli.runtime.plan import ALL_TARGETS, DEFAULT_TARGETS, SplitPlan, normalize_targets
 

@@ -84,8 +84,8 @@ def _max_positions(model_dir: Path, bundles: Path | None) -> int:
 def bench_decode(
     model_dir: Path = typer.Argument(..., help="A Hugging Face checkpoint (the transformers baseline, and what is split)."),
     bundles: Optional[Path] = typer.Option(None, "--bundles", help="Its split (OUT_DIR of `plcli split`), instead of splitting it here."),
-    rank: Optional[str] = typer.Option(None, "--rank", help=f"Rank to split at (default {DEFAULT_RANK}; not with --bundles); "
-                                       "a comma-separated list measures each (tok/s against rank)."),
+    rank: Optional[str] = typer.Option(None, "--rank", help=f"Rank to split at (default {DEFAULT_RANK}; not with "
+                                       "--bundles); a comma-separated list measures each (tok/s against rank)."),
     prompt_len: int = typer.Option(32, "--prompt-len", help="Prompt tokens."),
     new_tokens: int = typer.Option(64, "--new-tokens", help="Tokens to generate, greedily."),
     rounds: int = typer.Option(3, "--rounds", help="Interleaved rounds; the median is reported."),
@@ -276,7 +276,8 @@ def _plot(results: list[dict], path: Path) -> None:
 def bench_tune(
     model_dir: Path = typer.Argument(..., help="A Hugging Face checkpoint, split here unless --bundles is given."),
     bundles: Optional[Path] = typer.Option(None, "--bundles", help="Its split (OUT_DIR of `plcli split`)."),
-    rank: Optional[int] = typer.Option(None, "--rank", help=f"Rank to split at (default {DEFAULT_RANK}; not with --bundles)."),
+    rank: Optional[int] = typer.Option(None, "--rank",
+                                       help=f"Rank to split at (default {DEFAULT_RANK}; not with --bundles)."),
     steps: int = typer.Option(4, "--steps", help="Optimizer steps per run."),
     batch_size: int = typer.Option(8, "--batch-size", help="Rows per step."),
     seq_len: int = typer.Option(128, "--seq-len", help="Tokens per row."),

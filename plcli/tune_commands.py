@@ -83,7 +83,8 @@ def tune(
     force: bool = typer.Option(False, "--force", help="Replace the adapter in --out, finished or not, instead of refusing."),
     as_json: bool = typer.Option(False, "--json", help="Print a summary as JSON."),
 ):
-    """Tune the adapter M on your own text: the text, its labels and M are never sent (what the cloud can infer: README, Threat model)."""
+    """Tune the adapter M on your own text: the text, its labels and M are never sent (what the cloud can infer:
+    README, Threat model)."""
     from plcli.runtime.bundle import refuse_overlap
     from plcli.runtime.edge import EdgeModel
     from plcli.runtime.tune import Tuner, TuneConfig, check_out, default_adapter_dir, resume_config

@@ -27,7 +27,8 @@ class EdgeModel:
         self.plan = self.manifest.plan
         weights = read_weights(self.dir / WEIGHTS)
         r = self.manifest.rank
-        m_shapes = {f"layers.{layer}.{t}.M": (r, r) for layer in range(self.arch.num_layers) for t in self.manifest.targets}
+        m_shapes = {f"layers.{layer}.{t}.M": (r, r)
+                    for layer in range(self.arch.num_layers) for t in self.manifest.targets}
         for name, shape in {**edge_weight_shapes(self.arch), **m_shapes}.items():
             if name not in weights or tuple(weights[name].shape) != shape or weights[name].dtype != np.float32:
                 raise BundleError(f"{self.dir}: weight {name} missing or not float32 of shape {shape}")

@@ -82,7 +82,8 @@ def check_inputs(path: Path, declared: dict[str, list], feeds: Feeds) -> None:
                           "split the checkpoint again")
     for name, shape in feeds.items():
         dims = declared[name]
-        if shape is not None and (len(dims) != len(shape) or any(isinstance(d, int) and d != n for d, n in zip(dims, shape))):
+        fixed_differ = any(isinstance(d, int) and d != n for d, n in zip(dims, shape or ()))
+        if shape is not None and (len(dims) != len(shape) or fixed_differ):
             raise BundleError(f"{path}: the graph takes {name} of shape {list(dims)}, its bundle's is {list(shape)}; "
                               "split the checkpoint again")
 
@@ -120,9 +121,9 @@ class BoundSession:
         declared = {i.name: [d.dim_value if d.HasField("dim_value") else None for d in i.type.tensor_type.shape.dim]
                     for i in graph.input}
         check_inputs(path, declared, {**dict.fromkeys(inputs), **{n: w.shape for n, w in weights.items()}})
-        inputs = [i for i in graph.input if i.name not in weights]
+        fed = [i for i in graph.input if i.name not in weights]
         del graph.input[:]
-        graph.input.extend(inputs)
+        graph.input.extend(fed)
         for name, value in weights.items():
             # A placeholder that says "external data": ORT takes the data from add_external_initializers.
             tensor = TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(value.dtype), dims=value.shape,

@@ -121,7 +121,8 @@ def test_demo_never_replaces_what_it_did_not_tune(tmp_path, mine):
     """OUT/tune is the demo's too: its notes were overwritten and an adapter there replaced, whoever's they were."""
     (tmp_path / mine).parent.mkdir(parents=True)
     (tmp_path / mine).write_bytes(b'{"targets": ["q_proj", "k_proj", "v_proj"]}')
-    assert_refused(plcli("demo", "--out", tmp_path), says=f"{tmp_path / 'tune'} exists and is not what an earlier demo tuned")
+    assert_refused(plcli("demo", "--out", tmp_path),
+                   says=f"{tmp_path / 'tune'} exists and is not what an earlier demo tuned")
     assert snapshot(tmp_path) == {mine: b'{"targets": ["q_proj", "k_proj", "v_proj"]}'}
 
 
