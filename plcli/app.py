@@ -127,7 +127,7 @@ def reports_errors(fn):
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
-            stdout()  # every command writes its results there: refused before it works, if there is nowhere to
+            stdout()  # every command writes its results there: with it closed, refused before any work
             return fn(*args, **kwargs)
         except typer.Exit:
             raise

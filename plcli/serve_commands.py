@@ -22,9 +22,8 @@ from rich.text import Text
 from plcli.runtime.cpu_latency import hold_low_latency
 from plcli.runtime.cpus import MAX_SPIN_US, format_cpus, pinned, usable_cpus
 
-from .app import (HUGE_PAGES_HELP, LOW_LATENCY_HELP, UserError, app, console, cpu_list, err_console, print_json,
-                  printable, reports_errors, seconds, shown, status, stdout, thread_count, check_utf8,
-                  check_wire_dtype)
+from .app import (HUGE_PAGES_HELP, LOW_LATENCY_HELP, UserError, app, check_utf8, check_wire_dtype, console, cpu_list,
+                  err_console, print_json, printable, reports_errors, seconds, shown, status, stdout, thread_count)
 
 DEFAULT_ENDPOINT = "tcp://127.0.0.1:5555"  # loopback: serving beyond this machine is a deliberate choice
 CHECKPOINT_DEFAULT = "Default: the checkpoint's when its generation config samples (do_sample), else greedy."

@@ -10,8 +10,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.text import Text
 
-from .app import (UserError, app, console, err_console, fail, print_json, print_table, printable, reports_errors, seconds,
-                  shown, thread_count, check_utf8, check_wire_dtype)
+from .app import (UserError, app, check_utf8, check_wire_dtype, console, err_console, fail, print_json, print_table,
+                  printable, reports_errors, seconds, shown, thread_count)
 from .serve_commands import (CURVE_SECRET_HELP, RECONNECT_HELP, SERVER_KEY_HELP, WIRE_DTYPE_HELP, client_keys, cloud_urls,
                              make_failover)
 
@@ -83,8 +83,7 @@ def tune(
     force: bool = typer.Option(False, "--force", help="Replace the adapter in --out, finished or not, instead of refusing."),
     as_json: bool = typer.Option(False, "--json", help="Print a summary as JSON."),
 ):
-    """Tune the adapter M on your own text: the text, its labels and M are never sent (what the cloud can infer:
-    README, Threat model)."""
+    """Tune the adapter M on your own text: the text, its labels and M are never sent."""
     from plcli.runtime.bundle import refuse_overlap
     from plcli.runtime.edge import EdgeModel
     from plcli.runtime.tune import Tuner, TuneConfig, check_out, default_adapter_dir, resume_config
