@@ -81,15 +81,6 @@ def seconds(flag: str, value: float, *, zero_turns_off: bool = False) -> float:
     return value
 
 
-def check_wire_dtype(value: str) -> str:
-    """--wire-dtype, checked before the command loads anything."""
-    from plcli.runtime.wire import WIRE_DTYPES
-
-    if value not in WIRE_DTYPES:
-        raise UserError(f"--wire-dtype must be {' or '.join(WIRE_DTYPES)}, not {value!r}")
-    return value
-
-
 def check_utf8(text: str, what: str) -> None:
     """Python carries bytes of argv and stdin that are not UTF-8 as lone surrogates, which no tokenizer takes and no
     JSON file should hold."""

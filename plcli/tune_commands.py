@@ -10,10 +10,10 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.text import Text
 
-from .app import (UserError, app, check_utf8, check_wire_dtype, console, err_console, fail, print_json, print_table,
+from .app import (UserError, app, check_utf8, console, err_console, fail, print_json, print_table,
                   printable, reports_errors, seconds, shown, thread_count)
-from .serve_commands import (CURVE_SECRET_HELP, RECONNECT_HELP, SERVER_KEY_HELP, WIRE_DTYPE_HELP, client_keys, cloud_urls,
-                             make_failover)
+from .cloud_options import (CURVE_SECRET_HELP, RECONNECT_HELP, SERVER_KEY_HELP, WIRE_DTYPE_HELP, check_wire_dtype,
+                            client_keys, cloud_urls, make_failover)
 
 
 def tune_progress() -> Progress:
