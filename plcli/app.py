@@ -124,6 +124,8 @@ def reports_errors(fn):
             raise
         except PlcliError as e:
             fail(str(e), 2)
+        except BrokenPipeError:
+            reader_gone()
         except OSError as e:
             where = f"{e.filename}: " if getattr(e, "filename", None) else ""
             fail(f"{where}{e.strerror or e}", 2)
@@ -137,6 +139,13 @@ def reports_errors(fn):
             fail(f"internal error: {type(e).__name__}: {e} (set PLCLI_DEBUG=1 for a traceback)", 1)
 
     return wrapper
+
+
+def reader_gone() -> None:
+    """Stop quietly with exit code 1 where the reader of stdout has gone (`| head`), as rich does for what it prints:
+    what is left in the buffer goes nowhere, instead of failing again as Python exits."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    raise SystemExit(1)
 
 
 def _caused_by_interrupt(e: BaseException | None) -> bool:

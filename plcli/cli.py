@@ -34,6 +34,10 @@ def _interrupted() -> None:
 
 
 def _stdout_failed(error: OSError) -> None:
+    from .app import reader_gone
+
+    if isinstance(error, BrokenPipeError):
+        reader_gone()
     # What is left in the buffer would fail again as Python exits, with a traceback of its own.
     os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     sys.stderr.write(f"error: cannot write to standard output: {error.strerror or error}\n")

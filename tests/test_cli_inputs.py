@@ -295,6 +295,24 @@ def test_serve_cloud_with_stdout_closed_is_one_line_before_it_loads_or_binds(lla
 
 
 
+
+@pytest.mark.parametrize("args", [["estimate", "--paper"], ["estimate", "--paper", "--json"], ["split", "--help"]])
+def test_a_reader_that_goes_away_ends_the_command_quietly(args):
+    """`plcli ... | head`: a table stopped quietly (rich's way), the same output as JSON said "error: Broken pipe"
+    with exit 2, and --help ended in a traceback."""
+    import os
+    import subprocess
+    import sys
+
+    read, write = os.pipe()
+    os.close(read)  # the reader is gone before a byte is written
+    try:
+        done = subprocess.run([sys.executable, "-m", "plcli.cli", *args], stdout=write, stderr=subprocess.PIPE,
+                              text=True, timeout=120)
+    finally:
+        os.close(write)
+    assert (done.returncode, done.stderr) == (1, ""), done.stderr
+
 @pytest.mark.parametrize("command", [["inspect", "{bundle}"], ["estimate", "--paper"], ["keys", "generate", "{tmp}/k"]])
 def test_any_command_with_stdout_closed_is_one_line_and_does_nothing(llama_bundle, tmp_path, command):
     """inspect printed its table into nothing and exited 0; keys wrote a key pair no one was told of."""
