@@ -127,22 +127,24 @@ def _only_a_demo_tune(path: Path) -> None:
     and an adapter of the demo's seven targets), all of which the demo replaces."""
     import json
 
+    from plcli.runtime.bundle import foreign_entry, restore_interrupted
     from plcli.runtime.edge import ADAPTER_CONFIG
     from plcli.runtime.plan import ALL_TARGETS
 
-    def demo_wrote(entry: Path) -> bool:
-        if entry.name.startswith((".adapter.partial-", ".adapter.old-")):  # an adapter write that was cut short
-            return True
-        if entry.name == "notes":
-            return entry.is_dir() and all(f.name in ("train.jsonl", "heldout.jsonl") for f in entry.iterdir())
-        if entry.name == "adapter":
-            try:
-                return json.loads((entry / ADAPTER_CONFIG).read_text()).get("targets") == list(ALL_TARGETS)
-            except (OSError, ValueError, AttributeError):
-                return False
-        return False
+    def ours() -> bool:
+        if not path.is_dir():
+            return False
+        restore_interrupted(path / "adapter")  # what an adapter write cut short left beside it
+        if foreign_entry(path, {"notes": {"train.jsonl": None, "heldout.jsonl": None}, "adapter": None}):
+            return False
+        try:
+            return json.loads((path / "adapter" / ADAPTER_CONFIG).read_text()).get("targets") == list(ALL_TARGETS)
+        except FileNotFoundError:
+            return not (path / "adapter").exists()
+        except (OSError, ValueError, AttributeError):
+            return False
 
-    if path.exists() and not (path.is_dir() and all(demo_wrote(entry) for entry in path.iterdir())):
+    if path.exists() and not ours():
         raise UserError(f"{path} exists and is not what an earlier demo tuned there, which the demo would replace: "
                         "choose another --out")
 
