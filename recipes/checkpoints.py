@@ -16,9 +16,12 @@ SAMPLE_TEXT = (
 ) * 8
 
 
-def train_tokenizer(vocab_size: int, texts: list[str] | None = None):
-    """A byte-level BPE tokenizer with `<|endoftext|>` as bos/eos/pad, as a transformers fast tokenizer."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+def train_tokenizer(vocab_size: int, texts: list[str] | None = None, *, prepend_bos: bool = False,
+                    model_max_length: int | None = None):
+    """A byte-level BPE tokenizer (GPT-2 style: any string encodes, nothing maps to <unk>) with `<|endoftext|>`,
+    id 0, as bos/eos/pad, as a transformers fast tokenizer. `prepend_bos` makes encoding start with it, as Llama's
+    does."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     special = "<|endoftext|>"
@@ -30,7 +33,14 @@ def train_tokenizer(vocab_size: int, texts: list[str] | None = None):
         show_progress=False,
     )
     tok.train_from_iterator(texts or [SAMPLE_TEXT], trainer=trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=special, eos_token=special, pad_token=special)
+    if prepend_bos:
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{special} $A", pair=f"{special} $A {special} $B:1",
+            special_tokens=[(special, tok.token_to_id(special))],
+        )
+    extra = {} if model_max_length is None else {"model_max_length": model_max_length}
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=special, eos_token=special, pad_token=special,
+                                   clean_up_tokenization_spaces=False, **extra)
 
 
 def make_config(family: str, **overrides):

@@ -32,7 +32,6 @@ from pathlib import Path
 
 REBUILD_COMMAND = "python -m plcli.recipes.demo_model --out recipes/assets/demo-llama"
 
-EOS = "<|endoftext|>"
 SEED = 0
 VOCAB_SIZE = 3072
 HELDOUT_EVERY = 20  # every 20th document is held out: a 5% split that needs no RNG
@@ -124,36 +123,13 @@ def split_corpus(docs: list[str]) -> tuple[list[str], list[str]]:
 # ---------------------------------------------------------------- tokenizer
 
 
-def train_tokenizer(texts: list[str], vocab_size: int = VOCAB_SIZE):
-    """Byte-level BPE (GPT-2 style): any string encodes, nothing maps to <unk>."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=[EOS],  # id 0
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # all 256 bytes, always
-        show_progress=False,
-    )
-    tok.train_from_iterator(texts, trainer=trainer)
-    eos_id = tok.token_to_id(EOS)
+def train_tokenizer(texts: list[str]):
     # Like Llama, encoding prepends BOS (here the same token as EOS): training
     # packs documents as `EOS doc EOS doc ...`, so a prompt that starts with it
     # looks like the start of a document to the model.
-    tok.post_processor = processors.TemplateProcessing(
-        single=f"{EOS} $A", pair=f"{EOS} $A {EOS} $B:1", special_tokens=[(EOS, eos_id)]
-    )
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        bos_token=EOS,
-        eos_token=EOS,
-        pad_token=EOS,
-        model_max_length=512,
-        clean_up_tokenization_spaces=False,
-    )
+    from .checkpoints import train_tokenizer as train_bpe  # here: --print-corpus runs this file bare, without its package
+
+    return train_bpe(VOCAB_SIZE, texts, prepend_bos=True, model_max_length=512)
 
 
 # ---------------------------------------------------------------- model
