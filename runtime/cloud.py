@@ -217,7 +217,7 @@ class CloudModel:
         caches = None
         if layer is not None:
             order, caches = self._group_cache([c.session for c in calls], layer,
-                                              [int(c.feed["past_length"][0]) for c in calls])
+                                              [int(c.feed["past_length"][0]) for c in calls], calls[0].tokens_per_row)
         feeds = [calls[i].feed for i in order]
         batched = {}
         for name, value in feeds[0].items():
@@ -235,8 +235,20 @@ class CloudModel:
             lo = hi
         return parts
 
-    def _group_cache(self, sessions: list["CloudSession"], layer: int,
-                     used: list[int]) -> tuple[list[int], tuple[np.ndarray, np.ndarray]]:
+    def group_widening(self, calls: list[SegmentCall]) -> tuple[int, int] | None:
+        """(layer, slots) where `run_group(calls)` would stack its members' caches into new shared buffers of that
+        many slots, which become their caches at that layer; None where it makes none. For memory accounting."""
+        if len(calls) < 2 or calls[0].projection:
+            return None
+        layer = self.plan.segments[calls[0].index].attention_layer
+        if layer is None:
+            return None
+        slots = _new_shared_slots([c.session for c in calls], layer, [int(c.feed["past_length"][0]) for c in calls],
+                                  calls[0].tokens_per_row)
+        return None if slots is None else (layer, slots)
+
+    def _group_cache(self, sessions: list["CloudSession"], layer: int, used: list[int],
+                     tokens_per_row: int) -> tuple[list[int], tuple[np.ndarray, np.ndarray]]:
         """The order to stack `sessions` in and their caches at `layer` as one (keys, values) pair.
 
         Sessions that share buffers in consecutive rows (a group that ran
@@ -246,8 +258,9 @@ class CloudModel:
         sessions of one shared buffer, in rows apart, are stacked for this call
         only, so that the buffer stays whole for the group it was made for.
         """
-        home = sessions[0].shared[layer]
-        if home is not None and all(s.shared[layer] is home for s in sessions):
+        slots = _new_shared_slots(sessions, layer, used, tokens_per_row)
+        if slots is None:
+            home = sessions[0].shared[layer]
             order = sorted(range(len(sessions)), key=lambda i: home.rows[sessions[i]][0])
             spans = [home.rows[sessions[i]] for i in order]
             if all(lo + n == next_lo for (lo, n), (next_lo, _) in zip(spans, spans[1:])):
@@ -255,11 +268,21 @@ class CloudModel:
                 return order, (home.keys[start:end], home.values[start:end])
             order_used = [used[i] for i in order]
             return order, tuple(_stack_cache([sessions[i].kv[layer][k] for i in order], order_used) for k in (0, 1))
-        order = list(range(len(sessions)))
-        # A chunk more than the longest holds: members that cross a chunk boundary a few tokens apart stay.
-        slots = max(max(s.kv[layer][0].shape[2] for s in sessions), cache_slots(max(used) + KV_CHUNK))
         shared = SharedCache(sessions, layer, used, slots)
-        return order, (shared.keys, shared.values)
+        return list(range(len(sessions))), (shared.keys, shared.values)
+
+
+def _new_shared_slots(sessions: list["CloudSession"], layer: int, used: list[int], tokens_per_row: int) -> int | None:
+    """Slots of the shared buffers a group of `sessions` would be stacked into at `layer`; None if they share some.
+
+    As many as the group's step needs, and a chunk to spare when that is more, so that members that cross a chunk
+    boundary a few tokens apart stay together; never sized by the members' buffers, which may be wider than they
+    need (a group they left): a short session's row would stay as wide as the longest it ever grouped with.
+    """
+    home = sessions[0].shared[layer]
+    if home is not None and all(s.shared[layer] is home for s in sessions):
+        return None
+    return cache_slots(max(used) + max(tokens_per_row, KV_CHUNK))
 
 
 class SharedCache:
@@ -375,9 +398,27 @@ class CloudSession:
             left.leave(self)
 
     def own_cache(self, layer: int) -> None:
-        """Copy this session's cache at `layer` out of shared buffers into buffers of its own."""
+        """Copy this session's cache at `layer` out of shared buffers into buffers of its own: the slots its tokens
+        and open step need, with a chunk to spare, not the width of the group's rows."""
         if self.shared[layer] is not None:
-            self._set_cache(layer, tuple(buffer.copy() for buffer in self.kv[layer]))
+            slots = min(self.kv[layer][0].shape[2], cache_slots(self._tokens_reserved() + KV_CHUNK))
+            self._set_cache(layer, tuple(buffer[:, :, :slots].copy() for buffer in self.kv[layer]))
+
+    def _tokens_reserved(self) -> int:
+        """The slots the cache must hold: its tokens and those of the open step."""
+        return self.position + (self._state["position_ids"].shape[1] if self.in_step else 0)
+
+    def cache_bytes(self, batch: int, tokens: int = 0, *, widen: tuple[int, int] | None = None) -> int:
+        """Bytes of this session's KV cache (float32 keys and values of every layer, `batch` rows each) once it holds
+        at least `tokens` slots, as `start_call` reserves them; with `widen` = (layer, slots), that layer's rows are
+        `slots` wide, as in the new shared buffers of a group (`CloudModel.group_widening`)."""
+        arch = self.model.arch
+        need = cache_slots(tokens)
+        slots = 0
+        for layer, kv in enumerate(self.kv):
+            width = widen[1] if widen is not None and widen[0] == layer else (kv[0].shape[2] if kv is not None else 0)
+            slots += max(width, need)
+        return 2 * batch * arch.num_kv_heads * arch.head_dim * 4 * slots
 
     def release(self) -> None:
         """Leave every shared buffer (a server drops the session next), so that the members left can be compacted."""

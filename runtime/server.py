@@ -22,11 +22,12 @@ validation is answered with an `error` and changes nothing; no input can stop
 the loop.
 
 Memory: with `max_memory_bytes` each session holds, against that budget, the
-KV cache its tokens need once the open step is in (reserved when the step is
-admitted, and kept if the step fails: the buffers it grew stay) or the
+KV cache buffers it has once the open step is in (reserved when the step is
+admitted, and kept if the step fails: the buffers it grew stay; in a group's
+shared buffers, its rows, as wide as the group's longest member needs) or the
 activations its open tune pass keeps; a session or step that would go over it
-is refused with `limit`, and a session's bytes go with it when it is closed or
-expires.
+is refused with `limit`, a group that would go over it runs one session at a
+time, and a session's bytes go with it when it is closed or expires.
 """
 
 from __future__ import annotations
@@ -411,7 +412,7 @@ class CloudServer:
             if shape[1] > room:
                 raise wire.ProtocolError("limit", f"{shape[1]} tokens do not fit: the session has room for {room} more "
                                                   f"(max context {session.cloud.max_context})")
-            need = memory_per_session(self.model, session.cloud.position + shape[1], session.batch)
+            need = session.cloud.cache_bytes(session.batch, session.cloud.position + shape[1])
             self._reserve(session, need)
             request = StepRequest(session, op, wire.tensor(payload, shape, self.wire_dtype), header)
             session.memory = need
@@ -546,6 +547,11 @@ class CloudServer:
         return min(groups, key=lambda k: ((k[0] - tail) % segments, -len(groups[k]))), 0.0
 
     def _run_group(self, members: list[tuple[StepRequest, SegmentCall]]) -> None:
+        widened = self._widened_memory(members)
+        if widened is False:
+            for member in members:
+                self._run_group([member])
+            return
         try:
             outputs = self.model.run_group([call for _, call in members])
         except Exception as e:
@@ -559,6 +565,8 @@ class CloudServer:
         if len(members) > 1:
             self.counters.grouped_calls += 1
             self.counters.largest_group = max(self.counters.largest_group, len(members))
+        for (request, _), memory in zip(members, widened or ()):
+            request.session.memory = memory
         for (request, _), out in zip(members, outputs):
             session = request.session
             try:
@@ -568,6 +576,20 @@ class CloudServer:
                 continue
             self._reply_step(session, request.op, result)
         self._project([request.session for request, _ in members])
+
+    def _widened_memory(self, members: list[tuple[StepRequest, SegmentCall]]) -> list[int] | bool | None:
+        """What the members hold once their group has moved their caches into shared buffers, whose rows are as
+        wide as the longest member needs: a list of bytes, False if that does not fit --max-memory (they then
+        run one by one, which costs no memory), None if the group moves no cache."""
+        widen = self.model.group_widening([call for _, call in members])
+        if widen is None:
+            return None
+        sessions = [request.session for request, _ in members]
+        after = [max(s.memory, s.cloud.cache_bytes(s.batch, widen=widen)) for s in sessions]
+        if (self.max_memory_bytes is not None
+                and self.memory_bytes() + sum(after) - sum(s.memory for s in sessions) > self.max_memory_bytes):
+            return False
+        return after
 
     def _project(self, sessions: list[Session]) -> None:
         """Run the projections that the steps just answered need next, while their edges compute `M A x`."""

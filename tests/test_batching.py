@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from plcli.runtime.cloud import KV_CHUNK, CloudModel, CloudSession, StepOutput
+from plcli.runtime.cloud import KV_CHUNK, CloudModel, CloudSession, StepOutput, cache_slots
 
 # name -> (family, config overrides); the names and options match test_serving's, so the builds are shared.
 MODELS = {
@@ -204,3 +204,23 @@ def test_members_that_leave_a_shared_cache_leave_the_others_exact_and_never_more
     for a, g in zip(alone, grouped):
         for layer in range(cloud.arch.num_layers):
             np.testing.assert_allclose(g.cache(layer)[0], a.cache(layer)[0], rtol=RTOL, atol=ATOL)
+
+
+def test_a_short_session_grouped_with_a_long_one_is_as_wide_as_it_needs_once_it_leaves(cloud_dir):
+    """A group's shared rows are as wide as its longest member needs; once the long one is gone, the short one's cache
+    is its own tokens with a chunk to spare again, not the long one's width, and it still gets what it gets alone."""
+    cloud = CloudModel(cloud_dir("llama"), threads=1, prepack=True)
+    rng = np.random.default_rng(5)
+    alone, grouped = _decode_twins(cloud, [3, 100], rng)
+    _check_step(cloud, alone, grouped, rng)
+    wide = grouped[0].kv[0][0].shape[2]
+    assert wide >= 100 + 1
+    grouped[1].release()
+    for layer in range(cloud.arch.num_layers):
+        assert grouped[0].shared[layer] is None
+        assert grouped[0].kv[layer][0].shape[2] == cache_slots(grouped[0].position + KV_CHUNK) < wide
+    # Grouped again with another short session: rows as wide as these two need, whatever their buffers held before.
+    more_alone, more = _decode_twins(cloud, [5], rng)
+    _check_step(cloud, [alone[0], *more_alone], [grouped[0], *more], rng)
+    assert grouped[0].kv[0][0].shape[2] == cache_slots(grouped[0].position - 1 + KV_CHUNK)
+    _check_step(cloud, [alone[0], *more_alone], [grouped[0], *more], rng)

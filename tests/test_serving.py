@@ -854,6 +854,78 @@ def test_a_group_waits_for_a_session_its_edge_owes_but_the_loop_never_sleeps_thr
         server.close()
 
 
+def _decode_in_lockstep(edge: EdgeModel, endpoint: str, prompts: list[list[int]], new_tokens: int,
+                        after_each_token) -> list[list[int]]:
+    """Greedy tokens of one session per prompt, every session's step sent before any reply is read, so that the
+    cloud can group them; each reply answered as soon as it is in, whichever session's it is."""
+    sessions = [RemoteCloudSession(endpoint, edge.manifest, timeout=TIMEOUT) for _ in prompts]
+    try:
+        tokens: list[list[int]] = [[] for _ in prompts]
+        feed = [list(p) for p in prompts]
+        for _ in range(new_tokens):
+            for session, ids in zip(sessions, feed):
+                session.post_start(edge.embed(np.asarray([ids])))
+            waiting = set(range(len(sessions)))
+            while waiting:
+                for i in [i for i in waiting if sessions[i].socket.poll(10)]:
+                    out = sessions[i].receive()
+                    if not out.done:
+                        sessions[i].post_resume(edge.apply_adapter(out.layer, out.stage, out.ax))
+                        continue
+                    logits = edge.logits(np.ascontiguousarray(out.hidden[:, -1:]))[0, -1]
+                    tokens[i].append(int(logits[:edge.vocab_limit].argmax()))
+                    feed[i] = tokens[i][-1:]
+                    waiting.discard(i)
+            after_each_token()
+        return tokens
+    finally:
+        for session in sessions:
+            session.close()
+
+
+def test_sessions_of_different_lengths_group_within_the_memory_budget(model):
+    """A group's shared cache rows are as wide as its longest member needs: a short session grouped with a long one
+    holds as much as the long one. The cloud counts that against --max-memory, and runs a group one by one where it
+    would not fit, so that the caches stay within the budget (and what groups leave behind within twice it)."""
+    from plcli.runtime.server import memory_per_session
+
+    _, bundle, cloud = model("llama")
+    edge = edge_of(bundle, "random")
+    new_tokens = 4
+    prompts = [list(range(1, 101))] + [[5 + i, 6, 7] for i in range(5)]
+    solo = [list(generate(edge, cloud.new_session(), p, Sampling(max_new_tokens=new_tokens, ignore_eos=True)))
+            for p in prompts]
+    # Room for what each session needs on its own, and for no group that widens two rows of the 2 layers.
+    budget = sum(memory_per_session(cloud, len(p) + new_tokens) for p in prompts) + memory_per_session(cloud, 1)
+
+    def held(server: CloudServer) -> tuple[int, int]:
+        """Bytes of the cache rows the sessions hold, and of the buffers behind them (rows left behind included)."""
+        views, buffers = 0, {}
+        for session in list(server.sessions.values()):
+            for kv in session.cloud.kv:
+                for array in kv or ():
+                    views += array.nbytes
+                    base = array if array.base is None else array.base
+                    buffers[id(base)] = base.nbytes
+        return views, sum(buffers.values())
+
+    for limit in (None, budget):
+        seen = []
+        with serve(cloud, tune=False, max_memory_bytes=limit, batch_wait_s=1000.0) as (server, endpoint, _):
+            def check() -> None:
+                views, buffers = held(server)
+                seen.append((views, buffers, server.memory_bytes()))
+                assert views <= server.memory_bytes(), "the sessions hold more than the cloud counts"
+                if limit is not None:
+                    assert server.memory_bytes() <= limit and buffers <= 2 * limit
+
+            assert _decode_in_lockstep(edge, endpoint, prompts, new_tokens, check) == solo
+            grouped = server.counters.grouped_calls
+        if limit is None:
+            # Without a limit, grouping widens the short sessions' rows past the budget: the budget has work to do.
+            assert grouped > 0 and max(views for views, _, _ in seen) > budget
+
+
 # -- the commands -------------------------------------------------------------------------
 def _invoke(*args: str, input: str | None = None):
     from typer.testing import CliRunner
