@@ -69,7 +69,7 @@ TUNE_OPS = ("train_step", "madx", "grad_hidden", "grad_ax", "abort")
 @dataclass
 class Session:
     id: str
-    peer: bytes  # ZeroMQ routing id of the connection that opened it; no other connection may use it
+    peer: bytes  # ZeroMQ routing id of the connection that opened it; no other connection may use it but to close it
     key: str | None  # under CURVE, the public key that opened it: a routing id can be reused after a disconnect, a key cannot be forged
     mode: str  # "generate" or "tune"
     batch: int
@@ -331,8 +331,11 @@ class CloudServer:
                 self._send(peer, wire.encode("status", self.stats()))
                 return None
             session = self.sessions.get(header["session"])
-            if session is None or session.peer != peer or session.key != key:
-                # One answer for both, so that a stranger cannot probe which session ids exist.
+            # `close` from any connection of the session's key: ZeroMQ reconnects a dropped connection by itself, under
+            # a routing id the cloud has not seen, and an edge giving up says `close` from there; were that refused,
+            # its session would hold a slot and its memory until it expired. Its 128-bit id is the edge's proof.
+            if session is None or session.key != key or (session.peer != peer and op != "close"):
+                # One answer for all, so that a stranger cannot probe which session ids exist.
                 raise wire.ProtocolError("unknown_session", "no such session on this connection (closed, expired or never opened)")
             if op == "close":
                 # Even mid-step: an edge stopped by Ctrl-C closes without waiting for the reply it asked for,

@@ -69,8 +69,9 @@ Cloud -> edge (replies; exactly one per request)
 
     opened  session, max_context, max_message_bytes, wire_dtype
             `session` is 128 random bits as 32 hex digits; it only works from
-            the connection that opened it and, under CURVE (see secure.py),
-            from the public key that opened it. `max_context` caps the
+            the connection that opened it (but `close`, from any: one that
+            ZeroMQ reconnected) and, under CURVE (see secure.py), from the
+            public key that opened it. `max_context` caps the
             session's tokens; `max_message_bytes` caps any message the cloud
             accepts.
     ax      step, cut, layer, stage, shape + tensor

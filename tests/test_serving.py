@@ -680,6 +680,30 @@ def test_an_edge_that_closes_or_gives_up_mid_step_frees_its_session_at_once(mode
         server.close()
 
 
+def test_an_edge_whose_connection_dropped_and_came_back_can_still_close_its_session(model):
+    """ZeroMQ reconnects a dropped connection by itself, under a routing id the cloud has not seen; the edge's `close`
+    then comes from there, and must still free its session, or the session would hold its slot until it expired."""
+    _, bundle, cloud = model("llama")
+    edge = edge_of(bundle)
+    with serve(cloud, tune=False) as (server, endpoint, events):
+        relay = TcpRelay(endpoint)
+        try:
+            session = RemoteCloudSession(relay.endpoint, edge.manifest, timeout=TIMEOUT)
+            session.start(edge.embed(np.asarray([[5, 6, 7]])))
+            relay.cut()
+            deadline = time.monotonic() + TIMEOUT
+            while len(relay.links) < 4:  # as an edge that gives up after its timeout: ZeroMQ has connected again
+                assert time.monotonic() < deadline, "ZeroMQ did not reconnect"
+                time.sleep(0.01)
+            session.close()
+            while not any(e["event"] == "closed" for e in events):  # the cloud says so once the session is gone
+                assert time.monotonic() < deadline, "the session outlived its edge's close"
+                time.sleep(0.01)
+            assert server.sessions == {}
+        finally:
+            relay.close()
+
+
 def test_a_refused_message_does_not_keep_its_session_alive_and_a_taken_one_does(model, monkeypatch):
     """A refused message changes nothing, its session's idle clock included: else a peer could hold every session
     slot for ever with messages that are never valid."""
