@@ -14,6 +14,7 @@ import os
 import sys
 
 import typer
+from typer.core import TyperCommand
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -110,6 +111,33 @@ def cpu_list(text: str | None, option: str) -> frozenset[int] | None:
         return parse_cpus(text, option)
     except ValueError as e:
         raise UserError(str(e)) from None
+
+
+class KeepsWords(TyperCommand):
+    """A command that keeps the words of its command line (`positionals` reads them): which option a positional
+    argument follows can say what the user meant it for, and click keeps no order."""
+
+    def parse_args(self, ctx, args):
+        ctx.meta["words"] = list(args)
+        return super().parse_args(ctx, args)
+
+
+def positionals(ctx: typer.Context) -> list[tuple[str, str | None]]:
+    """The positional words of a running `KeepsWords` command, in order, each with the last option before it."""
+    flags = {name for p in ctx.command.params if getattr(p, "is_flag", False) for name in (*p.opts, *p.secondary_opts)}
+    words, found, after, i = ctx.meta["words"], [], None, 0
+    while i < len(words):
+        word = words[i]
+        if word == "--":
+            found += [(w, after) for w in words[i + 1:]]
+            break
+        if word.startswith("-") and word != "-":
+            after = word.split("=", 1)[0]
+            i += 1 if "=" in word or after in flags else 2  # the option's value is not positional
+            continue
+        found.append((word, after))
+        i += 1
+    return found
 
 
 def reports_errors(fn):

@@ -10,8 +10,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.text import Text
 
-from .app import (UserError, app, check_utf8, console, err_console, fail, print_json, print_table,
-                  printable, reports_errors, seconds, shown, thread_count)
+from .app import (KeepsWords, UserError, app, check_utf8, console, err_console, fail, positionals, print_json,
+                  print_table, printable, reports_errors, seconds, shown, thread_count)
 from .cloud_options import (CURVE_SECRET_HELP, RECONNECT_HELP, SERVER_KEY_HELP, WIRE_DTYPE_HELP, check_wire_dtype,
                             client_keys, cloud_urls, make_failover)
 
@@ -49,9 +49,10 @@ def run_tuner(tuner, *, quiet: bool = False):
             fail(str(e), e.exit_code)
 
 
-@app.command()
+@app.command(cls=KeepsWords)
 @reports_errors
 def tune(
+    ctx: typer.Context,
     edge_dir: Path = typer.Argument(..., help="The edge bundle (its tokenizer, embedding, head and M)."),
     more_data: Optional[list[Path]] = typer.Argument(None, metavar="[PATH ...]", show_default=False,
                                                      help="More training files: `--data a.txt b.jsonl` reads both."),
@@ -101,6 +102,11 @@ def tune(
         raise UserError("--curve-secret and --server-key secure a --connect; an in-process --cloud needs neither")
     curve = client_keys(curve_secret, server_key)
     urls = None if connect is None else cloud_urls(connect)
+    # `--data a.txt b.txt` reads both; after --eval-data's file, a second one would be trained on without a word.
+    held_out_too = [word for word, after in positionals(ctx)[1:] if after == "--eval-data"]
+    if held_out_too:
+        raise UserError(f"{held_out_too[0]} follows --eval-data's file, where it would be read as training data: give "
+                        "each held-out file its own --eval-data (--eval-data A --eval-data B)")
     data = [*data, *(more_data or [])]
     out = out or default_adapter_dir(edge_dir)
     # A checkpoint replaces --out whole: what it holds of the inputs would be deleted (the bundles, a data file).

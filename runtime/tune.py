@@ -27,7 +27,8 @@ from typing import Callable, TypeVar
 
 import numpy as np
 
-from .bundle import atomic_directory, check_writable, is_int, is_number, loads_json, reported_writes, restore_interrupted
+from .bundle import (atomic_directory, check_target, check_writable, foreign_entry, is_int, is_number, loads_json,
+                     reported_writes)
 from .edge import ADAPTER_CONFIG, ADAPTER_WEIGHTS, EdgeModel, load_adapter
 from .errors import PlcliError
 from .failover import is_loss
@@ -42,6 +43,8 @@ STATE_JSON = "state.json"
 STATE_WEIGHTS = "state.safetensors"
 ADAPTER_FORMAT = "plcli-adapter"
 DEFAULT_ADAPTER = "adapter"  # `--out` default: EDGE_DIR/adapter
+# What a checkpoint writes into --out, and all it may replace there.
+ADAPTER_LAYOUT = {ADAPTER_CONFIG: None, ADAPTER_WEIGHTS: None, TRAINING: {STATE_JSON: None, STATE_WEIGHTS: None}}
 BETAS = (0.9, 0.999)
 ADAM_EPS = 1e-8
 HEAD_CHUNK = 2048  # positions per LM-head matmul: bounds the logits buffer at chunk x vocab floats
@@ -260,6 +263,7 @@ class Tuner:
         self.train = load_dataset(data, edge.tokenizer, **opts)
         self.data_digest = self.train.digest()
         self.eval = load_dataset(eval_data, edge.tokenizer, **opts) if eval_data else None
+        self.eval_digest = self.eval.digest() if self.eval else None
         self.eval_set = eval_batches(self.eval, config.batch_size, self.pad) if self.eval else []
         self.order = RowOrder(len(self.train.rows), config.seed)
         if config.steps is not None:
@@ -448,7 +452,7 @@ class Tuner:
 
         manifest = self.edge.manifest
         with reported_writes(f"cannot write the adapter to {self.out}", TuneError), \
-                atomic_directory(self.out, replace=True) as tmp:
+                atomic_directory(self.out, replace=True, layout=ADAPTER_LAYOUT) as tmp:
             write_adapter(tmp, manifest, self.adapter_matrices(), steps=self.step_count, total_steps=self.total_steps)
             (tmp / TRAINING).mkdir()
             moments = {f"{name}.{l}.{s}": v for name, table in (("exp_avg", self.optimizer.exp_avg),
@@ -458,7 +462,7 @@ class Tuner:
             (tmp / TRAINING / STATE_JSON).write_text(json.dumps({
                 "ab_fingerprint": manifest.ab_fingerprint, "step": self.step_count, "total_steps": self.total_steps,
                 "optimizer_steps": self.optimizer.t, "config": {f.name: getattr(self.config, f.name) for f in fields(self.config)},
-                "data": self.data_digest, "data_position": self.order.state(), "losses": self.losses,
+                "data": self.data_digest, "eval_data": self.eval_digest, "data_position": self.order.state(), "losses": self.losses,
                 "evals": self.evals, "eval_loss_before": self.eval_before,
             }) + "\n")
 
@@ -476,6 +480,9 @@ class Tuner:
                             "resume with the same --steps/--epochs")
         if state["data"] != self.data_digest:
             raise TuneError("the training data changed since the checkpoint; resume with the same --data files")
+        if state.get("eval_data", self.eval_digest) != self.eval_digest:  # checkpoints before it was kept: not known
+            raise TuneError("the held-out data differs from the checkpoint's (its evaluations so far, the loss before "
+                            "tuning among them, are on that); resume with the same --eval-data files, or none as before")
         m = load_adapter(self.out, self.edge.manifest)
         moments = read_weights(self.out / TRAINING / STATE_WEIGHTS)
         for key, cut in self._cut_targets().items():
@@ -506,18 +513,19 @@ def check_out(out: Path, manifest, *, resume: bool, force: bool) -> None:
         raise TuneError("give --resume to continue the run in --out or --force to replace it, not both")
     # The first checkpoint comes after --save-every steps, or at the end: an --out it could not write is refused now.
     check_writable(out, "the adapter")
-    restore_interrupted(out)
-    if out.exists() and not out.is_dir():
-        raise TuneError(f"{out} exists and is not a directory")
+    check_target(out, replace=True)  # after putting back what a killed save left aside; refuses a link or a file
     if resume:
         if not (out / TRAINING / STATE_JSON).is_file():
             raise TuneError(f"{out}: nothing to resume (no {TRAINING}/{STATE_JSON}); run without --resume to start")
+    elif not out.is_dir() or not any(out.iterdir()):
         return
-    if not out.is_dir() or not any(out.iterdir()):
-        return
-    if not (out / ADAPTER_CONFIG).is_file():
+    elif not (out / ADAPTER_CONFIG).is_file():
         raise TuneError(f"{out} exists and is not an adapter directory; choose another --out")
-    if force:
+    foreign = foreign_entry(out, ADAPTER_LAYOUT)
+    if foreign:
+        raise TuneError(f"{out} holds {foreign}, which a checkpoint would delete (it replaces the directory whole) and "
+                        "which tune does not write: move it elsewhere first, or choose another --out")
+    if resume or force:
         return
     theirs = _read_json(out / ADAPTER_CONFIG).get("ab_fingerprint")
     if theirs != manifest.ab_fingerprint:

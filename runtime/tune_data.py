@@ -252,6 +252,11 @@ class RowOrder:
         return twin
 
     def restore(self, state: dict) -> None:
+        """Go on from `state()`; ValueError where it is not one this data could have given."""
+        epoch, cursor = state["epoch"], state["cursor"]
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in (epoch, cursor)) \
+                or epoch < 0 or not 0 <= cursor <= self.n_rows:
+            raise ValueError(f"epoch and cursor must be integers, the cursor within the {self.n_rows} rows")
         self.rng.bit_generator.state = state["rng"]
         self._start_epoch()
-        self.epoch, self.cursor = int(state["epoch"]), int(state["cursor"])
+        self.epoch, self.cursor = epoch, cursor

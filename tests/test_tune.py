@@ -255,6 +255,11 @@ def test_bad_options_and_foreign_adapters_are_refused(llama_bundle, bundle_facto
         code, _, err = run_cli("tune", edge, *cloud_option, *common, "--out", tmp_path / "c", "--wire-dtype", "bfloat16")
         assert code == 2 and "--wire-dtype must be float32 or float16" in err and len(err.strip().splitlines()) == 1, err
         assert not (tmp_path / "c").exists()
+    # `--data a b` reads both; a path after --eval-data's would be trained on, and is refused instead.
+    code, _, err = run_cli("tune", edge, "--cloud", cloud, *common, "--eval-data", data / "eval.txt", data / "pairs.jsonl",
+                           "--out", tmp_path / "c")
+    assert code == 2 and "pairs.jsonl follows --eval-data's file" in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "c").exists()
     # Periodic evaluation needs something held out to evaluate on.
     code, _, err = run_cli("tune", edge, "--cloud", cloud, *common, "--out", tmp_path / "c", "--eval-every", 1)
     assert code == 2 and "--eval-every 1 evaluates on --eval-data" in err and len(err.strip().splitlines()) == 1, err
@@ -399,6 +404,15 @@ def test_resume_refuses_changed_options_or_data(llama_bundle, data, tmp_path):
         resume_tuner(llama_bundle, [data / "train.txt"], tmp_path / "out", steps=2, lr=1e-3)
     with pytest.raises(TuneError, match="training data changed"):
         resume_tuner(llama_bundle, [data / "train.txt", data / "eval.txt"], tmp_path / "out", steps=2)
+    # Held-out data too: the loss before tuning, and every evaluation so far, were measured on the run's own.
+    edge = EdgeModel(llama_bundle / "edge")
+    config = TuneConfig(seq_len=16, batch_size=3, warmup=2, save_every=0, lr=3e-2, steps=2)
+    link = TorchSegments(CloudModel(llama_bundle / "cloud")).new_session()
+    Tuner(edge, link, [data / "train.txt"], config, tmp_path / "held", eval_data=[data / "eval.txt"]).run()
+    Tuner(edge, link, [data / "train.txt"], config, tmp_path / "held", eval_data=[data / "eval.txt"], resume=True)
+    for eval_data in ([data / "pairs.jsonl"], None):
+        with pytest.raises(TuneError, match="held-out data differs"):
+            Tuner(edge, link, [data / "train.txt"], config, tmp_path / "held", eval_data=eval_data, resume=True)
 
 
 def snapshot(d) -> dict:
@@ -471,6 +485,14 @@ def test_an_adapter_in_out_is_kept_unless_force_and_an_unfinished_run_points_at_
     refused(unfinished, "--steps", 4, "--resume", "--force", says="give --resume to continue the run in --out or --force")
     code, stdout, err = run_cli(*common, "--steps", 4, "--out", unfinished, "--resume", "--json")
     assert code == 0 and json.loads(stdout)["resumed_from"] == 2, err
+
+    # What a checkpoint would delete, or a link it would swap for a directory: refused before a step is run.
+    (unfinished / "notes.txt").write_text("mine")
+    for args in (("--resume",), ("--force",)):
+        refused(unfinished, "--steps", 4, *args, says=f"{unfinished} holds {unfinished / 'notes.txt'}, which a checkpoint would delete")
+    (unfinished / "notes.txt").unlink()
+    (tmp_path / "link").symlink_to(unfinished)
+    refused(tmp_path / "link", "--steps", 4, "--resume", says="is a symbolic link")
 
     bare = tmp_path / "bare"  # an adapter without a training state, as export tools write them
     bare.mkdir()
@@ -568,7 +590,11 @@ def _set(path, value):
     (_set("config.steps", 2.5), "config.steps must be an integer"),
     (_set("losses", ["low"]), "losses must be a list of numbers"),
     (_set("data_position.rng", 5), "malformed checkpoint (data_position)"),
-], ids=["a list", "step", "total_steps", "config", "config.lr", "config.steps", "losses", "data_position"])
+    (_set("data_position.cursor", -5), "malformed checkpoint (data_position)"),
+    (_set("data_position.cursor", 10 ** 6), "malformed checkpoint (data_position)"),
+    (_set("data_position.cursor", 2.5), "malformed checkpoint (data_position)"),
+], ids=["a list", "step", "total_steps", "config", "config.lr", "config.steps", "losses", "data_position",
+        "cursor below", "cursor past the rows", "cursor a fraction"])
 def test_a_malformed_training_state_is_one_line(llama_bundle, data, tmp_path, damage, says):
     out = tmp_path / "run"
     interrupted_run(llama_bundle, [data / "train.txt"], out, 1, steps=2)
