@@ -96,6 +96,8 @@ def tune(
         raise UserError("--threads sets the threads of an in-process --cloud; a cloud at --connect has its own "
                         "(serve-cloud --threads)")
     check_wire_dtype(wire_dtype)  # as run-edge: refused before anything loads, with --cloud too
+    if connect is None and wire_dtype != "float32":
+        raise UserError("--wire-dtype sets what crosses to a --connect cloud; an in-process --cloud sends nothing")
     seconds("--timeout", timeout)
     seconds("--reconnect-timeout", reconnect_timeout, zero_turns_off=True)
     if connect is None and (curve_secret or server_key):

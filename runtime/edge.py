@@ -142,7 +142,11 @@ def load_adapter(path: str | Path, manifest: Manifest) -> dict[str, np.ndarray]:
     if not (is_int(config.get("rank")) and config["rank"] == manifest.rank and isinstance(targets, list)
             and tuple(targets) == manifest.targets):
         raise BundleError(f"{path}: adapter rank/targets do not match the bundle")
-    return read_weights(path / ADAPTER_WEIGHTS)
+    m = read_weights(path / ADAPTER_WEIGHTS)
+    for name, value in m.items():  # a NaN would make every logit NaN, or every loss, far from its cause
+        if np.issubdtype(value.dtype, np.floating) and not np.isfinite(value).all():
+            raise BundleError(f"{path / ADAPTER_WEIGHTS}: {name} holds values that are not finite (NaN or infinite)")
+    return m
 
 
 def forward(edge: EdgeModel, session, ids: np.ndarray, *, last: bool = False) -> np.ndarray:

@@ -255,6 +255,9 @@ def test_bad_options_and_foreign_adapters_are_refused(llama_bundle, bundle_facto
         code, _, err = run_cli("tune", edge, *cloud_option, *common, "--out", tmp_path / "c", "--wire-dtype", "bfloat16")
         assert code == 2 and "--wire-dtype must be float32 or float16" in err and len(err.strip().splitlines()) == 1, err
         assert not (tmp_path / "c").exists()
+    # In this process nothing crosses a wire: a wire dtype there would change nothing, silently.
+    code, _, err = run_cli("tune", edge, "--cloud", cloud, *common, "--out", tmp_path / "c", "--wire-dtype", "float16")
+    assert code == 2 and "an in-process --cloud sends nothing" in err and len(err.strip().splitlines()) == 1, err
     # `--data a b` reads both; a path after --eval-data's would be trained on, and is refused instead.
     code, _, err = run_cli("tune", edge, "--cloud", cloud, *common, "--eval-data", data / "eval.txt", data / "pairs.jsonl",
                            "--out", tmp_path / "c")
@@ -279,6 +282,16 @@ def test_bad_options_and_foreign_adapters_are_refused(llama_bundle, bundle_facto
         assert len(err.strip().splitlines()) == 1
     with pytest.raises(BundleError, match="belongs to A/B"):
         EdgeModel(edge, adapter=foreign)
+    # An M that is not finite would make every logit or loss NaN, far from its cause.
+    broken = tmp_path / "nan"
+    broken.mkdir()
+    m = random_adapter(EdgeModel(edge), seed=2)
+    next(iter(m.values()))[0, 0] = np.nan
+    write_adapter(broken, EdgeModel(edge).manifest, m)
+    for args in (("export-peft", "--cloud", cloud, "--edge", edge, "--adapter", broken, "--out", tmp_path / "peft"),
+                 ("run-edge", edge, "--connect", "tcp://127.0.0.1:1", "--adapter", broken, "--prompt", "hi")):
+        code, _, err = run_cli(*args)
+        assert code == 2 and "not finite" in err and len(err.strip().splitlines()) == 1, (args, err)
     code, _, err = run_cli("tune", edge, "--cloud", other / "cloud", *common, "--out", tmp_path / "b")
     assert code == 2 and "not split together" in err
 
