@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import json
 import math
+import signal
+import threading
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -201,6 +203,42 @@ class AdamW:
             p -= (lr / c1) * self.exp_avg[k] / (np.sqrt(self.exp_avg_sq[k] / c2) + ADAM_EPS)
 
 
+class held_interrupts:
+    """From when it is made until its block ends, the signals that stop a command (SIGINT, SIGTERM, SIGHUP) wait,
+    and then arrive as they would have: an optimizer step that is applied is applied whole, with its step count.
+
+    Python runs signal handlers between any two bytecodes, so a Ctrl-C could land between updating one M and the
+    next: a checkpoint would save half a step, and --resume would not go on as the run would have. Only the main
+    thread can set handlers; elsewhere (where no signal lands anyway) this holds nothing.
+    """
+
+    SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
+
+    def __init__(self):
+        self.caught: list[int] = []
+        self.previous: dict = {}
+        if threading.current_thread() is not threading.main_thread():
+            return
+        try:
+            for s in self.SIGNALS:
+                self.previous[s] = signal.signal(s, lambda signum, frame: self.caught.append(signum))
+        except BaseException:
+            self._restore()
+            raise
+
+    def _restore(self) -> None:
+        for s, handler in self.previous.items():
+            signal.signal(s, signal.SIG_DFL if handler is None else handler)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._restore()
+        for s in dict.fromkeys(self.caught):
+            signal.raise_signal(s)
+
+
 # -- the loop ------------------------------------------------------------------
 
 
@@ -340,18 +378,21 @@ class Tuner:
             norm = math.sqrt(sum(float((g.astype(np.float64) ** 2).sum()) for g in grads.values()))
             if not (math.isfinite(loss) and math.isfinite(norm)):
                 raise TuneError(f"step {self.step_count + 1} diverged (loss {loss}, gradient norm {norm}); lower --lr")
+            # Held from the last line of the step's work: a Ctrl-C or SIGTERM comes before the update or after it.
+            held = held_interrupts()
         except BaseException:
             self.order.restore(before)  # the step never happened: its rows come again
             self._abort_link()
             raise
-        if c.max_grad_norm and norm > c.max_grad_norm:
-            for g in grads.values():
-                g *= np.float32(c.max_grad_norm / (norm + 1e-6))
-        lr = learning_rate(self.step_count, self.total_steps, c)
-        self.optimizer.step(grads, lr)
-        self.step_count += 1
-        self.losses.append(loss)
-        self.tokens += tokens
+        with held:
+            if c.max_grad_norm and norm > c.max_grad_norm:
+                for g in grads.values():
+                    g *= np.float32(c.max_grad_norm / (norm + 1e-6))
+            lr = learning_rate(self.step_count, self.total_steps, c)
+            self.optimizer.step(grads, lr)
+            self.step_count += 1
+            self.losses.append(loss)
+            self.tokens += tokens
         return StepReport(self.step_count, loss, lr, norm, tokens / (time.perf_counter() - started))
 
     def evaluate(self) -> float | None:

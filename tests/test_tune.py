@@ -370,6 +370,34 @@ def resume_tuner(bundle, files, out, **config):
     return Tuner(edge, link, files, config, out, resume=True)
 
 
+def test_ctrl_c_as_a_step_updates_m_lands_before_or_after_the_update_never_inside(llama_bundle, data, tmp_path,
+                                                                                   monkeypatch):
+    """Python raises KeyboardInterrupt between any two bytecodes: one landing while a step updates M would save half
+    a step (and skip its rows). The update holds it: the step is applied whole, saved, and --resume goes on exactly."""
+    import signal
+
+    files = [data / "train.txt"]
+    whole = make_tuner(llama_bundle, files, tmp_path / "whole", steps=4).run()
+    update = AdamW.step
+
+    def ctrl_c_during_the_third_update(self, grads, lr):
+        if self.t == 2:
+            signal.raise_signal(signal.SIGINT)
+        update(self, grads, lr)
+
+    monkeypatch.setattr(AdamW, "step", ctrl_c_during_the_third_update)
+    with pytest.raises(TuneInterrupted) as info:
+        make_tuner(llama_bundle, files, tmp_path / "run", steps=4).run()
+    monkeypatch.setattr(AdamW, "step", update)
+    assert info.value.saved_step == 3
+    resumed = resume_tuner(llama_bundle, files, tmp_path / "run", steps=4).run()
+    np.testing.assert_array_equal(resumed.losses, whole.losses)
+    manifest = EdgeModel(llama_bundle / "edge").manifest
+    got, want = load_adapter(tmp_path / "run", manifest), load_adapter(tmp_path / "whole", manifest)
+    for k in want:
+        np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+
+
 def test_lost_cloud_keeps_last_step_and_resume_continues_exactly(llama_bundle, data, tmp_path):
     files = [data / "train.txt", data / "pairs.jsonl"]
     options = dict(steps=6, grad_accum=2, save_every=2)
