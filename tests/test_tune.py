@@ -81,9 +81,16 @@ def make_tuner(bundle, data_files, out, link=None, **config):
 def reference_loss(model_dir, cloud: CloudModel, m: dict, batch: Batch):
     """transformers autograd: the checkpoint with W + B M A built from M leaves that require grad."""
     model = merged_reference(model_dir, cloud, {k: np.zeros_like(v) for k, v in m.items()})
+    leaves = {k: torch.tensor(v, requires_grad=True) for k, v in m.items()}
+    loss = summed_loss(model, cloud, leaves, batch)
+    loss.backward()
+    return loss.item(), {k: v.grad.numpy() for k, v in leaves.items()}
+
+
+def summed_loss(model, cloud: CloudModel, leaves: dict, batch: Batch) -> torch.Tensor:
+    """The transformers model's summed cross-entropy on `batch` with W + B M A, M the torch `leaves`."""
     family = family_for(model.config)
     weights = dict(model.named_parameters())
-    leaves = {k: torch.tensor(v, requires_grad=True) for k, v in m.items()}
     r = cloud.manifest.rank
     merged = {}
     for layer in range(cloud.arch.num_layers):
@@ -96,10 +103,8 @@ def reference_loss(model_dir, cloud: CloudModel, m: dict, batch: Batch):
                 merged[name] = weights[name].detach() + b @ leaves[f"layers.{layer}.{t}.M"] @ a
     logits = torch.func.functional_call(model, merged, (torch.from_numpy(batch.inputs),),
                                         {"attention_mask": torch.from_numpy(batch.attention_mask)}).logits
-    loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), torch.from_numpy(batch.targets).flatten(),
+    return torch.nn.functional.cross_entropy(logits.flatten(0, 1), torch.from_numpy(batch.targets).flatten(),
                                              ignore_index=IGNORE, reduction="sum")
-    loss.backward()
-    return loss.item(), {k: v.grad.numpy() for k, v in leaves.items()}
 
 
 def padded_batch(vocab: int, seed: int = 0) -> Batch:
@@ -144,7 +149,7 @@ def test_gradient_of_m_matches_single_process_autograd(case, llama_checkpoint, l
         assert rel < TOLERANCE, (k, rel)
 
 
-def test_adamw_and_clipping_match_torch():
+def test_adamw_matches_torch():
     rng = np.random.default_rng(0)
     p0 = rng.standard_normal((3, 4, 4)).astype(np.float32)
     params = {"m": p0.copy()}
@@ -158,6 +163,68 @@ def test_adamw_and_clipping_match_torch():
         leaf.grad = torch.from_numpy(g.copy())
         theirs.step()
     np.testing.assert_allclose(params["m"], leaf.detach().numpy(), rtol=1e-6, atol=1e-7)
+
+
+def test_a_run_matches_torch_adamw_clipping_and_the_transformers_cosine_schedule(llama_checkpoint, llama_bundle, data,
+                                                                                  tmp_path):
+    """Whole steps, against references no one here wrote: transformers autograd on W + B M A, torch's
+    clip_grad_norm_ (clipping every step) and AdamW with weight decay, transformers' cosine schedule; micro-batches
+    accumulated. (plcli's warmup takes its first step at lr/warmup, not at 0 as transformers' does: warmup 0 here.)"""
+    from transformers import get_cosine_schedule_with_warmup
+
+    from plcli.runtime.tune_data import RowOrder, make_batch
+
+    tuner = make_tuner(llama_bundle, [data / "train.txt", data / "pairs.jsonl"], tmp_path / "out", steps=5, warmup=0,
+                       grad_accum=2, max_grad_norm=1e-3, weight_decay=0.1)
+    c, rows = tuner.config, tuner.train.rows
+    summary = tuner.run()
+
+    cloud = CloudModel(llama_bundle / "cloud")
+    got = tuner.adapter_matrices()
+    model = merged_reference(llama_checkpoint, cloud, {k: np.zeros_like(v) for k, v in got.items()})
+    leaves = {k: torch.zeros(v.shape, requires_grad=True) for k, v in got.items()}
+    optimizer = torch.optim.AdamW(list(leaves.values()), lr=c.lr, betas=(0.9, 0.999), eps=1e-8,
+                                  weight_decay=c.weight_decay)
+    schedule = get_cosine_schedule_with_warmup(optimizer, 0, tuner.total_steps)
+    order, losses = RowOrder(len(rows), c.seed), []  # the same rows in the same order: not what is checked here
+    for _ in range(tuner.total_steps):
+        batches = [make_batch([rows[i] for i in order.take(c.batch_size)], tuner.pad) for _ in range(c.grad_accum)]
+        targets = sum(b.target_count for b in batches)
+        optimizer.zero_grad()
+        step_loss = 0.0
+        for batch in batches:
+            loss = summed_loss(model, cloud, leaves, batch)
+            (loss / targets).backward()
+            step_loss += loss.item()
+        assert torch.nn.utils.clip_grad_norm_(list(leaves.values()), c.max_grad_norm) > c.max_grad_norm
+        optimizer.step()
+        schedule.step()
+        losses.append(step_loss / targets)
+    np.testing.assert_allclose(summary.losses, losses, rtol=1e-5)
+    for k, leaf in leaves.items():
+        want = leaf.detach().numpy()
+        assert np.linalg.norm(got[k] - want) / np.linalg.norm(want) < TOLERANCE, k
+
+
+def test_the_saved_adapter_gives_the_tuned_models_loss(llama_bundle, data, tmp_path):
+    """What `tune` saves is what it tuned: the adapter loaded as run-edge loads it gives the run's last eval loss."""
+    edge_dir = llama_bundle / "edge"
+    link = TorchSegments(CloudModel(llama_bundle / "cloud")).new_session()
+    config = TuneConfig(seq_len=16, batch_size=3, warmup=2, save_every=0, lr=3e-2, steps=3)
+    tuner = Tuner(EdgeModel(edge_dir), link, [data / "train.txt"], config, tmp_path / "adapter",
+                  eval_data=[data / "eval.txt"])
+    summary = tuner.run()
+    assert summary.eval_loss_after != pytest.approx(summary.eval_loss_before, rel=1e-3)  # M did change the model
+    edge, cloud = EdgeModel(edge_dir, adapter=tmp_path / "adapter"), CloudModel(llama_bundle / "cloud")
+    total = count = 0.0
+    for batch in tuner.eval_set:  # right-padded rows: causal attention keeps the padding out of the real positions
+        logits = forward(edge, cloud.new_session(), batch.inputs).astype(np.float64)
+        kept = batch.targets != IGNORE
+        logp = logits - logits.max(-1, keepdims=True)
+        logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
+        total -= np.take_along_axis(logp, np.where(kept, batch.targets, 0)[..., None], -1)[..., 0][kept].sum()
+        count += kept.sum()
+    assert total / count == pytest.approx(summary.eval_loss_after, rel=1e-5)
 
 
 # -- data ---------------------------------------------------------------------
