@@ -183,9 +183,13 @@ def split(llama_bundle):
 # 3 its last, 4 the first decode step's start, 11 inside a later decode step.
 @pytest.mark.parametrize("fail_at", [1, 2, 3, 4, 11, 40])
 @pytest.mark.parametrize("code", LOSS)
-def test_a_conversation_replays_its_tokens_and_continues_exactly(split, fail_at, code):
+@pytest.mark.parametrize("draws", ["greedy", "seeded"])
+def test_a_conversation_replays_its_tokens_and_continues_exactly(split, fail_at, code, draws):
+    """Greedy, or sampled with a seed: the replacement session goes on with the draws the lost one would have made."""
     edge, cloud, _ = split
     sampling = Sampling(max_new_tokens=24, ignore_eos=True)
+    if draws == "seeded":
+        sampling = Sampling(max_new_tokens=24, ignore_eos=True, temperature=1.5, top_k=50, seed=7)
     turns = [[5, 9, 14, 2, 7], [3, 8]]
     whole = Conversation(edge, cloud.new_session(), sampling)
     want = [list(whole.turn(ids)) for ids in turns]

@@ -878,6 +878,22 @@ def test_a_group_waits_for_a_session_its_edge_owes_but_the_loop_never_sleeps_thr
         server.close()
 
 
+def test_a_session_of_several_rows_gets_each_rows_solo_logits_and_more_rows_than_max_batch_are_refused(model):
+    """`RemoteCloudSession(batch=...)`, as a program that runs several sequences at once opens it (`--max-batch`)."""
+    _, bundle, cloud = model("llama")
+    edge = edge_of(bundle, "random")
+    rows = np.asarray([[5, 6, 7, 8], [9, 3, 2, 11]])
+    with serve(cloud, tune=False, max_batch=2) as (_, endpoint, _):
+        solos = [cloud.new_session() for _ in rows]
+        with RemoteCloudSession(endpoint, edge.manifest, timeout=TIMEOUT, batch=2) as session:
+            for ids in (rows, rows[:, -1:] + 1, rows[:, -1:] + 2):  # a prefill, then two decode steps
+                want = np.concatenate([forward(edge, solo, ids[i:i + 1]) for i, solo in enumerate(solos)])
+                np.testing.assert_allclose(forward(edge, session, ids), want, rtol=1e-5, atol=1e-6)
+        with pytest.raises(CloudError) as refused:
+            RemoteCloudSession(endpoint, edge.manifest, timeout=TIMEOUT, batch=3)
+        assert refused.value.code == "limit" and "batch 3 exceeds this cloud's limit of 2" in str(refused.value)
+
+
 def _decode_in_lockstep(edge: EdgeModel, endpoint: str, prompts: list[list[int]], new_tokens: int,
                         after_each_token) -> list[list[int]]:
     """Greedy tokens of one session per prompt, every session's step sent before any reply is read, so that the
