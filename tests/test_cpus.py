@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from plcli.cli import app
 from plcli.runtime.cpus import SPIN_US, apart, format_cpus, io_context, parse_cpus, pinned, usable_cpus
-from processes import edge_ids, listening, spawn_plcli
+from processes import edge_ids, listening, spawn_plcli, stop
 
 linux = pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="only Linux lets a process choose its cores")
 two_cores = pytest.mark.skipif(len(usable_cpus()) < 2, reason="needs two cores to set one apart")
@@ -112,8 +112,7 @@ def test_serve_cloud_runs_compute_and_io_where_asked_and_the_edge_gets_the_same_
         assert edge_ids(llama_bundle / "edge", event["endpoint"], [], ["--cpus", other]) == [reference, reference]
     finally:
         for server in (plain, placed):
-            server.terminate()
-            server.wait(30)
+            stop(server)
 
 
 @pytest.mark.parametrize("args, says", [

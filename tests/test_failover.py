@@ -7,10 +7,8 @@ that started it, in a finally.
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
-import sys
 import time
 
 import numpy as np
@@ -26,6 +24,7 @@ from plcli.runtime.failover import MAX_DELAY_S, Failover, is_loss
 from plcli.runtime.generate import Conversation, Sampling, generate
 from plcli.runtime.train_link import LinkError
 from plcli.runtime.tune import Tuner, TuneConfig
+from processes import listening, spawn_plcli
 
 LOSS = ("timeout", "closed", "unknown_session")
 
@@ -302,17 +301,9 @@ def test_a_lost_step_is_done_again_once_and_the_run_matches_an_uninterrupted_one
 
 
 # -- real processes, killed -------------------------------------------------------------------------
-def spawn(*args) -> subprocess.Popen:
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    return subprocess.Popen([sys.executable, "-m", "plcli.cli", *map(str, args)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env)
-
-
 def serve_cloud(bundle, bind: str = "tcp://127.0.0.1:*") -> tuple[subprocess.Popen, str]:
-    server = spawn("serve-cloud", bundle / "cloud", "--bind", bind, "--threads", 1, "--json")
-    line = server.stdout.readline()  # the first event names the endpoint
-    assert '"listening"' in line, (line, server.stderr.read() if server.poll() is not None else "")
-    return server, json.loads(line)["endpoint"]
+    server = spawn_plcli("serve-cloud", bundle / "cloud", "--bind", bind, "--threads", 1, "--json")
+    return server, listening(server)["endpoint"]
 
 
 def freeze_after(server: subprocess.Popen, endpoint: str, tokens: int, edge: subprocess.Popen) -> None:
@@ -340,10 +331,11 @@ def test_run_edge_fails_over_to_the_next_cloud_mid_generation_and_its_tokens_are
     procs: list[subprocess.Popen] = []
     try:
         first, first_url = serve_cloud(bundle)
+        procs.append(first)
         second, second_url = serve_cloud(bundle)
-        procs += [first, second]
-        run = spawn("run-edge", bundle / "edge", "--connect", first_url, "--connect", second_url, "--prompt", prompt,
-                    "--max-new-tokens", 160, "--ignore-eos", "--timeout", 2, "--json")
+        procs.append(second)
+        run = spawn_plcli("run-edge", bundle / "edge", "--connect", first_url, "--connect", second_url, "--prompt",
+                          prompt, "--max-new-tokens", 160, "--ignore-eos", "--timeout", 2, "--json")
         procs.append(run)
         freeze_after(first, first_url, len(prompt_ids) + 20, run)
         first.kill()  # kill -9 while the edge waits for its reply
@@ -356,8 +348,8 @@ def test_run_edge_fails_over_to_the_next_cloud_mid_generation_and_its_tokens_are
         # Nothing left to fail over to: the error names both losses and the limit, one line, exit 2.
         third, third_url = serve_cloud(bundle)
         procs.append(third)
-        run = spawn("run-edge", bundle / "edge", "--connect", third_url, "--prompt", prompt, "--max-new-tokens", 160,
-                    "--ignore-eos", "--timeout", 1, "--reconnect-timeout", 2, "--json")
+        run = spawn_plcli("run-edge", bundle / "edge", "--connect", third_url, "--prompt", prompt, "--max-new-tokens", 160,
+                          "--ignore-eos", "--timeout", 1, "--reconnect-timeout", 2, "--json")
         procs.append(run)
         freeze_after(third, third_url, len(prompt_ids) + 5, run)
         third.kill()
@@ -378,8 +370,8 @@ def test_tune_survives_a_cloud_killed_mid_step_and_restarted_and_applies_every_s
               "--warmup", 2, "--save-every", 4, "--json"]
     procs: list[subprocess.Popen] = []
     try:
-        whole = spawn("tune", bundle / "edge", "--cloud", bundle / "cloud", "--threads", 1, "--out", tmp_path / "whole",
-                      *common)
+        whole = spawn_plcli("tune", bundle / "edge", "--cloud", bundle / "cloud", "--threads", 1, "--out", tmp_path / "whole",
+                            *common)
         procs.append(whole)
         out, err = whole.communicate(timeout=300)
         assert whole.returncode == 0, err
@@ -389,7 +381,7 @@ def test_tune_survives_a_cloud_killed_mid_step_and_restarted_and_applies_every_s
         server, url = serve_cloud(bundle)
         procs.append(server)
         adapter = tmp_path / "run"
-        tune = spawn("tune", bundle / "edge", "--connect", url, "--timeout", 2, "--out", adapter, *common)
+        tune = spawn_plcli("tune", bundle / "edge", "--connect", url, "--timeout", 2, "--out", adapter, *common)
         procs.append(tune)
         deadline = time.monotonic() + 120
         while not (adapter / "training" / "state.json").is_file():  # the first checkpoint (step 4) is written

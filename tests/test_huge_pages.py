@@ -9,7 +9,7 @@ import sys
 
 import pytest
 from plcli.runtime.huge_pages import collapsible_regions, thp_mode
-from processes import edge_ids, listening, spawn_plcli
+from processes import edge_ids, listening, spawn_plcli, stop
 
 MiB = 1 << 20
 SMAPS = """\
@@ -97,6 +97,5 @@ def test_serve_cloud_reports_its_huge_pages_and_either_setting_generates_the_sam
         huge, small = edge_ids(llama_bundle / "edge", event["endpoint"], ["--huge-pages"], ["--no-huge-pages"])
         assert huge == small
     finally:
-        server.terminate()
-        server.communicate(timeout=30)
+        stop(server)
     assert server.returncode == 0

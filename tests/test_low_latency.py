@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 from plcli.cli import app
 from plcli.runtime import cpu_latency
 from plcli.runtime.cpu_latency import CpuLatencyError, CpuLatencyRequest, latency_in_force
-from processes import edge_ids, listening, spawn_plcli
+from processes import edge_ids, listening, spawn_plcli, stop
 
 # The real device, where this machine lets the tests use it (root, or a udev rule): the kernel's own behaviour.
 REAL = os.access(cpu_latency.DEVICE, os.W_OK)
@@ -58,7 +58,6 @@ def test_serve_cloud_holds_it_while_serving_and_the_edge_generates_the_same_ids(
         plain, polling = edge_ids(llama_bundle / "edge", endpoint, [], ["--low-latency"])
         assert plain == polling
     finally:
-        server.terminate()
-        server.communicate(timeout=30)
+        stop(server)
     assert server.returncode == 0
     assert latency_in_force() == before

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import stat
 import time
 from contextlib import contextmanager
@@ -28,7 +27,7 @@ from plcli.runtime.edge import EdgeModel, forward
 from plcli.runtime.generate import Sampling, generate
 from plcli.runtime.secure import ClientKeys, ServerKeys, generate_key_pair
 from plcli.runtime.server import CloudServer, running
-from processes import listening, spawn_plcli
+from processes import SLOW_MACHINE_S, listening, spawn_plcli, stop
 
 PROMPT = "The cloud runs the decoder layers"
 TIMEOUT = 5.0
@@ -196,7 +195,7 @@ def test_an_unknown_key_or_a_wrong_server_key_times_out_with_the_likely_cause_an
             with pytest.raises(CloudError) as error:
                 RemoteCloudSession(endpoint, edge.manifest, timeout=REFUSED_TIMEOUT, curve=curve)
             assert error.value.code == "timeout", case
-            assert time.monotonic() - started < REFUSED_TIMEOUT + 1.0, case
+            assert time.monotonic() - started < REFUSED_TIMEOUT + SLOW_MACHINE_S, case
             assert f"no answer from the cloud at {endpoint} within {REFUSED_TIMEOUT:g} s" in str(error.value)
             if curve is not None:
                 assert "authorize this edge's key" in str(error.value) and "--server-key" in str(error.value)
@@ -329,8 +328,7 @@ def test_run_edge_against_serve_cloud_with_curve(llama_bundle, cloud, keys):
                            "--curve-secret", keys / "stranger.key_secret", "--server-key", keys / "server.key")
         plain = _invoke("run-edge", llama_bundle / "edge", "--connect", endpoint, "--prompt", PROMPT, "--timeout", 1)
     finally:
-        server.send_signal(signal.SIGTERM)
-        server.communicate(timeout=30)
+        stop(server)
     assert ran.exit_code == 0, ran.output
     want = list(generate(edge, cloud.new_session(), prompt_ids, Sampling(max_new_tokens=8, ignore_eos=True)))
     assert json.loads(ran.stdout)["token_ids"] == want

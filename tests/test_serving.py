@@ -31,6 +31,7 @@ from plcli.runtime.generate import Conversation, Sampling, TextStream, generate
 from plcli.runtime.server import CloudServer, running
 from plcli.runtime.summary import per_token_traffic
 from plcli.serve_commands import _write
+from processes import SLOW_MACHINE_S
 from tcp_relay import TcpRelay
 
 PROMPT = "The cloud runs the decoder layers"
@@ -871,7 +872,7 @@ def test_a_group_waits_for_a_session_its_edge_owes_but_the_loop_never_sleeps_thr
         b.socket.send_multipart(wire.encode("close", {"session": sids[1]}))  # B's edge stops: nobody to wait for
         assert reply(b)[0]["op"] == "closed"
         answer(a, sids[0], ha, axa)
-        assert reply(a, turns=3)[0]["op"] in ("ax", "hidden")
+        assert reply(a)[0]["op"] in ("ax", "hidden")
     finally:
         for raw in (a, b):
             raw.socket.close()
@@ -1244,7 +1245,7 @@ def test_killed_edge_is_freed_and_a_dead_cloud_is_reported(model):
         light.kill()
         killed = time.monotonic()
         while cloud_status(endpoint, timeout=TIMEOUT)["sessions"]:
-            assert time.monotonic() - killed < session_timeout + 1.5, "the dead edge's session was not freed"
+            assert time.monotonic() - killed < session_timeout + SLOW_MACHINE_S, "the dead edge's session was not freed"
             time.sleep(0.05)
         log.wait_for(lambda l: '"expired"' in l, TIMEOUT)
         ids = np.asarray([[4, 5, 6]])
@@ -1258,7 +1259,7 @@ def test_killed_edge_is_freed_and_a_dead_cloud_is_reported(model):
         started = time.monotonic()
         with pytest.raises(CloudError) as gone:
             forward(edge, session, np.asarray([[7]]))
-        assert gone.value.code == "timeout" and time.monotonic() - started < 1.0 + 1.0
+        assert gone.value.code == "timeout" and time.monotonic() - started < 1.0 + SLOW_MACHINE_S
         session.close()
         run = _spawn("-m", "plcli.cli", "run-edge", str(bundle / "edge"), "--connect", endpoint, "--prompt", PROMPT,
                      "--timeout", "1")

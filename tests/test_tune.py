@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import select
 import shutil
 import subprocess
 import time
@@ -550,13 +551,17 @@ def test_a_kill_or_a_closed_terminal_saves_the_last_step_as_ctrl_c_does(llama_bu
 
     out = tmp_path / "adapter"
     state = out / "training" / "state.json"
+    # No checkpoint but the one the signal makes; the evaluation every 2 steps says how far it has got.
     tune = spawn_plcli("tune", llama_bundle / "edge", "--cloud", llama_bundle / "cloud", "--data", data / "train.txt",
-                       "--seq-len", 16, "--batch-size", 1, "--steps", 100_000, "--save-every", 3, "--out", out)
+                       "--seq-len", 16, "--batch-size", 1, "--steps", 100_000, "--save-every", 0,
+                       "--eval-data", data / "eval.txt", "--eval-every", 2, "--out", out)
     try:
-        deadline = time.monotonic() + 120
-        while not state.is_file():  # the first checkpoint: it is training
-            assert tune.poll() is None and time.monotonic() < deadline, tune.stderr.read() if tune.poll() is not None else ""
-            time.sleep(0.01)
+        deadline, said = time.monotonic() + 120, ""
+        while "step 2: eval loss" not in said:
+            assert tune.poll() is None and time.monotonic() < deadline, said
+            if select.select([tune.stderr], [], [], 1.0)[0]:
+                said += tune.stderr.readline()
+        assert not state.exists()
         tune.send_signal(getattr(signal, sig))
         _, err = tune.communicate(timeout=60)
     finally:
@@ -564,7 +569,7 @@ def test_a_kill_or_a_closed_terminal_saves_the_last_step_as_ctrl_c_does(llama_bu
             tune.kill()
             tune.wait()
     step = json.loads(state.read_text())["step"]
-    assert tune.returncode == 130, err
+    assert tune.returncode == 130 and step >= 2, err
     assert err.strip().splitlines()[-1].startswith("error: interrupted during step ") and \
         f"{out} holds step {step}: rerun with --resume" in err, err
 
@@ -713,8 +718,10 @@ def test_a_malformed_training_state_is_one_line(llama_bundle, data, tmp_path, da
         code, _, err = run_cli("tune", llama_bundle / "edge", "--cloud", llama_bundle / "cloud", "--data", data / "train.txt",
                                "--steps", 2, "--seq-len", 16, "--batch-size", 3, "--warmup", 2, "--lr", 0.03,
                                "--save-every", 0, "--out", out, *resume)
-        if resume or "data_position" not in says:  # only a resume reads the data position
+        if resume or "data_position" not in says:
             assert code == 2 and f"{path}: " in err and says in err and len(err.strip().splitlines()) == 1, err
+        else:  # only a resume reads the data position: without it, the run is what it was, unfinished
+            assert code == 2 and "holds an unfinished run for this bundle" in err and len(err.strip().splitlines()) == 1, err
 
 
 # -- what crosses the split -----------------------------------------------------------
