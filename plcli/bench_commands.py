@@ -210,9 +210,9 @@ def _decode_table(r: dict) -> Table:
                      f"over loopback · split-link = the split over {link['up_mbps']:g} Mbit/s up, {link['down_mbps']:g} down, "
                      f"{link['rtt_ms']:g} ms RTT (emulated)\nsplit / transformers {ratios['split_vs_transformers']:.2f} · "
                      f"split / onnx {ratios['split_vs_onnx']:.2f} · split-link / transformers {ratios['split_link_vs_transformers']:.2f}\n"
-                     f"an empty round trip to the cloud takes {r['empty_round_trip_ms']:.2f} ms: at "
-                     f"{split['round_trips_per_token']:g} per token, split / onnx can reach about "
-                     f"{ratios['split_vs_onnx_ceiling']:.2f} at best here"
+                     f"an empty round trip to the cloud takes {r['empty_round_trip_ms']:.2f} ms: were each of the "
+                     f"{split['round_trips_per_token']:g} per token that cheap, split / onnx would be about "
+                     f"{ratios['split_vs_onnx_ceiling']:.2f} here"
                      + (" · idle cores polling (--low-latency)" if r["low_latency"] else "")
                      + ("" if r["huge_pages"] else " · small pages (--no-huge-pages)")
                      + ("" if r["placement"] is None else
@@ -224,8 +224,12 @@ def _decode_table(r: dict) -> Table:
 
 def _check_plot(path: Path) -> None:
     """Refuse a --plot the run could not write at its end, before minutes of measuring."""
+    import importlib.util
+
     from plcli.runtime.bundle import check_writable
 
+    if importlib.util.find_spec("matplotlib") is None:
+        raise UserError('--plot needs matplotlib: pip install matplotlib (or pip install -e ".[plot]")')
     if path.is_dir() or path.name in ("", ".", ".."):
         raise UserError(f"--plot {path} is a directory: give the file to write, e.g. {Path(path) / 'rank.png'}")
     check_writable(path, "the plot")
@@ -238,7 +242,7 @@ def _plot(results: list[dict], path: Path) -> None:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        raise UserError("--plot needs matplotlib: pip install matplotlib") from None
+        raise UserError('--plot needs matplotlib: pip install matplotlib (or pip install -e ".[plot]")') from None
     ranks = [r["model"]["rank"] for r in results]
     edges = results[-1].get("edges", [])
     fig, axes = plt.subplots(1, 1 + bool(edges), figsize=(6 + 5 * bool(edges), 4), squeeze=False)

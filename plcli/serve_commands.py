@@ -128,7 +128,9 @@ def serve_cloud(
                           + (f" · ZeroMQ I/O on {format_cpus(io)}" if io is not None else "")
                           + (f" · polls {spin_us} us before sleeping" if spin_us else ""))
         stop = threading.Event()
-        previous = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGINT, signal.SIGTERM)}
+        # SIGHUP too (its terminal closed): every command takes it as Ctrl-C, and for a server that is a clean stop.
+        previous = {s: signal.signal(s, lambda *_: stop.set())
+                    for s in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", signal.SIGTERM))}
         try:
             with reporter.live():
                 server.serve(stop)
@@ -304,7 +306,8 @@ def run_edge(
         if huge_pages:
             back_with_huge_pages()
         # What the flags leave open, the checkpoint's generation config settles, as in transformers' generate.
-        sampling = _sampling({**Sampling.checkpoint_defaults(edge.manifest.generation), **given},
+        sampling = _sampling({**Sampling.checkpoint_defaults(edge.manifest.generation,
+                                                                sampled=given.get("temperature", 0) > 0), **given},
                              max_new_tokens=max_new_tokens, seed=seed, stop=list(stop or []), ignore_eos=ignore_eos)
         note = unapplied_note(edge.manifest.generation)
         if note:

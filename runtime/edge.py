@@ -134,6 +134,9 @@ def load_adapter(path: str | Path, manifest: Manifest) -> dict[str, np.ndarray]:
         raise BundleError(f"{path / ADAPTER_CONFIG}: unreadable ({e})") from None
     if not isinstance(config, dict):
         raise BundleError(f"{path / ADAPTER_CONFIG}: not a JSON object")
+    if not isinstance(config.get("ab_fingerprint"), str):
+        raise BundleError(f"{path / ADAPTER_CONFIG}: names no A/B fingerprint (ab_fingerprint), so it cannot be paired "
+                          "with a bundle")
     if config.get("ab_fingerprint") != manifest.ab_fingerprint:
         raise BundleError(
             f"{path}: adapter belongs to A/B {config.get('ab_fingerprint')!r}, this bundle has {manifest.ab_fingerprint!r}"

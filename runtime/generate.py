@@ -44,15 +44,16 @@ class Sampling:
             raise ValueError("--seed must be >= 0")
 
     @staticmethod
-    def checkpoint_defaults(generation: dict) -> dict:
+    def checkpoint_defaults(generation: dict, *, sampled: bool = False) -> dict:
         """The settings a bundle's generation config (the checkpoint's, see split) asks of generation, as fields.
 
         Read as transformers' `generate` reads them: temperature, top-k and top-p
-        only when it samples (`do_sample`), with transformers' defaults for those
-        it leaves out (1.0, 50, 1.0); the repetition penalty either way.
+        only when it samples (`do_sample`, or `sampled`: asked to by the caller,
+        as `generate(do_sample=True)`), with transformers' defaults for those it
+        leaves out (1.0, 50, 1.0); the repetition penalty either way.
         """
         out = {}
-        if generation.get("do_sample"):
+        if generation.get("do_sample") or sampled:
             out.update(temperature=generation.get("temperature", 1.0), top_k=generation.get("top_k", 50),
                        top_p=generation.get("top_p", 1.0))
         if "repetition_penalty" in generation:

@@ -215,13 +215,19 @@ def test_tune_refuses_an_out_it_could_not_write_before_it_trains(llama_bundle, t
                    says="cannot write the adapter to /proc/plcli-adapter")
 
 
-@pytest.mark.parametrize("plot", ["dir", "below-a-file", "unwritable", "empty"])
+@pytest.mark.parametrize("plot", ["dir", "below-a-file", "unwritable", "empty", "no-matplotlib"])
 def test_bench_refuses_a_plot_it_could_not_write_before_it_measures(llama_checkpoint, tmp_path, monkeypatch, plot):
+    import importlib.util
+
     (tmp_path / "notes.txt").write_text(TEXT)
     monkeypatch.chdir(tmp_path)
     path, says = {"dir": (tmp_path, "is a directory"), "empty": ("", "is a directory"),
                   "below-a-file": (tmp_path / "notes.txt" / "x.png", "is not a directory"),
-                  "unwritable": ("/proc/plcli.png", "cannot write the plot to /proc/plcli.png")}[plot]
+                  "unwritable": ("/proc/plcli.png", "cannot write the plot to /proc/plcli.png"),
+                  "no-matplotlib": (tmp_path / "rank.png", "--plot needs matplotlib")}[plot]
+    if plot == "no-matplotlib":  # an install without the `plot` extra
+        find_spec = importlib.util.find_spec
+        monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else find_spec(name, *a))
     assert_refused(plcli("bench", "decode", llama_checkpoint, "--rank", 8, "--plot", path), says=says)
 
 

@@ -115,6 +115,17 @@ def test_checkpoint_defaults_read_as_generate_reads_them(generation, expected):
     assert Sampling.checkpoint_defaults(generation) == expected
 
 
+@pytest.mark.parametrize("generation", [{}, {"top_k": 20, "top_p": 0.8}])
+def test_asked_to_sample_what_the_checkpoint_leaves_open_is_what_generate_would_use(generation):
+    """`--temperature` on a checkpoint that does not sample: as `generate(do_sample=True, temperature=...)`, the
+    config's top-k and top-p, else GenerationConfig's own defaults."""
+    from transformers import GenerationConfig
+
+    # What generate fills in for the fields a config leaves None (transformers 5 keeps them None until then).
+    theirs = {**GenerationConfig._get_default_generation_params(), **generation}
+    assert Sampling.checkpoint_defaults(generation, sampled=True) == {k: theirs[k] for k in ("temperature", "top_k", "top_p")}
+
+
 def test_a_checkpoints_repetition_penalty_gives_generates_greedy_ids(llama_checkpoint, tmp_path):
     from transformers import AutoModelForCausalLM
 

@@ -705,6 +705,20 @@ def test_an_edge_whose_connection_dropped_and_came_back_can_still_close_its_sess
             relay.close()
 
 
+def test_serve_cloud_stops_cleanly_when_its_terminal_closes(model):
+    """SIGHUP, as SIGINT and SIGTERM: for a server, a clean stop (exit 0), not an interrupted command (130)."""
+    from processes import listening, spawn_plcli, stop
+
+    _, bundle, _ = model("llama")
+    server = spawn_plcli("serve-cloud", bundle / "cloud", "--bind", "tcp://127.0.0.1:*", "--no-tune", "--threads", 1,
+                         "--json")
+    try:
+        cloud_status(listening(server)["endpoint"], timeout=TIMEOUT)  # answered: it serves, its handlers are set
+    finally:
+        out, err = stop(server, signal.SIGHUP)
+    assert server.returncode == 0 and '"stopped"' in out, err
+
+
 def test_a_refused_message_does_not_keep_its_session_alive_and_a_taken_one_does(model, monkeypatch):
     """A refused message changes nothing, its session's idle clock included: else a peer could hold every session
     slot for ever with messages that are never valid."""

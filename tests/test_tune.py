@@ -369,7 +369,8 @@ def test_bad_options_and_foreign_adapters_are_refused(llama_bundle, bundle_facto
     (lambda config: {**config, "targets": 5}, "adapter rank/targets do not match the bundle"),
     (lambda config: {**config, "targets": None}, "adapter rank/targets do not match the bundle"),
     (lambda config: {**config, "rank": "8"}, "adapter rank/targets do not match the bundle"),
-], ids=["a list", "targets a number", "targets null", "rank a string"])
+    (lambda config: {k: v for k, v in config.items() if k != "ab_fingerprint"}, "names no A/B fingerprint"),
+], ids=["a list", "targets a number", "targets null", "rank a string", "no fingerprint"])
 def test_commands_that_read_an_adapter_refuse_a_malformed_adapter_json(llama_bundle, tmp_path, damage, says):
     edge = EdgeModel(llama_bundle / "edge")
     adapter = tmp_path / "adapter"
