@@ -44,6 +44,11 @@ def cache_slots(tokens: int) -> int:
     return -(-tokens // KV_CHUNK) * KV_CHUNK
 
 
+def slot_bytes(arch, batch: int) -> int:
+    """Bytes one cache slot of one layer takes: float32 keys and values of `batch` rows."""
+    return 2 * batch * arch.num_kv_heads * arch.head_dim * 4
+
+
 @dataclass
 class StepOutput:
     """What the cloud hands the edge: `A x` at a cut (layer, stage), or the final hidden state."""
@@ -412,13 +417,12 @@ class CloudSession:
         """Bytes of this session's KV cache (float32 keys and values of every layer, `batch` rows each) once it holds
         at least `tokens` slots, as `start_call` reserves them; with `widen` = (layer, slots), that layer's rows are
         `slots` wide, as in the new shared buffers of a group (`CloudModel.group_widening`)."""
-        arch = self.model.arch
         need = cache_slots(tokens)
         slots = 0
         for layer, kv in enumerate(self.kv):
             width = widen[1] if widen is not None and widen[0] == layer else (kv[0].shape[2] if kv is not None else 0)
             slots += max(width, need)
-        return 2 * batch * arch.num_kv_heads * arch.head_dim * 4 * slots
+        return slot_bytes(self.model.arch, batch) * slots
 
     def release(self) -> None:
         """Leave every shared buffer (a server drops the session next), so that the members left can be compacted."""

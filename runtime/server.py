@@ -47,7 +47,7 @@ import numpy as np
 import zmq
 
 from . import wire
-from .cloud import CloudModel, CloudSession, SegmentCall, StepOutput, cache_slots
+from .cloud import CloudModel, CloudSession, SegmentCall, StepOutput, cache_slots, slot_bytes
 from .cpus import MAX_SPIN_US, io_context
 from .secure import ServerKeys, peer_key, secure_server
 
@@ -756,6 +756,5 @@ def unguessable_routing_ids() -> None:
 
 def memory_per_session(model: CloudModel, tokens: int, batch: int = 1) -> int:
     """Bytes of the KV cache buffers of a session holding `tokens` tokens (float32 keys and values of every layer)."""
-    arch = model.arch
-    return 2 * arch.num_layers * batch * arch.num_kv_heads * arch.head_dim * cache_slots(tokens) * 4
+    return model.arch.num_layers * slot_bytes(model.arch, batch) * cache_slots(tokens)
 
