@@ -503,7 +503,8 @@ class Tuner:
             (tmp / TRAINING / STATE_JSON).write_text(json.dumps({
                 "ab_fingerprint": manifest.ab_fingerprint, "step": self.step_count, "total_steps": self.total_steps,
                 "optimizer_steps": self.optimizer.t, "config": {f.name: getattr(self.config, f.name) for f in fields(self.config)},
-                "data": self.data_digest, "eval_data": self.eval_digest, "data_position": self.order.state(), "losses": self.losses,
+                "data": self.data_digest, "eval_data": self.eval_digest, "data_position": self.order.state(),
+                "losses": self.losses,
                 "evals": self.evals, "eval_loss_before": self.eval_before,
             }) + "\n")
 
